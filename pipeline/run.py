@@ -18,6 +18,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from pipeline.options import ExtractOptions, OptionError, storage_dtype
+from pipeline.storage import use_storage_emulator_if_configured
 
 _LOG = logging.getLogger("pipeline.run")
 
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("apache_beam", "absl", "jax", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = list(sys.argv[1:] if argv is None else argv)
+    use_storage_emulator_if_configured()
     if "--help" in argv or "-h" in argv:
         print_help()
         return 0
