@@ -1,0 +1,273 @@
+import json
+import os
+import zlib
+
+import apache_beam as beam
+import ml_dtypes
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from transforms import write
+from transforms.annotations import PART_CODES
+from transforms.batching import pack_samples
+from transforms.write import (
+    ShardWriter,
+    WriteDeadLetters,
+    WriteShards,
+    activation_table,
+    activations_to_numpy,
+    clean_uncommitted,
+    committed_sample_ids,
+    committed_shards,
+    remove_dead_letters,
+    samples_table,
+    write_dead_letters,
+)
+
+D_MODEL = 16
+
+
+def make_sample(sample_id: str, length: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng([zlib.crc32(sample_id.encode()), seed])
+    return {
+        "sample_id": sample_id, "dataset": "arc-agi-1/train", "task_id": sample_id.split("/")[0],
+        "test_index": 0, "augmentation": '{"index": 0}', "prompt": f"prompt of {sample_id}",
+        "token_ids": rng.integers(0, 151_000, length).astype(np.int32),
+        "annotations": {
+            "part": rng.integers(0, len(PART_CODES), length).astype(np.int8),
+            "example_index": rng.integers(-1, 4, length).astype(np.int16),
+            "row": rng.integers(-1, 30, length).astype(np.int16),
+            "col": rng.integers(-1, 30, length).astype(np.int16),
+            "color": rng.integers(-1, 10, length).astype(np.int8),
+        },
+    }
+
+
+def make_batch(prefix="task", lengths=(5, 9, 3), batch_size=2):
+    samples = [make_sample(f"{prefix}{i}/t0/a0", n) for i, n in enumerate(lengths)]
+    (batch,) = pack_samples(samples, batch_size, (32,))
+    return batch
+
+
+def bf16_activations(n: int, d: int = D_MODEL, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    values = (rng.standard_normal((n, d)) * 3).astype(ml_dtypes.bfloat16)
+    flat = values.reshape(-1)
+    # Edge values a lossy path would change: tiny subnormals, the largest bf16, negative zero.
+    flat[:4] = np.array([1e-40, -3.3e38, -0.0, 1.0e-3], np.float32).astype(ml_dtypes.bfloat16)
+    return values
+
+
+def extracted(batch, hooks=(("resid_post", 1), ("mlp_out", 0)), dtype=ml_dtypes.bfloat16, seed=0):
+    n = sum(p[3] for p in batch["placements"])
+    return {key: bf16_activations(n, seed=seed + i).astype(dtype) for i, key in enumerate(hooks)}
+
+
+def listing(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+def test_activation_table_schema_and_rows():
+    batch = make_batch()
+    acts = extracted(batch)[("resid_post", 1)]
+    table = activation_table(batch["samples"], batch["placements"], acts, "resid_post", 1, "float32")
+    assert table.schema.field("sample_id").type == pa.dictionary(pa.int32(), pa.string())
+    assert table.schema.field("activation").type == pa.list_(pa.float32(), D_MODEL)
+    assert [table.schema.field(c).type for c in ("position", "token_id", "example_index", "row", "col", "color")] \
+        == [pa.int32(), pa.int32(), pa.int16(), pa.int16(), pa.int16(), pa.int8()]
+    assert "hook" not in table.column_names and "layer" not in table.column_names
+    assert table.schema.metadata[b"hook_name"] == b"blocks.1.hook_resid_post"
+    n = sum(p[3] for p in batch["placements"])
+    assert table.num_rows == n
+    first = batch["samples"][0]
+    k = len(first["token_ids"])
+    assert table["sample_id"].to_pylist()[:k] == [first["sample_id"]] * k
+    assert table["position"].to_pylist()[:k] == list(range(k))
+    assert table["token_id"].to_pylist()[:k] == first["token_ids"].tolist()
+    names = {code: name for name, code in PART_CODES.items()}
+    assert table["part"].to_pylist()[:k] == [names[c] for c in first["annotations"]["part"].tolist()]
+    with pytest.raises(ValueError, match=r"expected \(17, d_model\)"):
+        activation_table(batch["samples"], batch["placements"], acts[:-1], "resid_post", 1)
+    broken = dict(first, annotations={k: v for k, v in first["annotations"].items() if k != "row"})
+    with pytest.raises(ValueError, match=r"lacks annotations\['row'\]"):
+        activation_table([broken], [(0, 0, 0, k)], acts[:k], "resid_post", 1)
+    with pytest.raises(ValueError, match="float64"):
+        activation_table(batch["samples"], batch["placements"], acts.astype(np.float64), "resid_post", 1)
+
+
+def test_samples_table():
+    batch = make_batch()
+    table = samples_table(batch["samples"])
+    assert table.schema.field("token_ids").type == pa.list_(pa.int32())
+    assert table["num_tokens"].to_pylist() == [len(s["token_ids"]) for s in batch["samples"]]
+    assert table["token_ids"].to_pylist()[1] == batch["samples"][1]["token_ids"].tolist()
+    assert table.schema.field("test_index").type == pa.int32()
+
+
+def test_bf16_round_trip_bit_exact_through_float32(tmp_path):
+    root = str(tmp_path / "out")
+    batch = make_batch()
+    acts = extracted(batch)
+    stats = ShardWriter(root, "h000", "random:tiny", "bfloat16").write_shard(
+        batch["batch_id"], batch["samples"], batch["placements"], acts)
+    assert stats["rows"] == 2 * 17 and stats["samples"] == 3 and stats["tokens"] == 17 and stats["files"] == 3
+    table = ds.dataset(root + "/activations", format="parquet", partitioning="hive").to_table()
+    assert table.schema.field("hook").type == pa.string()
+    assert pa.types.is_integer(table.schema.field("layer").type)
+    for (hook, layer), expected in acts.items():
+        part = table.filter((ds.field("hook") == hook) & (ds.field("layer") == layer))
+        got = activations_to_numpy(part)
+        assert got.dtype == np.float32
+        # Bit for bit: bf16 widened to f32 keeps the 16 high bits and zero low bits, -0.0 and subnormals included.
+        np.testing.assert_array_equal(got.view(np.uint32), expected.astype(np.float32).view(np.uint32))
+    footer = pq.read_metadata(root + f"/activations/hook=resid_post/layer=1/h000-{batch['batch_id']}.parquet")
+    meta = {k.decode(): v.decode() for k, v in footer.metadata.items() if k != b"ARROW:schema"}
+    assert meta["hook_name"] == "blocks.1.hook_resid_post"
+    assert meta["model"] == "random:tiny" and meta["dtype"] == "bfloat16" and meta["storage_dtype"] == "float32"
+    assert meta["d_model"] == str(D_MODEL) and meta["shard"] == f"h000-{batch['batch_id']}"
+    col = footer.row_group(0).column(3)
+    assert col.path_in_schema == "activation.list.element"
+    assert "BYTE_STREAM_SPLIT" in col.encodings and col.compression == "ZSTD"
+
+
+def test_float16_overflow_is_counted(tmp_path):
+    root = str(tmp_path / "out")
+    batch = make_batch()
+    acts = extracted(batch, hooks=(("resid_post", 0),), dtype=np.float32)
+    acts[("resid_post", 0)][0, :3] = [70000.0, -1e6, 65504.0]  # two overflow, the float16 maximum does not
+    stats = ShardWriter(root, "h000", "m", "float32", "float16").write_shard(
+        batch["batch_id"], batch["samples"], batch["placements"], acts)
+    assert stats["float16_overflow"] == 2
+    marker = committed_shards(root)[f"h000-{batch['batch_id']}"]
+    assert marker["float16_overflow"] == "2" and marker["files"][0]["float16_overflow"] == 2
+    table = pq.read_table(root + f"/activations/hook=resid_post/layer=0/h000-{batch['batch_id']}.parquet")
+    assert table.schema.metadata[b"float16_overflow"] == b"2"
+    got = activations_to_numpy(table)
+    assert got.dtype == np.float16 and np.isinf(got).sum() == 2 and got[0, 2] == 65504
+    # Already float16 on arrival (converted on the device): infinities are still counted.
+    again = activation_table(batch["samples"], batch["placements"], acts[("resid_post", 0)].astype(np.float16),
+                             "resid_post", 0, "float16")
+    assert again.schema.metadata[b"float16_overflow"] == b"2"
+
+
+def test_bfloat16_storage_is_exact_and_readable(tmp_path):
+    batch = make_batch()
+    acts = extracted(batch, hooks=(("resid_pre", 2),))
+    root = str(tmp_path / "out")
+    ShardWriter(root, "h000", "m", "bfloat16", "bfloat16").write_shard(
+        batch["batch_id"], batch["samples"], batch["placements"], acts)
+    table = pq.read_table(root + f"/activations/hook=resid_pre/layer=2/h000-{batch['batch_id']}.parquet")
+    assert table.schema.field("activation").type == pa.list_(pa.uint16(), D_MODEL)
+    got = activations_to_numpy(table)
+    assert got.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(got.view(np.uint16), acts[("resid_pre", 2)].view(np.uint16))
+    with pytest.raises(ValueError, match="would round"):
+        activation_table(batch["samples"], batch["placements"], np.full((17, 4), 1.0001, np.float32),
+                         "resid_pre", 2, "bfloat16")
+
+
+def test_retried_write_is_idempotent_and_leaves_no_temp_files(tmp_path):
+    root = str(tmp_path / "out")
+    batch = make_batch()
+    writer = ShardWriter(root, "h000", "m", "bfloat16")
+    first = writer.write_shard(batch["batch_id"], batch["samples"], batch["placements"], extracted(batch))
+    files = listing(root)
+    assert len(files) == 3 and not any(os.path.basename(f).startswith(".") for f in files)
+    second = writer.write_shard(batch["batch_id"], batch["samples"], batch["placements"], extracted(batch))
+    assert listing(root) == files and first == second
+    assert committed_sample_ids(root) == {s["sample_id"] for s in batch["samples"]}
+
+
+def test_failed_attempt_cleans_its_temp_file_and_is_not_committed(tmp_path, monkeypatch):
+    root = str(tmp_path / "out")
+    batch, other = make_batch(), make_batch(prefix="other", lengths=(4,))
+    writer = ShardWriter(root, "h000", "m", "bfloat16")
+    writer.write_shard(other["batch_id"], other["samples"], other["placements"], extracted(other))
+    real_rename = FileSystems.rename
+
+    def failing_rename(sources, destinations):
+        if "/samples/" in destinations[0]:
+            raise IOError("injected failure before the commit marker")
+        return real_rename(sources, destinations)
+
+    monkeypatch.setattr(FileSystems, "rename", staticmethod(failing_rename))
+    with pytest.raises(IOError, match="injected"):
+        writer.write_shard(batch["batch_id"], batch["samples"], batch["placements"], extracted(batch))
+    monkeypatch.setattr(FileSystems, "rename", staticmethod(real_rename))
+    files = listing(root)
+    assert not any(os.path.basename(f).startswith(".tmp-") for f in files), files
+    shard = f"h000-{batch['batch_id']}"
+    assert sum(shard in f for f in files) == 2  # the two activation files, no marker
+    assert set(committed_shards(root)) == {f"h000-{other['batch_id']}"}
+    assert committed_sample_ids(root) == {"other0/t0/a0"}
+
+    # A killed writer's temp file and another worker's uncommitted file.
+    stray = tmp_path / "out/activations/hook=mlp_out/layer=0" / f".tmp-abc123-{shard}.parquet"
+    stray.write_bytes(b"partial")
+    foreign = tmp_path / "out/activations/hook=mlp_out/layer=0/h001-0123456789abcdef.parquet"
+    foreign.write_bytes(b"x")
+    removed = clean_uncommitted(root, "h000")
+    assert sorted(os.path.basename(p) for p in removed) == sorted(
+        [f"{shard}.parquet", f"{shard}.parquet", stray.name])
+    assert foreign.exists()
+    assert len(listing(root)) == 3 + 1  # the committed shard and the other worker's file
+    # The retry then completes the shard.
+    writer.write_shard(batch["batch_id"], batch["samples"], batch["placements"], extracted(batch))
+    assert len(committed_shards(root)) == 2
+
+
+def test_worker_prefix_is_checked(tmp_path):
+    for bad in ("h-0", ".h", "_h", "a/b", ""):
+        with pytest.raises(ValueError, match="worker prefix"):
+            ShardWriter(str(tmp_path), bad, "m", "float32")
+    with pytest.raises(ValueError, match="storage dtype"):
+        ShardWriter(str(tmp_path), "h0", "m", "float32", "int8")
+
+
+def test_write_shards_transform(tmp_path):
+    root = str(tmp_path / "out")
+    batches = [make_batch(prefix=p, lengths=(6, 2)) for p in ("a", "b", "c")]
+    elements = [{"batch_id": b["batch_id"], "samples": b["samples"], "placements": b["placements"],
+                 "activations": extracted(b)} for b in batches]
+    with TestPipeline(runner=FnApiRunner()) as p:
+        summaries = (p | beam.Create(elements)
+                     | WriteShards(root, "h000", "random:tiny", "bfloat16", "float32")
+                     | beam.Map(lambda s: (s["shard"], s["samples"], s["rows"])))
+        assert_that(summaries, equal_to([(f"h000-{b['batch_id']}", 2, 16) for b in batches]))
+    assert len(committed_shards(root)) == 3
+    table = ds.dataset(root + "/activations", format="parquet", partitioning="hive").to_table()
+    assert table.num_rows == 3 * 8 * 2
+
+
+def test_dead_letters(tmp_path):
+    root = str(tmp_path / "out")
+    letters = [{"source": f"f.jsonl:{i}", "stage": "validate", "reason": "grid is ragged",
+                "record": json.dumps({"i": i})} for i in range(10)]
+    with TestPipeline(runner=FnApiRunner()) as p:
+        stats = p | beam.Create(letters) | WriteDeadLetters(root, "h000", num_shards=3)
+        assert_that(stats | beam.Map(lambda s: s["rows"]) | beam.CombineGlobally(sum), equal_to([10]))
+    files = sorted(os.listdir(tmp_path / "out/dead_letter"))
+    assert all(f.startswith("h000-") and f.endswith(".jsonl") for f in files) and 1 <= len(files) <= 3
+    lines = [json.loads(line) for f in files for line in (tmp_path / "out/dead_letter" / f).read_text().splitlines()]
+    assert sorted(lines, key=lambda d: d["source"]) == sorted(letters, key=lambda d: d["source"])
+    assert list(lines[0]) == ["source", "stage", "reason", "record"]
+    write_dead_letters(root, "h001", 0, letters[:1])
+    removed = remove_dead_letters(root, "h000")
+    assert len(removed) == len(files)
+    assert os.listdir(tmp_path / "out/dead_letter") == ["h001-00000.jsonl"]
+    with pytest.raises(ValueError, match="lacks reason"):
+        write_dead_letters(root, "h000", 0, [{"source": "s", "stage": "x", "record": "r"}])
+
+
+def test_module_constants_match_design():
+    assert write.transformer_lens_name("resid_mid", 3) == "blocks.3.hook_resid_mid"
+    assert write.transformer_lens_name("ln_final", 23) == "ln_final.hook_normalized"
+    with pytest.raises(ValueError, match="unknown hook"):
+        write.transformer_lens_name("resid", 0)

@@ -1,0 +1,604 @@
+"""Output tables and the exactly-once Parquet shard writer (public format: docs/format.md).
+
+One extracted batch becomes one *shard*: a Parquet file per (hook, layer) under
+`activations/hook=<hook>/layer=<layer>/` plus `samples/<shard>.parquet`. Every file is encoded in memory, written
+to a hidden temporary name in its final directory and renamed into place through Beam's `FileSystems` (local
+paths and gs:// alike). The samples file goes last: it is the shard's commit marker, and its key-value metadata
+lists the shard's activation files with row counts, sizes and sha256. Shard names are `<worker_prefix>-<batch_id>`
+and batch ids are a function of the batch's sample ids, so a retried write overwrites the same names instead of
+adding a second copy, and `--resume` can tell committed from half-written shards.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import re
+import uuid
+from typing import Any, Iterable, Sequence
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from transforms.annotations import PART_NAMES
+from transforms.batching import stable_group
+from transforms.metrics import NAMESPACE
+
+FORMAT_VERSION = 1
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+BLOCK_HOOKS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+FINAL_NORM_HOOK = "ln_final"
+
+ACTIVATIONS_DIR = "activations"
+SAMPLES_DIR = "samples"
+DEAD_LETTER_DIR = "dead_letter"
+TEMP_PREFIX = ".tmp-"
+
+# Key-value metadata keys (bytes in the Parquet footer, str here).
+KEY_FORMAT_VERSION = "format_version"
+KEY_SHARD = "shard"
+KEY_FILES = "files"
+KEY_HOOK_NAME = "hook_name"
+KEY_STORAGE_DTYPE = "storage_dtype"
+KEY_ENCODING = "activation_encoding"
+KEY_OVERFLOW = "float16_overflow"
+
+# bfloat16 has no Arrow/Parquet type: its 16 bits are stored as uint16 and named by this encoding.
+ENCODINGS = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16-bits-in-uint16"}
+
+# Row groups of about this many bytes of uncompressed activations: big enough for sequential throughput,
+# small enough that a reader (e.g. an SAE data loader) does not hold gigabytes per group.
+ROW_GROUP_BYTES = 64 * 1024 * 1024
+ZSTD_LEVEL = 1
+_LISTING_THREADS = 16
+
+_WORKER_PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=]*$")
+_SHARD_NAME = re.compile(r"^(?P<worker>[A-Za-z0-9][A-Za-z0-9_.=]*)-(?P<batch>[0-9a-f]+)$")
+
+
+# ----------------------------------------------------------------------------------------------- naming
+
+def transformer_lens_name(hook: str, layer: int) -> str:
+    if hook in BLOCK_HOOKS:
+        return f"blocks.{int(layer)}.hook_{hook}"
+    if hook == FINAL_NORM_HOOK:
+        return "ln_final.hook_normalized"
+    raise ValueError(f"unknown hook {hook!r}: expected one of {', '.join(BLOCK_HOOKS + (FINAL_NORM_HOOK,))}")
+
+
+def check_worker_prefix(worker_prefix: str) -> str:
+    # A leading '.' or '_' would hide the files from pyarrow.dataset; '-' would make shard names ambiguous.
+    if not isinstance(worker_prefix, str) or not _WORKER_PREFIX.match(worker_prefix):
+        raise ValueError(
+            f"worker prefix {worker_prefix!r} must start with a letter or digit and contain only letters, digits, "
+            "'_', '.', '=' (no '-', no '/'); it must also stay the same across retries of a worker")
+    return worker_prefix
+
+
+def shard_name(worker_prefix: str, batch_id: str) -> str:
+    return f"{check_worker_prefix(worker_prefix)}-{batch_id}"
+
+
+def shard_worker(shard: str) -> str | None:
+    match = _SHARD_NAME.match(shard)
+    return match.group("worker") if match else None
+
+
+def activation_relpath(hook: str, layer: int, shard: str) -> str:
+    return f"{ACTIVATIONS_DIR}/hook={hook}/layer={int(layer)}/{shard}.parquet"
+
+
+def samples_relpath(shard: str) -> str:
+    return f"{SAMPLES_DIR}/{shard}.parquet"
+
+
+def join(root: str, relpath: str) -> str:
+    return FileSystems.join(root, *relpath.split("/"))
+
+
+def relative_to(root: str, path: str) -> str:
+    root = root.rstrip("/")
+    if not path.startswith(root + "/"):
+        raise ValueError(f"{path} is not under {root}")
+    return path[len(root) + 1:]
+
+
+def _temp_path(final_path: str) -> str:
+    directory, name = FileSystems.split(final_path)
+    return FileSystems.join(directory, f"{TEMP_PREFIX}{uuid.uuid4().hex}-{name}")
+
+
+def temp_target_name(name: str) -> str | None:
+    """The final file name a temporary file was headed for, or None if `name` is not a temporary file."""
+    if not name.startswith(TEMP_PREFIX):
+        return None
+    rest = name[len(TEMP_PREFIX):]
+    _, _, target = rest.partition("-")
+    return target or None
+
+
+# ------------------------------------------------------------------------------------------- tables
+
+def _to_storage(activation: np.ndarray, storage_dtype: str) -> tuple[np.ndarray, int]:
+    """The array Arrow will hold, and how many finite values overflowed to infinity (float16 only)."""
+    import ml_dtypes
+
+    activation = np.asarray(activation)
+    if activation.ndim != 2:
+        raise ValueError(f"activation must be [n_real_tokens, d_model], got shape {activation.shape}")
+    source = activation.dtype
+    allowed = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+    if source not in allowed:
+        raise ValueError(
+            f"activation dtype {source} is not a compute or storage dtype (float32, bfloat16, float16): "
+            "convert on the device, not through float64")
+    if storage_dtype == "float32":
+        # Widening bf16 or f16 to f32 is exact: every value comes back bit for bit.
+        return activation.astype(np.float32, copy=False), 0
+    if storage_dtype == "float16":
+        if source == np.float16:
+            # Converted before it reached us (on the device): any infinity there is an overflow or an
+            # infinity of the model itself; both are counted, not hidden.
+            return activation, int(np.isinf(activation).sum())
+        stored = activation.astype(np.float16)
+        overflow = int((np.isinf(stored) & np.isfinite(activation)).sum())
+        return stored, overflow
+    if storage_dtype == "bfloat16":
+        if source == ml_dtypes.bfloat16:
+            return activation.view(np.uint16), 0
+        rounded = activation.astype(ml_dtypes.bfloat16)
+        if not np.array_equal(rounded.astype(np.float32), activation.astype(np.float32), equal_nan=True):
+            raise ValueError(
+                f"bfloat16 storage would round these {source} activations: use --activation_dtype=float32 "
+                "(exact) or float16")
+        return rounded.view(np.uint16), 0
+    raise ValueError(f"unknown storage dtype {storage_dtype!r}: expected one of {', '.join(STORAGE_DTYPES)}")
+
+
+def _annotation(sample: dict, key: str, dtype, n: int) -> np.ndarray:
+    annotations = sample.get("annotations")
+    if not isinstance(annotations, dict) or key not in annotations:
+        raise ValueError(f"sample {sample.get('sample_id')!r} lacks annotations[{key!r}] (see TokenizedSample "
+                         "in docs/design.md)")
+    values = np.asarray(annotations[key])
+    if values.shape != (n,):
+        raise ValueError(f"sample {sample['sample_id']!r}: annotations[{key!r}] has shape {values.shape}, "
+                         f"expected ({n},) like its token_ids")
+    return values.astype(dtype, copy=False)
+
+
+def _check_placements(samples: Sequence[dict], placements: Sequence[Sequence[int]]) -> list[int]:
+    if len(samples) != len(placements):
+        raise ValueError(f"{len(samples)} samples but {len(placements)} placements")
+    lengths = []
+    for index, (sample, placement) in enumerate(zip(samples, placements)):
+        sample_index, _, _, length = (int(v) for v in placement)
+        n = int(np.asarray(sample["token_ids"]).shape[0])
+        if sample_index != index or length != n:
+            raise ValueError(
+                f"placement {tuple(placement)} does not describe sample {index} ({sample['sample_id']!r}, "
+                f"{n} tokens): placements[i] must be (i, row, start, len(token_ids))")
+        lengths.append(n)
+    return lengths
+
+
+def activation_table(samples: Sequence[dict], placements: Sequence[Sequence[int]], activation: np.ndarray,
+                     hook: str, layer: int, storage_dtype: str = "float32") -> pa.Table:
+    """One row per real token: sample_id, position, token_id, activation, part, example_index, row, col, color.
+
+    `activation` is [n_real_tokens, d_model] with rows in sample order then position order. hook and layer are
+    not columns (they are the Hive partition directories) but are recorded in the schema metadata, with the
+    storage encoding and the float16 overflow count."""
+    lengths = _check_placements(samples, placements)
+    total = sum(lengths)
+    activation = np.asarray(activation)
+    if activation.ndim != 2 or activation.shape[0] != total:
+        raise ValueError(
+            f"{transformer_lens_name(hook, layer)}: activation has shape {activation.shape}, expected "
+            f"({total}, d_model) for the {len(samples)} samples' {total} real tokens")
+    stored, overflow = _to_storage(activation, storage_dtype)
+    d_model = int(stored.shape[1])
+    sample_index = np.repeat(np.arange(len(samples), dtype=np.int32), lengths)
+    if total:
+        positions = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])
+        token_ids = np.concatenate([np.asarray(s["token_ids"], np.int32) for s in samples])
+        columns = {key: np.concatenate([_annotation(s, key, dtype, n) for s, n in zip(samples, lengths)])
+                   for key, dtype in (("part", np.int8), ("example_index", np.int16), ("row", np.int16),
+                                      ("col", np.int16), ("color", np.int8))}
+    else:
+        positions = token_ids = np.zeros(0, np.int32)
+        columns = {key: np.zeros(0, dtype) for key, dtype in (("part", np.int8), ("example_index", np.int16),
+                                                              ("row", np.int16), ("col", np.int16),
+                                                              ("color", np.int8))}
+    part = columns["part"]
+    if part.size and (part.min() < 0 or part.max() >= len(PART_NAMES)):
+        bad = int(part[(part < 0) | (part >= len(PART_NAMES))][0])
+        raise ValueError(f"annotation part code {bad} is not one of transforms.annotations.PART_CODES")
+    flat = pa.array(np.ascontiguousarray(stored).reshape(-1))
+    table = pa.table({
+        "sample_id": pa.DictionaryArray.from_arrays(
+            pa.array(sample_index, pa.int32()), pa.array([s["sample_id"] for s in samples], pa.string())),
+        "position": pa.array(positions, pa.int32()),
+        "token_id": pa.array(token_ids, pa.int32()),
+        "activation": pa.FixedSizeListArray.from_arrays(flat, d_model),
+        "part": pa.DictionaryArray.from_arrays(pa.array(part, pa.int8()), pa.array(PART_NAMES, pa.string())),
+        "example_index": pa.array(columns["example_index"], pa.int16()),
+        "row": pa.array(columns["row"], pa.int16()),
+        "col": pa.array(columns["col"], pa.int16()),
+        "color": pa.array(columns["color"], pa.int8()),
+    })
+    return table.replace_schema_metadata({
+        KEY_HOOK_NAME: transformer_lens_name(hook, layer),
+        "hook": hook,
+        "layer": str(int(layer)),
+        "d_model": str(d_model),
+        KEY_STORAGE_DTYPE: storage_dtype,
+        KEY_ENCODING: ENCODINGS[storage_dtype],
+        KEY_OVERFLOW: str(overflow),
+        KEY_FORMAT_VERSION: str(FORMAT_VERSION),
+    })
+
+
+def activations_to_numpy(table: pa.Table, column: str = "activation") -> np.ndarray:
+    """The activation column as a [rows, d_model] array in its stored dtype (bfloat16 bits come back as
+    ml_dtypes.bfloat16). Works on a file's table or a pyarrow.dataset table of one storage dtype."""
+    import ml_dtypes
+
+    chunked = table.column(column)
+    list_type = chunked.type
+    if not pa.types.is_fixed_size_list(list_type):
+        raise ValueError(f"column {column!r} is {list_type}, not a fixed-size list")
+    d_model = list_type.list_size
+    pieces = [chunk.flatten().to_numpy(zero_copy_only=False) for chunk in chunked.chunks]
+    values = np.concatenate(pieces) if pieces else np.zeros(0, list_type.value_type.to_pandas_dtype())
+    metadata = table.schema.metadata or {}
+    if metadata.get(KEY_ENCODING.encode()) == ENCODINGS["bfloat16"].encode():
+        values = values.view(ml_dtypes.bfloat16)
+    return values.reshape(-1, d_model)
+
+
+def samples_table(samples: Sequence[dict]) -> pa.Table:
+    """One row per sample: sample_id, dataset, task_id, test_index, augmentation, num_tokens, token_ids, prompt."""
+    token_ids = [np.asarray(s["token_ids"], np.int32) for s in samples]
+    offsets = np.zeros(len(samples) + 1, np.int32)
+    np.cumsum([t.shape[0] for t in token_ids], out=offsets[1:])
+    flat = np.concatenate(token_ids) if token_ids else np.zeros(0, np.int32)
+    return pa.table({
+        "sample_id": pa.array([s["sample_id"] for s in samples], pa.string()),
+        "dataset": pa.array([s["dataset"] for s in samples], pa.string()),
+        "task_id": pa.array([s["task_id"] for s in samples], pa.string()),
+        "test_index": pa.array([int(s["test_index"]) for s in samples], pa.int32()),
+        "augmentation": pa.array([s["augmentation"] for s in samples], pa.string()),
+        "num_tokens": pa.array(np.diff(offsets), pa.int32()),
+        "token_ids": pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, pa.int32())),
+        "prompt": pa.array([s.get("prompt", "") for s in samples], pa.string()),
+    })
+
+
+# -------------------------------------------------------------------------------------- file writing
+
+def _parquet_bytes(table: pa.Table, byte_stream_split: Sequence[str] = (), row_group_size: int | None = None,
+                   compression_level: int = ZSTD_LEVEL) -> pa.Buffer:
+    sink = pa.BufferOutputStream()
+    # Dictionary encoding and statistics help the small integer and id columns; on activation floats they
+    # only cost time, and dictionary encoding must be off where BYTE_STREAM_SPLIT is used.
+    others = [name for name in table.column_names if name not in byte_stream_split]
+    kwargs: dict[str, Any] = {}
+    if byte_stream_split:
+        kwargs["column_encoding"] = {f"{name}.list.element": "BYTE_STREAM_SPLIT" for name in byte_stream_split}
+    pq.write_table(
+        table, sink, compression="zstd", compression_level=compression_level, use_dictionary=others,
+        write_statistics=others, row_group_size=row_group_size, **kwargs)
+    return sink.getvalue()
+
+
+def _put(data: pa.Buffer | bytes, final_path: str) -> None:
+    """Writes `data` to a temporary name next to `final_path` and renames it into place."""
+    temp = _temp_path(final_path)
+    try:
+        with FileSystems.create(temp, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            handle.write(memoryview(data))
+        FileSystems.rename([temp], [final_path])
+    except BaseException:
+        _delete_quietly([temp])
+        raise
+
+
+def _delete_quietly(paths: Iterable[str]) -> None:
+    for path in paths:
+        try:
+            if FileSystems.exists(path):
+                FileSystems.delete([path])
+        except Exception:  # cleanup of a failed attempt must not mask the original error
+            pass
+
+
+class ShardWriter:
+    """Writes one shard per extracted batch, exactly once per shard name (see module docstring)."""
+
+    def __init__(self, output_root: str, worker_prefix: str, model_name: str, compute_dtype: str,
+                 storage_dtype: str = "float32", compression_level: int = ZSTD_LEVEL):
+        if storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"storage dtype {storage_dtype!r}: expected one of {', '.join(STORAGE_DTYPES)}")
+        self.output_root = output_root.rstrip("/") if output_root not in ("/",) else output_root
+        self.worker_prefix = check_worker_prefix(worker_prefix)
+        self.model_name = model_name
+        self.compute_dtype = compute_dtype
+        self.storage_dtype = storage_dtype
+        self.compression_level = compression_level
+
+    def _common_metadata(self, shard: str) -> dict[str, str]:
+        return {
+            "model": str(self.model_name), "dtype": str(self.compute_dtype), KEY_STORAGE_DTYPE: self.storage_dtype,
+            KEY_SHARD: shard, KEY_FORMAT_VERSION: str(FORMAT_VERSION),
+        }
+
+    def write_shard(self, batch_id: str, samples: Sequence[dict], placements: Sequence[Sequence[int]],
+                    activations: dict[tuple[str, int], np.ndarray]) -> dict:
+        """Writes every activation file of the batch, then the samples file (the commit marker).
+
+        Returns {"shard", "batch_id", "samples", "tokens", "rows", "bytes", "float16_overflow", "files"}."""
+        if not activations:
+            raise ValueError(f"batch {batch_id}: no activations to write (no hook and layer requested?)")
+        shard = shard_name(self.worker_prefix, batch_id)
+        files, overflow, d_models = [], 0, set()
+        for (hook, layer) in sorted(activations, key=lambda key: (key[0], int(key[1]))):
+            table = activation_table(samples, placements, activations[(hook, layer)], hook, layer,
+                                     self.storage_dtype)
+            metadata = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+            metadata.update(self._common_metadata(shard))
+            table = table.replace_schema_metadata(metadata)
+            d_model = int(metadata["d_model"])
+            d_models.add(d_model)
+            itemsize = 2 if self.storage_dtype != "float32" else 4
+            data = _parquet_bytes(table, byte_stream_split=("activation",),
+                                  row_group_size=max(1024, ROW_GROUP_BYTES // max(1, d_model * itemsize)),
+                                  compression_level=self.compression_level)
+            relpath = activation_relpath(hook, layer, shard)
+            _put(data, join(self.output_root, relpath))
+            file_overflow = int(metadata[KEY_OVERFLOW])
+            overflow += file_overflow
+            files.append({"path": relpath, "hook": hook, "layer": int(layer), "rows": table.num_rows,
+                          "bytes": data.size, "sha256": hashlib.sha256(memoryview(data)).hexdigest(),
+                          KEY_OVERFLOW: file_overflow})
+        if len(d_models) > 1:
+            raise ValueError(f"batch {batch_id}: activations disagree on d_model: {sorted(d_models)}")
+        table = samples_table(samples)
+        metadata = self._common_metadata(shard)
+        metadata.update({
+            "batch_id": batch_id, "worker": self.worker_prefix, "d_model": str(d_models.pop()),
+            "num_samples": str(table.num_rows), "num_tokens": str(int(np.sum(table["num_tokens"].to_numpy()))),
+            KEY_OVERFLOW: str(overflow), KEY_FILES: json.dumps(files, sort_keys=True),
+        })
+        data = _parquet_bytes(table.replace_schema_metadata(metadata))
+        _put(data, join(self.output_root, samples_relpath(shard)))
+        return {
+            "shard": shard, "batch_id": batch_id, "samples": table.num_rows,
+            "tokens": int(metadata["num_tokens"]), "rows": sum(f["rows"] for f in files),
+            "bytes": sum(f["bytes"] for f in files) + data.size, KEY_OVERFLOW: overflow, "files": len(files) + 1,
+        }
+
+
+class _WriteShardFn(beam.DoFn):
+    def __init__(self, output_root, worker_prefix, model_name, compute_dtype, storage_dtype):
+        self._args = (output_root, worker_prefix, model_name, compute_dtype, storage_dtype)
+        self._shards = beam.metrics.Metrics.counter(NAMESPACE, "shards_written")
+        self._samples = beam.metrics.Metrics.counter(NAMESPACE, "samples_written")
+        self._rows = beam.metrics.Metrics.counter(NAMESPACE, "activation_rows_written")
+        self._bytes = beam.metrics.Metrics.counter(NAMESPACE, "bytes_written")
+        self._overflow = beam.metrics.Metrics.counter(NAMESPACE, "float16_overflow")
+
+    def setup(self):
+        self._writer = ShardWriter(*self._args)
+
+    def process(self, extracted):
+        summary = self._writer.write_shard(extracted["batch_id"], extracted["samples"], extracted["placements"],
+                                           extracted["activations"])
+        self._shards.inc()
+        self._samples.inc(summary["samples"])
+        self._rows.inc(summary["rows"])
+        self._bytes.inc(summary["bytes"])
+        if summary[KEY_OVERFLOW]:
+            self._overflow.inc(summary[KEY_OVERFLOW])
+        yield summary
+
+
+class WriteShards(beam.PTransform):
+    """ExtractedBatch dicts -> one committed shard each; emits the per-shard summary dicts of write_shard."""
+
+    def __init__(self, output_root: str, worker_prefix: str, model_name: str, compute_dtype: str,
+                 storage_dtype: str = "float32"):
+        super().__init__()
+        if storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"storage dtype {storage_dtype!r}: expected one of {', '.join(STORAGE_DTYPES)}")
+        check_worker_prefix(worker_prefix)
+        self._args = (output_root, worker_prefix, model_name, compute_dtype, storage_dtype)
+
+    def expand(self, extracted):
+        return extracted | "WriteShard" >> beam.ParDo(_WriteShardFn(*self._args))
+
+
+# ------------------------------------------------------------------------------------ reading back
+
+def _match(pattern: str) -> list:
+    return FileSystems.match([pattern])[0].metadata_list
+
+
+def _name(path: str) -> str:
+    return FileSystems.split(path)[1]
+
+
+def _read_footer(path: str) -> pq.FileMetaData:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        return pq.ParquetFile(handle).metadata
+
+
+def decode_metadata(footer: pq.FileMetaData) -> dict[str, Any]:
+    raw = footer.metadata or {}
+    metadata = {k.decode(): v.decode() for k, v in raw.items() if k != b"ARROW:schema"}
+    if KEY_FILES in metadata:
+        metadata[KEY_FILES] = json.loads(metadata[KEY_FILES])
+    return metadata
+
+
+def _parallel(function, items):
+    items = list(items)
+    if len(items) <= 1:
+        return [function(item) for item in items]
+    with concurrent.futures.ThreadPoolExecutor(min(_LISTING_THREADS, len(items))) as pool:
+        return list(pool.map(function, items))
+
+
+def samples_files(output_root: str) -> list[str]:
+    """Committed samples files (one per shard), sorted; temporary files excluded."""
+    paths = [m.path for m in _match(join(output_root, f"{SAMPLES_DIR}/*.parquet"))]
+    return sorted(p for p in paths if not _name(p).startswith(TEMP_PREFIX))
+
+
+def committed_shards(output_root: str) -> dict[str, dict]:
+    """shard name -> the key-value metadata of its commit marker (with `files` decoded from JSON)."""
+    paths = samples_files(output_root)
+
+    def read(path):
+        return path, decode_metadata(_read_footer(path))
+
+    shards = {}
+    for path, metadata in _parallel(read, paths):
+        shard = _name(path)[:-len(".parquet")]
+        if metadata.get(KEY_SHARD) != shard or KEY_FILES not in metadata:
+            raise ValueError(f"{path} is not a commit marker of this format (shard metadata "
+                             f"{metadata.get(KEY_SHARD)!r}, files listed: {KEY_FILES in metadata})")
+        metadata["path"] = samples_relpath(shard)
+        shards[shard] = metadata
+    return shards
+
+
+def committed_sample_ids(output_root: str) -> set[str]:
+    """Every sample id in a committed shard (reads only the samples files' sample_id column)."""
+
+    def read(path):
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            return pq.read_table(handle, columns=["sample_id"]).column("sample_id").to_pylist()
+
+    ids: set[str] = set()
+    for chunk in _parallel(read, samples_files(output_root)):
+        ids.update(chunk)
+    return ids
+
+
+def clean_uncommitted(output_root: str, worker_prefix: str) -> list[str]:
+    """Deletes this worker's activation files that no commit marker covers and its temporary files
+    (run before --resume; other workers' files are left alone). Returns the deleted paths."""
+    check_worker_prefix(worker_prefix)
+    committed = set(committed_shards(output_root))
+    doomed = []
+    for directory in (ACTIVATIONS_DIR, SAMPLES_DIR, DEAD_LETTER_DIR):
+        for meta in _match(join(output_root, f"{directory}/**")):
+            name = _name(meta.path)
+            target = temp_target_name(name)
+            if target is not None:
+                if shard_worker(target.rsplit(".", 1)[0]) == worker_prefix:
+                    doomed.append(meta.path)
+            elif directory == ACTIVATIONS_DIR and name.endswith(".parquet"):
+                shard = name[:-len(".parquet")]
+                if shard_worker(shard) == worker_prefix and shard not in committed:
+                    doomed.append(meta.path)
+    if doomed:
+        FileSystems.delete(sorted(doomed))
+    return sorted(doomed)
+
+
+def stray_temp_files(output_root: str) -> list[str]:
+    """Temporary files left by killed writers (every worker); safe to delete only when no writer is running."""
+    found = []
+    for directory in (ACTIVATIONS_DIR, SAMPLES_DIR, DEAD_LETTER_DIR):
+        found += [m.path for m in _match(join(output_root, f"{directory}/**"))
+                  if _name(m.path).startswith(TEMP_PREFIX)]
+    return sorted(found)
+
+
+def remove_stray_temp_files(output_root: str) -> list[str]:
+    found = stray_temp_files(output_root)
+    if found:
+        FileSystems.delete(found)
+    return found
+
+
+# ------------------------------------------------------------------------------------- dead letters
+
+DEAD_LETTER_FIELDS = ("source", "stage", "reason", "record")
+DEFAULT_DEAD_LETTER_SHARDS = 4
+
+
+def dead_letter_line(letter: dict) -> str:
+    missing = [field for field in DEAD_LETTER_FIELDS if field not in letter]
+    if missing:
+        raise ValueError(f"dead letter lacks {', '.join(missing)}: {str(letter)[:200]}")
+    ordered = {field: letter[field] for field in DEAD_LETTER_FIELDS}
+    ordered.update({k: v for k, v in letter.items() if k not in ordered})
+    return json.dumps(ordered, ensure_ascii=False, default=repr)
+
+
+def dead_letter_relpath(worker_prefix: str, index: int) -> str:
+    return f"{DEAD_LETTER_DIR}/{check_worker_prefix(worker_prefix)}-{int(index):05d}.jsonl"
+
+
+def write_dead_letters(output_root: str, worker_prefix: str, index: int, letters: Iterable[dict]) -> dict:
+    """Writes dead_letter/<worker_prefix>-<index>.jsonl atomically, lines sorted so a rewrite is identical.
+    Returns {"path", "rows", "bytes", "sha256"}."""
+    lines = sorted(dead_letter_line(letter) for letter in letters)
+    data = "".join(line + "\n" for line in lines).encode("utf-8")
+    relpath = dead_letter_relpath(worker_prefix, index)
+    _put(data, join(output_root, relpath))
+    return {"path": relpath, "rows": len(lines), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def remove_dead_letters(output_root: str, worker_prefix: str) -> list[str]:
+    """Deletes this worker's dead-letter files: a run rewrites all of them, and a stale file from an earlier
+    attempt with more shards must not survive."""
+    check_worker_prefix(worker_prefix)
+    doomed = []
+    for meta in _match(join(output_root, f"{DEAD_LETTER_DIR}/*")):
+        name = _name(meta.path)
+        target = temp_target_name(name) or name
+        if target.endswith(".jsonl") and shard_worker(target[:-len(".jsonl")]) == worker_prefix:
+            doomed.append(meta.path)
+    if doomed:
+        FileSystems.delete(sorted(doomed))
+    return sorted(doomed)
+
+
+class _WriteDeadLetterShard(beam.DoFn):
+    def __init__(self, output_root, worker_prefix):
+        self._output_root, self._worker_prefix = output_root, worker_prefix
+        self._written = beam.metrics.Metrics.counter(NAMESPACE, "dead_letters_written")
+
+    def process(self, keyed):
+        index, letters = keyed
+        stats = write_dead_letters(self._output_root, self._worker_prefix, index, letters)
+        self._written.inc(stats["rows"])
+        yield stats
+
+
+class WriteDeadLetters(beam.PTransform):
+    """Dead-letter dicts -> dead_letter/<worker_prefix>-<n>.jsonl, n < num_shards.
+
+    A letter's file is a stable hash of its content, so a retried or repeated run writes the same files."""
+
+    def __init__(self, output_root: str, worker_prefix: str, num_shards: int = DEFAULT_DEAD_LETTER_SHARDS):
+        super().__init__()
+        check_worker_prefix(worker_prefix)
+        self._output_root, self._worker_prefix, self._num_shards = output_root, worker_prefix, num_shards
+
+    def expand(self, letters):
+        num_shards = self._num_shards
+        return (
+            letters
+            | "KeyByContent" >> beam.Map(lambda letter: (stable_group(dead_letter_line(letter), num_shards), letter))
+            | "GroupLetters" >> beam.GroupByKey()
+            | "WriteFiles" >> beam.ParDo(_WriteDeadLetterShard(self._output_root, self._worker_prefix))
+        )
