@@ -21,7 +21,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-COUNTER_NAMESPACE = "arc_activations"
+from transforms.metrics import NAMESPACE as COUNTER_NAMESPACE
 DEAD_LETTER_TAG = "dead_letter"
 
 RECORDS_READ = "records_read"

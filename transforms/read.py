@@ -397,6 +397,11 @@ class ReadResult(NamedTuple):
     main: beam.PCollection
     dead_letter: beam.PCollection
 
+    @property
+    def records(self) -> beam.PCollection:
+        """The valid records (``main``), under the name pipeline/run.py uses."""
+        return self.main
+
 
 class ReadRawRecords(beam.PTransform):
     """Reads a :class:`DatasetSource` into unvalidated records; returns tagged outputs ``main`` and
@@ -466,19 +471,23 @@ class ReadTasks(beam.PTransform):
     :class:`ReadResult` ``(main, dead_letter)``; dead letters come from the ``read`` and ``validate``
     stages. Counters (namespace ``arc_activations``): ``records_read == records_valid + records_rejected``.
     ``max_records`` reads the first N records in a fixed order (see the module docstring), for
-    ``--max_samples`` smoke runs and their resumes.
+    ``--max_samples`` smoke runs and their resumes. ``validate=False`` leaves validation to a later
+    :class:`transforms.validate.ValidateRecords` (then ``records_valid`` is counted there).
     """
 
     def __init__(self, dataset: str | DatasetSource, max_train_examples: int = DEFAULT_MAX_TRAIN_EXAMPLES,
                  max_records: Optional[int] = None, desired_bundle_size: int = DEFAULT_DESIRED_BUNDLE_SIZE,
-                 **resolve_options):
+                 validate: bool = True, **resolve_options):
         super().__init__()
+        self._validate = validate
         self.source = dataset if isinstance(dataset, DatasetSource) else datasets.resolve_dataset(
             dataset, **resolve_options)
         self._read = ReadRawRecords(self.source, max_train_examples, max_records, desired_bundle_size)
 
     def expand(self, pbegin):
         raw = pbegin | "Read" >> self._read
+        if not self._validate:
+            return ReadResult(raw.main, raw[DEAD_LETTER_TAG])
         checked = raw.main | "Validate" >> ValidateRecords()
         dead = ((raw[DEAD_LETTER_TAG], checked[DEAD_LETTER_TAG])
                 | "DeadLetters" >> beam.Flatten())

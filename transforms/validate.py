@@ -152,3 +152,7 @@ class ValidateRecords(beam.PTransform):
 
     def expand(self, records):
         return records | "Validate" >> beam.ParDo(_ValidateDoFn()).with_outputs(DEAD_LETTER_TAG, main=VALID_TAG)
+
+
+# The name pipeline/run.py imports.
+ValidateTasks = ValidateRecords
