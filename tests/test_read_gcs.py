@@ -1,0 +1,108 @@
+"""gs:// inputs read through the same code as local ones, against a local GCS emulator (gcp-storage-emulator)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from transforms import datasets
+from transforms.datasets import resolve_dataset
+from transforms.read import ReadTasks
+
+BUCKET = "read-test"
+G = [[1, 2], [3, 4]]
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    from gcp_storage_emulator.server import create_server
+
+    from pipeline.storage import use_storage_emulator_if_configured
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
+    server.start()
+    previous = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    use_storage_emulator_if_configured()
+    try:
+        yield f"gs://{BUCKET}"
+    finally:
+        server.stop()
+        if previous is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = previous
+
+
+def put(path: str, data: bytes) -> None:
+    with FileSystems.create(path) as handle:
+        handle.write(data)
+
+
+def run(build):
+    pipeline = TestPipeline(runner=FnApiRunner())
+    build(pipeline)
+    result = pipeline.run()
+    result.wait_until_finish()
+    counters = {}
+    for item in result.metrics().query()["counters"]:
+        counters[item.key.metric.name] = counters.get(item.key.metric.name, 0) + item.committed
+    return counters
+
+
+def test_gcs_jsonl_parquet_and_task_folder(gcs):
+    rows = [{"examples": [[[[i % 10]], G], [G, [[i % 10]]]], "pad": "z" * (i * 37 % 500)} for i in range(200)]
+    lines = [json.dumps(row).encode() + b"\n" for row in rows]
+    lines[50] = b"{broken\n"
+    put(f"{gcs}/barc/part-0.jsonl", b"".join(lines[:120]))
+    put(f"{gcs}/barc/part-1.jsonl", b"".join(lines[120:]))
+    offsets = [sum(map(len, lines[:i])) for i in range(120)] + [sum(map(len, lines[120:i])) for i in range(120, 200)]
+    expected_ids = [f"part-{0 if i < 120 else 1}:{offsets[i]}" for i in range(200) if i != 50]
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"examples": [row["examples"] for row in rows[:5]]}), buffer, row_group_size=2)
+    put(f"{gcs}/pq/rows.parquet", buffer.getvalue())
+    for name in ("t1", "t2"):
+        put(f"{gcs}/tasks/{name}.json", json.dumps({"train": [{"input": G, "output": G}],
+                                                    "test": [{"input": G}]}).encode())
+
+    source = resolve_dataset(f"{gcs}/barc/*.jsonl")
+    assert source.files == (f"{gcs}/barc/part-0.jsonl", f"{gcs}/barc/part-1.jsonl")
+    assert source.dataset == f"{gcs}/barc/*.jsonl"
+    folder = resolve_dataset(f"{gcs}/tasks")
+    assert folder.kind == datasets.ARC_TASK_FILES and len(folder.files) == 2
+
+    def build(pipeline):
+        barc = pipeline | "Barc" >> ReadTasks(source, desired_bundle_size=2000)
+        assert_that(barc.main | beam.Map(lambda t: t["record_id"]), equal_to(expected_ids), label="barc")
+        assert_that(barc.dead_letter | beam.Map(lambda d: (d["source"], d["record"])),
+                    equal_to([(f"{gcs}/barc/part-0.jsonl:{offsets[50]}", "{broken")]), label="dead")
+        parquet = pipeline | "Parquet" >> ReadTasks(f"{gcs}/pq/*.parquet")
+        assert_that(parquet.main | beam.Map(lambda t: t["source"]),
+                    equal_to([f"{gcs}/pq/rows.parquet#row{i}" for i in range(5)]), label="parquet")
+        tasks = pipeline | "Tasks" >> ReadTasks(folder)
+        assert_that(tasks.main | beam.Map(lambda t: t["task_id"]), equal_to(["t1", "t2"]), label="tasks")
+
+    counters = run(build)
+    assert counters["records_read"] == 200 + 5 + 2
+    assert counters["records_rejected"] == 1
+
+
+def test_gcs_missing_object_names_the_path(gcs):
+    with pytest.raises(FileNotFoundError, match=f"no file matches the pattern '{gcs}/nothing/\\*.jsonl'"):
+        resolve_dataset(f"{gcs}/nothing/*.jsonl")
+    with pytest.raises(FileNotFoundError, match=f"file not found: '{gcs}/nothing/x.parquet'"):
+        resolve_dataset(f"{gcs}/nothing/x.parquet")
