@@ -35,6 +35,15 @@ def _is_color(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and 0 <= value <= MAX_COLOR
 
 
+_INT_ONLY = {int}
+
+
+def _is_color_row(row) -> bool:
+    # C-level fast path for the common all-plain-int row (type() excludes bool); cells of other rows are
+    # checked one by one. This keeps validation well below JSON decoding in the read profile.
+    return not row or (set(map(type, row)) == _INT_ONLY and min(row) >= 0 and max(row) <= MAX_COLOR)
+
+
 def validate_grid(grid: Any, path: str) -> list[str]:
     """Reasons why ``grid`` (found at field ``path``) is not a valid ARC grid; empty if it is."""
     if grid is None:
@@ -57,7 +66,7 @@ def validate_grid(grid: Any, path: str) -> list[str]:
             reasons.append(f"{path} row {row_index} has {len(row)} cells, row 0 has {width}")
     bad_cells = [
         (row_index, col_index, cell)
-        for row_index, row in enumerate(grid) if isinstance(row, (list, tuple))
+        for row_index, row in enumerate(grid) if isinstance(row, (list, tuple)) and not _is_color_row(row)
         for col_index, cell in enumerate(row) if not _is_color(cell)
     ]
     if bad_cells:
