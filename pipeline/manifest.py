@@ -1,0 +1,153 @@
+"""OUTPUT/manifest.json: what the run was (from the driver) and what it wrote (from the commit markers).
+
+Built after the pipeline has finished, from the shards' commit markers only, so a shard that never committed is
+never counted; anything else found under the output (uncommitted activation files, temporary files) is listed
+under `warnings` for `python -m pipeline.verify` and the user to see.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from collections import Counter, defaultdict
+from typing import Any
+
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from transforms.write import (
+    ACTIVATIONS_DIR,
+    DEAD_LETTER_DIR,
+    FORMAT_VERSION,
+    KEY_OVERFLOW,
+    TEMP_PREFIX,
+    _name,
+    _parallel,
+    _put,
+    committed_shards,
+    join,
+    relative_to,
+)
+
+MANIFEST_NAME = "manifest.json"
+_READ_CHUNK = 8 * 1024 * 1024
+
+
+def file_digest(path: str) -> tuple[int, str]:
+    """(bytes, sha256 hex) of a file, streamed through FileSystems in chunks."""
+    sha, size = hashlib.sha256(), 0
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        while chunk := handle.read(_READ_CHUNK):
+            sha.update(chunk)
+            size += len(chunk)
+    return size, sha.hexdigest()
+
+
+def scan_dead_letters(path: str) -> tuple[int, str, Counter]:
+    """(bytes, sha256, rejections per stage) of one dead-letter JSONL file, streamed."""
+    sha, size, stages, carry = hashlib.sha256(), 0, Counter(), b""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        while chunk := handle.read(_READ_CHUNK):
+            sha.update(chunk)
+            size += len(chunk)
+            *lines, carry = (carry + chunk).split(b"\n")
+            for line in lines:
+                if line.strip():
+                    stages[json.loads(line).get("stage", "unknown")] += 1
+    if carry.strip():
+        stages[json.loads(carry).get("stage", "unknown")] += 1
+    return size, sha.hexdigest(), stages
+
+
+def dead_letter_files(output_root: str) -> list[str]:
+    paths = [m.path for m in FileSystems.match([join(output_root, f"{DEAD_LETTER_DIR}/*.jsonl")])[0].metadata_list]
+    return sorted(p for p in paths if not _name(p).startswith(TEMP_PREFIX))
+
+
+def build_manifest(output_root: str, run_info: dict[str, Any]) -> dict[str, Any]:
+    """run_info (model, tokenizer, options, hooks, layers, dtypes, software, times, counters, ...) plus
+    `format_version`, `files` (every committed file with kind, rows, bytes, sha256), `counts` and `warnings`.
+
+    `counts` merges run_info["counts"] (e.g. records read, from the driver's Beam counters) with what the files
+    say: shards, samples, tokens, activation rows per hook and layer, rejected records per stage."""
+    output_root = output_root.rstrip("/")
+    shards = committed_shards(output_root)
+    files: list[dict[str, Any]] = []
+    rows_per_hook_layer: dict[str, dict[str, int]] = defaultdict(dict)
+    samples = tokens = overflow = 0
+    storage_dtypes, compute_dtypes, d_models = set(), set(), set()
+    listed_activation_files = set()
+
+    samples_paths = [join(output_root, meta["path"]) for meta in shards.values()]
+    digests = dict(zip(samples_paths, _parallel(file_digest, samples_paths)))
+    for shard in sorted(shards):
+        meta = shards[shard]
+        size, sha = digests[join(output_root, meta["path"])]
+        samples += int(meta["num_samples"])
+        tokens += int(meta["num_tokens"])
+        overflow += int(meta.get(KEY_OVERFLOW, 0))
+        storage_dtypes.add(meta.get("storage_dtype"))
+        compute_dtypes.add(meta.get("dtype"))
+        d_models.add(meta.get("d_model"))
+        files.append({"path": meta["path"], "kind": "samples", "shard": shard, "rows": int(meta["num_samples"]),
+                      "bytes": size, "sha256": sha})
+        for entry in meta["files"]:
+            listed_activation_files.add(entry["path"])
+            layers = rows_per_hook_layer[entry["hook"]]
+            layers[str(entry["layer"])] = layers.get(str(entry["layer"]), 0) + int(entry["rows"])
+            files.append({"path": entry["path"], "kind": "activations", "shard": shard, "hook": entry["hook"],
+                          "layer": int(entry["layer"]), "rows": int(entry["rows"]), "bytes": int(entry["bytes"]),
+                          "sha256": entry["sha256"]})
+
+    rejected_by_stage: Counter = Counter()
+    dead_paths = dead_letter_files(output_root)
+    for path, (size, sha, stages) in zip(dead_paths, _parallel(scan_dead_letters, dead_paths)):
+        rejected_by_stage.update(stages)
+        files.append({"path": relative_to(output_root, path), "kind": "dead_letter", "rows": sum(stages.values()),
+                      "bytes": size, "sha256": sha})
+
+    warnings = []
+    for meta in FileSystems.match([join(output_root, f"{ACTIVATIONS_DIR}/**")])[0].metadata_list:
+        relpath = relative_to(output_root, meta.path)
+        if _name(meta.path).startswith(TEMP_PREFIX):
+            warnings.append(f"temporary file {relpath} (a killed or running writer left it)")
+        elif relpath not in listed_activation_files:
+            warnings.append(f"uncommitted activation file {relpath}: no samples file lists it")
+    for label, values in (("storage dtypes", storage_dtypes), ("compute dtypes", compute_dtypes),
+                          ("d_model values", d_models)):
+        if len(values) > 1:
+            warnings.append(f"shards disagree on {label}: {sorted(map(str, values))}")
+
+    computed = {
+        "shards": len(shards),
+        "samples": samples,
+        "tokens": tokens,
+        "activation_rows": sum(sum(layers.values()) for layers in rows_per_hook_layer.values()),
+        "tokens_per_hook_layer": {hook: dict(sorted(layers.items(), key=lambda kv: int(kv[0])))
+                                  for hook, layers in sorted(rows_per_hook_layer.items())},
+        "rejected": sum(rejected_by_stage.values()),
+        "rejected_by_stage": dict(sorted(rejected_by_stage.items())),
+        "float16_overflow": overflow,
+        "bytes": sum(f["bytes"] for f in files),
+    }
+    manifest = dict(run_info)
+    manifest["format_version"] = FORMAT_VERSION
+    manifest["written"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
+    manifest["counts"] = {**dict(run_info.get("counts", {})), **computed}
+    manifest["files"] = files
+    manifest["warnings"] = warnings
+    return manifest
+
+
+def write_manifest(output_root: str, manifest: dict[str, Any]) -> str:
+    """Writes OUTPUT/manifest.json atomically (temporary name, then rename); returns its path."""
+    path = join(output_root.rstrip("/"), MANIFEST_NAME)
+    data = json.dumps(manifest, indent=1, ensure_ascii=False, default=str).encode("utf-8")
+    _put(data, path)
+    return path
+
+
+def read_manifest(output_root: str) -> dict[str, Any]:
+    path = join(output_root.rstrip("/"), MANIFEST_NAME)
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        return json.loads(handle.read().decode("utf-8"))
