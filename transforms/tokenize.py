@@ -1,0 +1,214 @@
+"""``ArcSample``/``TextSample`` -> ``TokenizedSample`` (docs/design.md): prompt text, token ids and annotations.
+
+The rendered prompt is tokenized once with the fast tokenizer, which also returns each token's character
+offsets; character labels (transforms/annotations.py) then become token annotations with numpy.
+
+Length policy (``max_seq_len``): a sample fits when it has at most ``max_seq_len`` tokens. An ARC sample that
+does not fit loses train examples from the end, as arc24 does, keeping at least one; if it still does not fit it
+is rejected to the dead letter with its length. A text sample is cut into chunks of at most ``max_seq_len``
+tokens, each its own sample ``f"{sample_id}/c{k}"``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+
+from transforms.annotations import annotate_tokens, label_characters, text_annotations
+from transforms.dead_letter import DEAD_LETTER_TAG, counter, reject
+from transforms.grid_encoders import DEFAULT_GRID_ENCODER, GridEncoder, create_grid_encoder
+from transforms.prompts import (
+    DEFAULT_PROMPT_MODE, DEFAULT_PROMPT_VERSION, Prompt, check_prompt_mode, encode_sample, get_prompt_version,
+    render_prompt,
+)
+
+TOKENIZED_TAG = "tokenized"
+DEFAULT_MAX_SEQ_LEN = 8192
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+@functools.lru_cache(maxsize=4)
+def cached_tokenizer(tokenizer_source: str | None):
+    """One tokenizer per worker process and source: DoFn.setup runs per DoFn instance, this runs once."""
+    from model.tokenizer import load_tokenizer
+
+    if tokenizer_source in (None, "") or str(tokenizer_source).startswith("random:"):
+        # A random:<geometry> model spec brings the offline Qwen2.5 tokenizer (issue 2).
+        return load_tokenizer(None)
+    return load_tokenizer(tokenizer_source)
+
+
+def _backend(tokenizer):
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TypeError(
+            f"{type(tokenizer).__name__} is not a fast (Rust) tokenizer: token offsets are needed for annotations; "
+            "give a model directory with a tokenizer.json")
+    return backend
+
+
+def encode_text(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids (int32 [n]) and character offsets (int32 [n, 2]) of ``text``, without added special tokens
+    (special tokens written in the text, such as the chat template's, are recognised)."""
+    encoding = _backend(tokenizer).encode(text, add_special_tokens=False)
+    ids = np.asarray(encoding.ids, dtype=np.int32)
+    offsets = np.asarray(encoding.offsets, dtype=np.int32).reshape(-1, 2)
+    return ids, offsets
+
+
+def _tokens_per_example(prompt: Prompt, offsets: np.ndarray) -> np.ndarray:
+    """How many tokens start inside each train example's spans (the cost of keeping that example)."""
+    counts = np.zeros(prompt.num_train_examples, dtype=np.int64)
+    token_starts = offsets[:, 0]
+    for start, end, _, index in prompt.spans:
+        if index >= 0:
+            counts[index] += np.searchsorted(token_starts, end) - np.searchsorted(token_starts, start)
+    return counts
+
+
+def _fewer_examples(prompt: Prompt, offsets: np.ndarray, n_tokens: int, max_seq_len: int) -> int:
+    """The most train examples (fewer than now, at least 1) that the token counts say will fit."""
+    counts = _tokens_per_example(prompt, offsets)
+    n = prompt.num_train_examples
+    for keep in range(n - 1, 0, -1):
+        if n_tokens - counts[keep:].sum() <= max_seq_len:
+            return keep
+    return 1
+
+
+def tokenize_arc_sample(
+    sample: dict[str, Any], tokenizer, encoder: GridEncoder,
+    prompt_version: str = DEFAULT_PROMPT_VERSION, prompt_mode: str = DEFAULT_PROMPT_MODE,
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+) -> dict[str, Any]:
+    """The ``TokenizedSample`` of an ``ArcSample``; raises PromptTooLong when even one train example is too long."""
+    return tokenize_arc_sample_with_count(sample, tokenizer, encoder, prompt_version, prompt_mode, max_seq_len)[0]
+
+
+def tokenize_arc_sample_with_count(
+    sample: dict[str, Any], tokenizer, encoder: GridEncoder,
+    prompt_version: str = DEFAULT_PROMPT_VERSION, prompt_mode: str = DEFAULT_PROMPT_MODE,
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+) -> tuple[dict[str, Any], int]:
+    """``tokenize_arc_sample`` and how many train examples the prompt kept."""
+    encoded = encode_sample(encoder, sample["train"], sample["test_input"], sample.get("test_output"))
+    num_train = len(encoded.train)
+    while True:
+        prompt = render_prompt(tokenizer, encoded, prompt_version, prompt_mode, num_train)
+        ids, offsets = encode_text(tokenizer, prompt.text)
+        if len(ids) <= max_seq_len:
+            break
+        if num_train <= 1:
+            raise PromptTooLong(
+                f"prompt has {len(ids)} tokens with {num_train} train example(s) "
+                f"(of {len(encoded.train)}), more than --max_seq_len={max_seq_len}; raise --max_seq_len "
+                "or use a more compact --grid_encoder")
+        num_train = _fewer_examples(prompt, offsets, len(ids), max_seq_len)
+    labels = label_characters(len(prompt.text), prompt.spans, prompt.cells)
+    return ({
+        "sample_id": sample["sample_id"],
+        "dataset": sample["dataset"],
+        "task_id": sample["task_id"],
+        "test_index": int(sample["test_index"]),
+        "augmentation": sample["augmentation"],
+        "prompt": prompt.text,
+        "token_ids": ids,
+        "annotations": annotate_tokens(offsets, labels),
+    }, num_train)
+
+
+def tokenize_text_sample(sample: dict[str, Any], tokenizer, max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+                         ) -> list[dict[str, Any]]:
+    """A ``TextSample`` as chunks of at most ``max_seq_len`` tokens, ids ``f"{sample_id}/c{k}"``; the
+    ``prompt`` of a chunk is the text its tokens cover."""
+    text = sample["text"]
+    ids, offsets = encode_text(tokenizer, text)
+    if len(ids) == 0:
+        raise ValueError("text has no tokens")
+    chunks = []
+    for k, begin in enumerate(range(0, len(ids), max_seq_len)):
+        end = min(begin + max_seq_len, len(ids))
+        chunks.append({
+            "sample_id": f"{sample['sample_id']}/c{k}",
+            "dataset": sample["dataset"],
+            "task_id": sample["task_id"],
+            "test_index": int(sample.get("test_index", 0)),
+            "augmentation": sample.get("augmentation", "{}"),
+            "prompt": text[offsets[begin, 0]:offsets[end - 1, 1]],
+            "token_ids": ids[begin:end].copy(),
+            "annotations": text_annotations(end - begin),
+        })
+    return chunks
+
+
+class _TokenizeDoFn(beam.DoFn):
+    def __init__(self, tokenizer_source, grid_encoder: str, prompt_version: str, prompt_mode: str,
+                 max_seq_len: int):
+        self.tokenizer_source = tokenizer_source
+        self.grid_encoder = grid_encoder
+        self.prompt_version = prompt_version
+        self.prompt_mode = prompt_mode
+        self.max_seq_len = max_seq_len
+
+    def setup(self):
+        self.tokenizer = cached_tokenizer(self.tokenizer_source)
+        self.encoder = create_grid_encoder(self.grid_encoder)
+        self.samples_tokenized = counter("samples_tokenized")
+        self.samples_rejected = counter("samples_rejected")
+        self.tokens = counter("tokens")
+        self.train_examples_dropped = counter("train_examples_dropped")
+
+    def process(self, sample):
+        try:
+            if isinstance(sample, dict) and "text" in sample:
+                outputs = tokenize_text_sample(sample, self.tokenizer, self.max_seq_len)
+            else:
+                tokenized, kept = tokenize_arc_sample_with_count(
+                    sample, self.tokenizer, self.encoder, self.prompt_version, self.prompt_mode, self.max_seq_len)
+                dropped = len(sample["train"]) - kept
+                if dropped:
+                    self.train_examples_dropped.inc(dropped)
+                outputs = [tokenized]
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            # PromptTooLong is a ValueError; KeyError & co. mean a malformed sample, which must not stop the run.
+            self.samples_rejected.inc()
+            source = sample.get("source", "<unknown>") if isinstance(sample, dict) else "<unknown>"
+            reason = str(error) if isinstance(error, PromptTooLong) else f"{type(error).__name__}: {error}"
+            sample_id = sample.get("sample_id", "?") if isinstance(sample, dict) else "?"
+            yield reject(source, "tokenize", f"sample {sample_id}: {reason}", sample)
+            return
+        for output in outputs:
+            self.samples_tokenized.inc()
+            self.tokens.inc(len(output["token_ids"]))
+            yield output
+
+
+class TokenizeSamples(beam.PTransform):
+    """``ArcSample``/``TextSample`` -> ``TokenizedSample``.
+
+    ``tokenizer_source``: a directory with tokenizer files, or None (or a ``random:`` model spec) for the offline
+    Qwen2.5 tokenizer; it is loaded once per worker process. Returns tagged outputs ``result.tokenized`` and
+    ``result.dead_letter`` (stage ``tokenize``). Counters in namespace ``arc_activations``: samples_tokenized,
+    samples_rejected, tokens, train_examples_dropped.
+    """
+
+    def __init__(self, tokenizer_source: str | None = None, grid_encoder: str = DEFAULT_GRID_ENCODER,
+                 prompt_version: str = DEFAULT_PROMPT_VERSION, prompt_mode: str = DEFAULT_PROMPT_MODE,
+                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN):
+        super().__init__()
+        # Fail at graph construction, not on a worker: these are user options.
+        spec = create_grid_encoder(grid_encoder).spec
+        get_prompt_version(prompt_version)
+        check_prompt_mode(prompt_mode)
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
+            raise ValueError(f"--max_seq_len must be a positive integer, got {max_seq_len!r}")
+        self._fn = _TokenizeDoFn(None if tokenizer_source is None else str(tokenizer_source), spec,
+                                 prompt_version, prompt_mode, max_seq_len)
+
+    def expand(self, samples):
+        return samples | "Tokenize" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTER_TAG, main=TOKENIZED_TAG)
