@@ -170,6 +170,23 @@ def test_offline_hub_error_is_fast_and_names_a_local_alternative(monkeypatch):
         resolve_dataset("hf:someone/some-data")
 
 
+def test_offline_hub_uses_a_cached_copy(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "datasets--someone--cached-data"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "data_100k.jsonl").write_text(json.dumps({"examples": pairs(3)}) + "\n")
+    (repo / "snapshots" / commit / "README.md").write_text("not data")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    source = resolve_dataset("someone/cached-data")
+    assert (source.kind, source.dataset) == (datasets.BARC, "someone/cached-data")
+    assert [Path(f).name for f in source.files] == ["data_100k.jsonl"]
+
+
 def test_unreachable_hub_error_is_fast(monkeypatch):
     import huggingface_hub
 

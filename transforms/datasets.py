@@ -230,9 +230,10 @@ def _offline_env() -> bool:
 
 
 def _local_copy_hint(repo_id: str) -> str:
-    return (f"pass a local or GCS copy of its files instead, e.g. --dataset='/path/to/{repo_id.split('/')[-1]}/*.jsonl' "
-            f"or --dataset='gs://bucket/{repo_id.split('/')[-1]}/*.jsonl' (download them on a machine with "
-            f"network: huggingface-cli download --repo-type dataset {repo_id} --local-dir DIR)")
+    name = repo_id.split("/")[-1]
+    return (f"if you meant a local path, {repo_id!r} does not exist; otherwise pass a local or GCS copy of its "
+            f"files instead, e.g. --dataset='/path/to/{name}/*.jsonl' or --dataset='gs://bucket/{name}/*.jsonl' "
+            f"(download them on a machine with network: hf download {repo_id} --repo-type dataset --local-dir DIR)")
 
 
 HUB_DATA_PATTERNS = ["*.jsonl", "*.ndjson", "*.jsonl.gz", "*.parquet"]
