@@ -404,8 +404,8 @@ class ReadResult(NamedTuple):
 
 
 class ReadRawRecords(beam.PTransform):
-    """Reads a :class:`DatasetSource` into unvalidated records; returns tagged outputs ``main`` and
-    ``dead_letter`` (stage ``read``). Counts ``records_read`` and read-stage rejections."""
+    """Reads a :class:`DatasetSource` into unvalidated records; returns a :class:`ReadResult` ``(main,
+    dead_letter)`` (stage ``read``). Counts ``records_read`` and read-stage rejections."""
 
     def __init__(self, source: DatasetSource, max_train_examples: int = DEFAULT_MAX_TRAIN_EXAMPLES,
                  max_records: Optional[int] = None, desired_bundle_size: int = DEFAULT_DESIRED_BUNDLE_SIZE):
@@ -419,25 +419,30 @@ class ReadRawRecords(beam.PTransform):
 
     def expand(self, pbegin):
         source, limit = self._source, self._max_records
-        outputs = dict(main="main")
         if source.kind == datasets.ARC_CHALLENGES:
-            return (pbegin
-                    | "Start" >> beam.Create([None])
-                    | "LoadChallenges" >> beam.ParDo(_LoadArcChallenges(source, limit)).with_outputs(
-                        DEAD_LETTER_TAG, **outputs))
+            loaded = (pbegin
+                      | "Start" >> beam.Create([None])
+                      | "LoadChallenges" >> beam.ParDo(_LoadArcChallenges(source, limit)).with_outputs(
+                          DEAD_LETTER_TAG, main="main"))
+            # One element read the whole file: without a reshuffle every later stage would stay fused
+            # on that single bundle, i.e. on one worker.
+            return ReadResult(loaded.main | "Spread" >> beam.Reshuffle(), loaded[DEAD_LETTER_TAG])
         if source.kind == datasets.ARC_TASK_FILES:
             files = source.files[:limit] if limit else source.files
-            return (pbegin
-                    | "TaskFiles" >> beam.Create(list(files))
-                    | "Spread" >> beam.Reshuffle()
-                    | "LoadTaskFile" >> beam.ParDo(_LoadArcTaskFile(source.dataset)).with_outputs(
-                        DEAD_LETTER_TAG, **outputs))
+            loaded = (pbegin
+                      | "TaskFiles" >> beam.Create(list(files))
+                      | "Spread" >> beam.Reshuffle()
+                      | "LoadTaskFile" >> beam.ParDo(_LoadArcTaskFile(source.dataset)).with_outputs(
+                          DEAD_LETTER_TAG, main="main"))
+            return ReadResult(loaded.main, loaded[DEAD_LETTER_TAG])
 
         columns = [source.text_field] if source.kind == datasets.TEXT else ["examples"]
         if source.file_format == "jsonl" and limit:
             raw = (pbegin | "Start" >> beam.Create([None])
-                   | "ReadFirstLines" >> beam.ParDo(_ReadJsonlPrefix(source.files, limit)))
+                   | "ReadFirstLines" >> beam.ParDo(_ReadJsonlPrefix(source.files, limit))
+                   | "Spread" >> beam.Reshuffle())
         elif source.file_format == "jsonl":
+            # ReadAllFiles splits each file into byte ranges and reshuffles them, so ranges read in parallel.
             raw = (pbegin
                    | "Files" >> beam.Create(list(source.files))
                    | "ReadByteRanges" >> filebasedsource.ReadAllFiles(
@@ -447,7 +452,8 @@ class ReadRawRecords(beam.PTransform):
                    | "Locate" >> beam.Map(_tag_jsonl))
         elif limit:
             raw = (pbegin | "Start" >> beam.Create([None])
-                   | "ReadFirstRows" >> beam.ParDo(_ReadParquetPrefix(source.files, columns, limit)))
+                   | "ReadFirstRows" >> beam.ParDo(_ReadParquetPrefix(source.files, columns, limit))
+                   | "Spread" >> beam.Reshuffle())
         else:
             raw = (pbegin
                    | "Files" >> beam.Create(list(source.files))
@@ -455,8 +461,9 @@ class ReadRawRecords(beam.PTransform):
                    | "Spread" >> beam.Reshuffle()
                    | "ReadRowGroup" >> beam.ParDo(_ReadParquetRowGroup(columns)))
         labels = datasets.file_labels(source.files)
-        return raw | "Parse" >> beam.ParDo(_ParseRawRecords(source, labels, self._max_train)).with_outputs(
-            DEAD_LETTER_TAG, **outputs)
+        parsed = raw | "Parse" >> beam.ParDo(_ParseRawRecords(source, labels, self._max_train)).with_outputs(
+            DEAD_LETTER_TAG, main="main")
+        return ReadResult(parsed.main, parsed[DEAD_LETTER_TAG])
 
 
 def _jsonl_source_for_file(path: str) -> JsonlLinesSource:
@@ -487,8 +494,8 @@ class ReadTasks(beam.PTransform):
     def expand(self, pbegin):
         raw = pbegin | "Read" >> self._read
         if not self._validate:
-            return ReadResult(raw.main, raw[DEAD_LETTER_TAG])
+            return raw
         checked = raw.main | "Validate" >> ValidateRecords()
-        dead = ((raw[DEAD_LETTER_TAG], checked[DEAD_LETTER_TAG])
+        dead = ((raw.dead_letter, checked[DEAD_LETTER_TAG])
                 | "DeadLetters" >> beam.Flatten())
         return ReadResult(checked.valid, dead)
