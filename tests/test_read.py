@@ -133,7 +133,7 @@ def test_missing_file_and_empty_glob_name_the_path(tmp_path):
         resolve_dataset(f"text:{tmp_path}/t*.jsonl")
 
 
-def test_spec_kinds(tmp_path, barc_jsonl):
+def test_spec_kinds(tmp_path, barc_jsonl, monkeypatch):
     path, _, _ = barc_jsonl
     source = resolve_dataset(str(path))
     assert (source.kind, source.file_format, source.files) == (datasets.BARC, "jsonl", (str(path),))
@@ -145,6 +145,10 @@ def test_spec_kinds(tmp_path, barc_jsonl):
     assert folder.kind == datasets.ARC_TASK_FILES
     assert [Path(f).name for f in folder.files] == ["a.json", "b.json"]
     assert resolve_dataset(str(tmp_path / "tasks" / "*.json")).kind == datasets.ARC_TASK_FILES
+    # Relative spellings resolve to the same absolute files and dataset name, so ids survive a resume from
+    # another working directory.
+    monkeypatch.chdir(tmp_path)
+    assert dataclass_replace(resolve_dataset("./tasks/"), spec=folder.spec) == folder
     (tmp_path / "x.csv").write_text("a")
     with pytest.raises(ValueError, match="x.csv' is neither JSONL"):
         resolve_dataset(str(tmp_path / "x.csv"))

