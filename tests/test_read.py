@@ -16,7 +16,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from transforms import datasets
 from transforms.datasets import DatasetUnavailableError, resolve_dataset
 from transforms.read import (
-    ReadTasks, RecordError, barc_row_to_task, iter_arc_challenges, load_arc_task_file,
+    ReadTasks, RecordError, barc_row_to_task, decode_json_line, iter_arc_challenges, load_arc_task_file,
 )
 
 G = [[1, 2], [3, 4]]  # a valid grid
@@ -91,6 +91,14 @@ def test_barc_row_split_into_train_and_next_pair_as_test():
         barc_row_to_task({"text": "x"}, dataset="d", record_id="r", task_id="t", source="s")
 
 
+def test_json_line_decoding():
+    assert decode_json_line(b'\xef\xbb\xbf{"a": 1}\r\n') == {"a": 1}  # a BOM and CRLF are not content
+    with pytest.raises(RecordError, match="line is not UTF-8"):
+        decode_json_line(b'{"a": "\xff"}')
+    with pytest.raises(RecordError, match="malformed JSON: Expecting"):
+        decode_json_line(b'{"a": ')
+
+
 # --- dataset spec resolution ----------------------------------------------------------------------------
 
 
@@ -149,6 +157,14 @@ def test_spec_kinds(tmp_path, barc_jsonl, monkeypatch):
     # another working directory.
     monkeypatch.chdir(tmp_path)
     assert dataclass_replace(resolve_dataset("./tasks/"), spec=folder.spec) == folder
+    (tmp_path / "barc_copy").mkdir()
+    (tmp_path / "barc_copy" / "data_100k.jsonl").write_text("{}\n")
+    (tmp_path / "barc_copy" / "README.md").write_text("about")
+    copy = resolve_dataset(str(tmp_path / "barc_copy"))
+    assert (copy.kind, [Path(f).name for f in copy.files]) == (datasets.BARC, ["data_100k.jsonl"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty' holds no task files"):
+        resolve_dataset(str(tmp_path / "empty"))
     (tmp_path / "x.csv").write_text("a")
     with pytest.raises(ValueError, match="x.csv' is neither JSONL"):
         resolve_dataset(str(tmp_path / "x.csv"))

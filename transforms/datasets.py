@@ -13,8 +13,9 @@ Accepted specs (checked in this order):
     An ARC-AGI challenges file ``{task_id: {"train": [{"input", "output"}], "test": [{"input"}...]}}``,
     optionally followed by ``+`` and a solutions file ``{task_id: [test_output_grid, ...]}`` (the ARC Prize
     layout) whose grids fill the test outputs. The solutions file can also be given as ``solutions=``.
-``DIR`` (a local directory, or a path ending in ``/``, or a ``gs://`` prefix holding ``*.json``) or ``GLOB*.json``
-    One ARC-AGI task per JSON file ``{"train": [...], "test": [...]}``; the task id is the file stem.
+``DIR`` (a local directory, or a path ending in ``/``, or a ``gs://`` prefix) or ``GLOB*.json``
+    One ARC-AGI task per JSON file ``{"train": [...], "test": [...]}``; the task id is the file stem. A folder
+    without ``*.json`` files but with JSONL/Parquet files is read as BARC records (next item).
 ``PATH_OR_GLOB`` ending in ``.jsonl``, ``.ndjson`` (optionally ``.gz``) or ``.parquet``
     BARC-style records ``{"examples": [[input, output], ...], "source": str, "seeds": [str]}``.
 ``hf:OWNER/NAME`` or ``OWNER/NAME`` (not an existing local path)
@@ -223,15 +224,35 @@ def resolve_dataset(spec: str, *, solutions: Optional[str] = None, text_field: s
         return DatasetSource(spec=spec, kind=ARC_CHALLENGES, dataset=_dataset_name(challenges), files=tuple(files),
                              file_format="json", solutions_file=solutions)
 
-    if _format_of(challenges) == "json" or (not _has_glob(challenges) and _is_directory(challenges)):
-        pattern = challenges if _has_glob(challenges) else challenges.rstrip("/") + "/*.json"
-        files = _match_files(pattern, spec)
-        return DatasetSource(spec=spec, kind=ARC_TASK_FILES, dataset=_dataset_name(challenges.rstrip("/")),
+    if _format_of(challenges) == "json":
+        files = _match_files(challenges, spec)
+        return DatasetSource(spec=spec, kind=ARC_TASK_FILES, dataset=_dataset_name(challenges),
                              files=tuple(files), file_format="json")
+
+    if not _has_glob(challenges) and _is_directory(challenges):
+        folder = challenges.rstrip("/")
+        task_files = _try_match(folder + "/*.json")
+        if task_files:
+            return DatasetSource(spec=spec, kind=ARC_TASK_FILES, dataset=_dataset_name(folder),
+                                 files=tuple(task_files), file_format="json")
+        # A folder of BARC files (e.g. a downloaded copy of the hub dataset) is read like its glob.
+        record_files = sorted(path for path in _try_match(folder + "/*") if _format_of(path) in ("jsonl", "parquet"))
+        if not record_files:
+            raise FileNotFoundError(
+                f"--dataset={spec}: the folder {folder!r} holds no task files (*.json) and no JSONL/Parquet files")
+        return DatasetSource(spec=spec, kind=BARC, dataset=_dataset_name(folder), files=tuple(record_files),
+                             file_format=_records_format(record_files, spec))
 
     files = _match_files(challenges, spec)
     return DatasetSource(spec=spec, kind=BARC, dataset=_dataset_name(challenges), files=tuple(files),
                          file_format=_records_format(files, spec))
+
+
+def _try_match(pattern: str) -> list[str]:
+    try:
+        return _match_files(pattern, pattern)
+    except FileNotFoundError:
+        return []
 
 
 def _offline_env() -> bool:

@@ -132,7 +132,8 @@ def decode_json_line(line: bytes | str) -> Any:
     """The JSON value of one JSONL line; RecordError for bad UTF-8 or bad JSON."""
     if isinstance(line, (bytes, bytearray)):
         try:
-            line = bytes(line).decode("utf-8")
+            # utf-8-sig: a byte-order mark at the start of a file is not part of the first record.
+            line = bytes(line).decode("utf-8-sig")
         except UnicodeDecodeError as error:
             raise RecordError(f"line is not UTF-8: {error}") from None
     try:
