@@ -238,8 +238,8 @@ def test_barc_jsonl_good_rows_read_bad_rows_dead_lettered(barc_jsonl):
         result = pipeline | ReadTasks(str(path))
         assert_that(result.main | beam.Map(lambda t: t["record_id"]), equal_to(expected_ids), label="ids")
         assert_that(result.main | "Shape" >> beam.Map(lambda t: (t["task_id"], len(t["train"]), t["dataset"])),
-                    equal_to([(f"barc_part-{good[0]}", 4, f"local:{path}"), (f"barc_part-{good[1]}", 3, f"local:{path}"),
-                              (f"barc_part-{good[2]}", 4, f"local:{path}")]), label="shape")
+                    equal_to([(f"barc_part-{offset}", train, f"local:{path}")
+                              for offset, train in zip(good, (4, 3, 4))]), label="shape")
         letters = result.dead_letter | beam.Map(lambda d: (d["source"], d["stage"], d["reason"]))
         not_malformed = letters | beam.Filter(lambda d: not d[2].startswith("malformed JSON"))
         assert_that(not_malformed, equal_to(sorted(expected_letters)), label="letters")

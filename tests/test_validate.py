@@ -2,7 +2,6 @@ import json
 
 import apache_beam as beam
 import numpy as np
-import pytest
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
