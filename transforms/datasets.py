@@ -313,8 +313,13 @@ def download_hub_dataset(repo_id: str, *, timeout_s: float = HUB_TIMEOUT_S, endp
         raise DatasetUnavailableError(
             f"--dataset={repo_id}: cannot reach the Hugging Face hub within {timeout_s:g} s "
             f"({type(error).__name__}: {str(error)[:200]}); {_local_copy_hint(repo_id)}") from None
-    root = huggingface_hub.snapshot_download(repo_id, repo_type="dataset", revision=revision, endpoint=endpoint,
-                                             allow_patterns=HUB_DATA_PATTERNS, etag_timeout=timeout_s)
+    try:
+        root = huggingface_hub.snapshot_download(repo_id, repo_type="dataset", revision=revision, endpoint=endpoint,
+                                                 allow_patterns=HUB_DATA_PATTERNS, etag_timeout=timeout_s)
+    except Exception as error:  # a download cut off part-way: say what to do instead of a raw HTTP error
+        raise DatasetUnavailableError(
+            f"--dataset={repo_id}: downloading the dataset's files from the Hugging Face hub failed "
+            f"({type(error).__name__}: {str(error)[:200]}); retry, or {_local_copy_hint(repo_id)}") from error
     return found(root)
 
 
