@@ -4,7 +4,7 @@ import apache_beam as beam
 import numpy as np
 import pytest
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -144,7 +144,7 @@ def test_stable_group_is_a_fixed_function():
 def test_batch_samples_transform_packs_every_sample_once(num_groups):
     lengths = [17, 200, 90, 33, 256, 5, 120, 64, 64, 180, 12, 40]
     samples = [make_sample(f"t{i}/t0/a0", n) for i, n in enumerate(lengths)]
-    with TestPipeline(runner=FnApiRunner()) as p:
+    with BeamTestPipeline(runner=FnApiRunner()) as p:
         batches = (p | beam.Create(samples)
                    | BatchSamples(batch_size=2, max_seq_len=256, num_groups=num_groups, batches_per_group=2))
         assert_that(batches, lambda got: check_batches(got, samples, 2, choose_buckets(256)))
@@ -160,7 +160,7 @@ def test_batch_samples_ids_do_not_depend_on_input_order():
     for order_seed in (0, 1):
         shuffled = samples[:]
         random.Random(order_seed).shuffle(shuffled)
-        with TestPipeline(runner=FnApiRunner()) as p:
+        with BeamTestPipeline(runner=FnApiRunner()) as p:
             ids = (p | beam.Create(shuffled) | BatchSamples(batch_size=2, max_seq_len=256, num_groups=2)
                    | beam.Map(lambda b: b["batch_id"]))
             assert_that(ids, equal_to(expected))

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from transforms import write
@@ -236,7 +236,7 @@ def test_write_shards_transform(tmp_path):
     batches = [make_batch(prefix=p, lengths=(6, 2)) for p in ("a", "b", "c")]
     elements = [{"batch_id": b["batch_id"], "samples": b["samples"], "placements": b["placements"],
                  "activations": extracted(b)} for b in batches]
-    with TestPipeline(runner=FnApiRunner()) as p:
+    with BeamTestPipeline(runner=FnApiRunner()) as p:
         summaries = (p | beam.Create(elements)
                      | WriteShards(root, "h000", "random:tiny", "bfloat16", "float32")
                      | beam.Map(lambda s: (s["shard"], s["samples"], s["rows"])))
@@ -250,7 +250,7 @@ def test_dead_letters(tmp_path):
     root = str(tmp_path / "out")
     letters = [{"source": f"f.jsonl:{i}", "stage": "validate", "reason": "grid is ragged",
                 "record": json.dumps({"i": i})} for i in range(10)]
-    with TestPipeline(runner=FnApiRunner()) as p:
+    with BeamTestPipeline(runner=FnApiRunner()) as p:
         stats = p | beam.Create(letters) | WriteDeadLetters(root, "h000", num_shards=3)
         assert_that(stats | beam.Map(lambda s: s["rows"]) | beam.CombineGlobally(sum), equal_to([10]))
     files = sorted(os.listdir(tmp_path / "out/dead_letter"))
