@@ -277,6 +277,7 @@ def download_hub_dataset(repo_id: str, *, timeout_s: float = HUB_TIMEOUT_S, endp
     timeout so an unreachable hub fails in seconds, with a message on passing a local copy.
     """
     import huggingface_hub
+    from huggingface_hub import constants as hub_constants
     from huggingface_hub import errors as hub_errors
 
     def found(root: str) -> list[str]:
@@ -289,7 +290,7 @@ def download_hub_dataset(repo_id: str, *, timeout_s: float = HUB_TIMEOUT_S, endp
                 f"--dataset={repo_id}: the hub dataset has no JSONL or Parquet files; {_local_copy_hint(repo_id)}")
         return files
 
-    offline = _offline_env() or huggingface_hub.constants.HF_HUB_OFFLINE
+    offline = _offline_env() or hub_constants.HF_HUB_OFFLINE
     if offline:
         try:
             root = huggingface_hub.snapshot_download(repo_id, repo_type="dataset", revision=revision,
