@@ -223,6 +223,33 @@ def test_failed_attempt_cleans_its_temp_file_and_is_not_committed(tmp_path, monk
     assert len(committed_shards(root)) == 2
 
 
+def test_failure_between_activation_files_leaves_nothing(tmp_path, monkeypatch):
+    root = str(tmp_path / "out")
+    batch = make_batch()
+    real_upload, calls = write._upload, []
+
+    def failing_upload(data, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise IOError("injected upload failure")
+        return real_upload(data, path)
+
+    monkeypatch.setattr(write, "_upload", failing_upload)
+    with pytest.raises(IOError, match="injected"):
+        ShardWriter(root, "h000", "m", "bfloat16").write_shard(
+            batch["batch_id"], batch["samples"], batch["placements"], extracted(batch))
+    # The first file was uploaded under its temporary name, never renamed, and then deleted.
+    assert os.path.basename(calls[0]).startswith(".tmp-")
+    assert listing(root) == []
+    with pytest.raises(ValueError, match="disagree on d_model"):
+        acts = extracted(batch)
+        acts[("mlp_out", 0)] = acts[("mlp_out", 0)][:, :8]
+        monkeypatch.undo()
+        ShardWriter(root, "h000", "m", "bfloat16").write_shard(
+            batch["batch_id"], batch["samples"], batch["placements"], acts)
+    assert listing(root) == []
+
+
 def test_worker_prefix_is_checked(tmp_path):
     for bad in ("h-0", ".h", "_h", "a/b", ""):
         with pytest.raises(ValueError, match="worker prefix"):

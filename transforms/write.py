@@ -296,12 +296,16 @@ def _parquet_bytes(table: pa.Table, byte_stream_split: Sequence[str] = (), row_g
     return sink.getvalue()
 
 
+def _upload(data: pa.Buffer | bytes, path: str) -> None:
+    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        handle.write(memoryview(data))
+
+
 def _put(data: pa.Buffer | bytes, final_path: str) -> None:
     """Writes `data` to a temporary name next to `final_path` and renames it into place."""
     temp = _temp_path(final_path)
     try:
-        with FileSystems.create(temp, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            handle.write(memoryview(data))
+        _upload(data, temp)
         FileSystems.rename([temp], [final_path])
     except BaseException:
         _delete_quietly([temp])
@@ -345,28 +349,37 @@ class ShardWriter:
         if not activations:
             raise ValueError(f"batch {batch_id}: no activations to write (no hook and layer requested?)")
         shard = shard_name(self.worker_prefix, batch_id)
-        files, overflow, d_models = [], 0, set()
-        for (hook, layer) in sorted(activations, key=lambda key: (key[0], int(key[1]))):
-            table = activation_table(samples, placements, activations[(hook, layer)], hook, layer,
-                                     self.storage_dtype)
-            metadata = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
-            metadata.update(self._common_metadata(shard))
-            table = table.replace_schema_metadata(metadata)
-            d_model = int(metadata["d_model"])
-            d_models.add(d_model)
-            itemsize = 2 if self.storage_dtype != "float32" else 4
-            data = _parquet_bytes(table, byte_stream_split=("activation",),
-                                  row_group_size=max(1024, ROW_GROUP_BYTES // max(1, d_model * itemsize)),
-                                  compression_level=self.compression_level)
-            relpath = activation_relpath(hook, layer, shard)
-            _put(data, join(self.output_root, relpath))
-            file_overflow = int(metadata[KEY_OVERFLOW])
-            overflow += file_overflow
-            files.append({"path": relpath, "hook": hook, "layer": int(layer), "rows": table.num_rows,
-                          "bytes": data.size, "sha256": hashlib.sha256(memoryview(data)).hexdigest(),
-                          KEY_OVERFLOW: file_overflow})
-        if len(d_models) > 1:
-            raise ValueError(f"batch {batch_id}: activations disagree on d_model: {sorted(d_models)}")
+        files, overflow, d_models, moves = [], 0, set(), []
+        try:
+            for (hook, layer) in sorted(activations, key=lambda key: (key[0], int(key[1]))):
+                table = activation_table(samples, placements, activations[(hook, layer)], hook, layer,
+                                         self.storage_dtype)
+                metadata = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+                metadata.update(self._common_metadata(shard))
+                table = table.replace_schema_metadata(metadata)
+                d_model = int(metadata["d_model"])
+                d_models.add(d_model)
+                if len(d_models) > 1:
+                    raise ValueError(f"batch {batch_id}: activations disagree on d_model: {sorted(d_models)}")
+                itemsize = 2 if self.storage_dtype != "float32" else 4
+                data = _parquet_bytes(table, byte_stream_split=("activation",),
+                                      row_group_size=max(1024, ROW_GROUP_BYTES // max(1, d_model * itemsize)),
+                                      compression_level=self.compression_level)
+                relpath = activation_relpath(hook, layer, shard)
+                final = join(self.output_root, relpath)
+                moves.append((_temp_path(final), final))
+                _upload(data, moves[-1][0])
+                file_overflow = int(metadata[KEY_OVERFLOW])
+                overflow += file_overflow
+                files.append({"path": relpath, "hook": hook, "layer": int(layer), "rows": table.num_rows,
+                              "bytes": data.size, "sha256": hashlib.sha256(memoryview(data)).hexdigest(),
+                              KEY_OVERFLOW: file_overflow})
+                del table, data
+            # One rename call for all of them: on GCS that is one batched copy and one batched delete.
+            FileSystems.rename([temp for temp, _ in moves], [final for _, final in moves])
+        except BaseException:
+            _delete_quietly(temp for temp, _ in moves)
+            raise
         table = samples_table(samples)
         metadata = self._common_metadata(shard)
         metadata.update({
