@@ -182,6 +182,12 @@ def test_retried_write_is_idempotent_and_leaves_no_temp_files(tmp_path):
     assert len(files) == 3 and not any(os.path.basename(f).startswith(".") for f in files)
     second = writer.write_shard(batch["batch_id"], batch["samples"], batch["placements"], extracted(batch))
     assert listing(root) == files and first == second
+    # What WriteShards does on a Beam retry: a committed shard is left as it is, even if recomputed values differ.
+    before = committed_shards(root)
+    skipping = ShardWriter(root, "h000", "m", "bfloat16", skip_committed=True)
+    third = skipping.write_shard(batch["batch_id"], batch["samples"], batch["placements"], extracted(batch, seed=9))
+    assert third == dict(first, already_committed=True)
+    assert listing(root) == files and committed_shards(root) == before
     assert committed_sample_ids(root) == {s["sample_id"] for s in batch["samples"]}
 
 

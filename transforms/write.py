@@ -325,7 +325,10 @@ class ShardWriter:
     """Writes one shard per extracted batch, exactly once per shard name (see module docstring)."""
 
     def __init__(self, output_root: str, worker_prefix: str, model_name: str, compute_dtype: str,
-                 storage_dtype: str = "float32", compression_level: int = ZSTD_LEVEL):
+                 storage_dtype: str = "float32", compression_level: int = ZSTD_LEVEL, skip_committed: bool = False):
+        """skip_committed: a shard whose commit marker exists is not written again (a Beam retry of a bundle
+        that had already committed it). Recomputed activations need not be bit-identical on every
+        accelerator; skipping keeps the committed files and their checksums as they are."""
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage dtype {storage_dtype!r}: expected one of {', '.join(STORAGE_DTYPES)}")
         self.output_root = output_root.rstrip("/") if output_root not in ("/",) else output_root
@@ -334,6 +337,21 @@ class ShardWriter:
         self.compute_dtype = compute_dtype
         self.storage_dtype = storage_dtype
         self.compression_level = compression_level
+        self.skip_committed = skip_committed
+
+    def _committed_summary(self, shard: str, batch_id: str) -> dict | None:
+        path = join(self.output_root, samples_relpath(shard))
+        matches = _match(path)
+        if not matches:
+            return None
+        metadata = decode_metadata(_read_footer(path))
+        files = metadata[KEY_FILES]
+        return {
+            "shard": shard, "batch_id": batch_id, "samples": int(metadata["num_samples"]),
+            "tokens": int(metadata["num_tokens"]), "rows": sum(int(f["rows"]) for f in files),
+            "bytes": sum(int(f["bytes"]) for f in files) + int(matches[0].size_in_bytes),
+            KEY_OVERFLOW: int(metadata.get(KEY_OVERFLOW, 0)), "files": len(files) + 1, "already_committed": True,
+        }
 
     def _common_metadata(self, shard: str) -> dict[str, str]:
         return {
@@ -345,10 +363,15 @@ class ShardWriter:
                     activations: dict[tuple[str, int], np.ndarray]) -> dict:
         """Writes every activation file of the batch, then the samples file (the commit marker).
 
-        Returns {"shard", "batch_id", "samples", "tokens", "rows", "bytes", "float16_overflow", "files"}."""
+        Returns {"shard", "batch_id", "samples", "tokens", "rows", "bytes", "float16_overflow", "files",
+        "already_committed"}."""
         if not activations:
             raise ValueError(f"batch {batch_id}: no activations to write (no hook and layer requested?)")
         shard = shard_name(self.worker_prefix, batch_id)
+        if self.skip_committed:
+            summary = self._committed_summary(shard, batch_id)
+            if summary is not None:
+                return summary
         files, overflow, d_models, moves = [], 0, set(), []
         try:
             for (hook, layer) in sorted(activations, key=lambda key: (key[0], int(key[1]))):
@@ -393,6 +416,7 @@ class ShardWriter:
             "shard": shard, "batch_id": batch_id, "samples": table.num_rows,
             "tokens": int(metadata["num_tokens"]), "rows": sum(f["rows"] for f in files),
             "bytes": sum(f["bytes"] for f in files) + data.size, KEY_OVERFLOW: overflow, "files": len(files) + 1,
+            "already_committed": False,
         }
 
 
@@ -404,13 +428,18 @@ class _WriteShardFn(beam.DoFn):
         self._rows = beam.metrics.Metrics.counter(NAMESPACE, "activation_rows_written")
         self._bytes = beam.metrics.Metrics.counter(NAMESPACE, "bytes_written")
         self._overflow = beam.metrics.Metrics.counter(NAMESPACE, "float16_overflow")
+        self._skipped = beam.metrics.Metrics.counter(NAMESPACE, "shards_already_committed")
 
     def setup(self):
-        self._writer = ShardWriter(*self._args)
+        self._writer = ShardWriter(*self._args, skip_committed=True)
 
     def process(self, extracted):
         summary = self._writer.write_shard(extracted["batch_id"], extracted["samples"], extracted["placements"],
                                            extracted["activations"])
+        if summary["already_committed"]:
+            self._skipped.inc()
+            yield summary
+            return
         self._shards.inc()
         self._samples.inc(summary["samples"])
         self._rows.inc(summary["rows"])
@@ -421,7 +450,8 @@ class _WriteShardFn(beam.DoFn):
 
 
 class WriteShards(beam.PTransform):
-    """ExtractedBatch dicts -> one committed shard each; emits the per-shard summary dicts of write_shard."""
+    """ExtractedBatch dicts -> one committed shard each; emits the per-shard summary dicts of write_shard.
+    A retried element whose shard is already committed is not rewritten (skip_committed)."""
 
     def __init__(self, output_root: str, worker_prefix: str, model_name: str, compute_dtype: str,
                  storage_dtype: str = "float32"):
