@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from transforms import datasets
@@ -43,7 +43,7 @@ MALFORMED_LINE = '{"examples": [[[[1]], [[2]]], '
 
 def run_pipeline(build):
     """Builds with `build(pipeline)`, runs on FnApiRunner, returns the arc_activations counters."""
-    pipeline = TestPipeline(runner=FnApiRunner())
+    pipeline = BeamTestPipeline(runner=FnApiRunner())
     build(pipeline)
     result = pipeline.run()
     result.wait_until_finish()

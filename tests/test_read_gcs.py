@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from transforms import datasets
@@ -53,7 +53,7 @@ def put(path: str, data: bytes) -> None:
 
 
 def run(build):
-    pipeline = TestPipeline(runner=FnApiRunner())
+    pipeline = BeamTestPipeline(runner=FnApiRunner())
     build(pipeline)
     result = pipeline.run()
     result.wait_until_finish()

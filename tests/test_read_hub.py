@@ -10,7 +10,7 @@ import threading
 import apache_beam as beam
 import pytest
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from transforms import datasets
@@ -91,7 +91,7 @@ def test_hub_dataset_is_downloaded_then_read(online_hub):
     assert (source.kind, source.dataset, source.file_format) == (datasets.BARC, "someone/barc-like", "jsonl")
     assert [path.rsplit("/", 1)[1] for path in source.files] == ["data_100k.jsonl"]  # README not fetched
 
-    pipeline = TestPipeline(runner=FnApiRunner())
+    pipeline = BeamTestPipeline(runner=FnApiRunner())
     result = pipeline | ReadTasks(source)
     line = len(FILES["data_100k.jsonl"]) // 2
     # Two identical rows, two ids.

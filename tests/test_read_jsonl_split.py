@@ -9,7 +9,7 @@ import apache_beam as beam
 import pytest
 from apache_beam.io import source_test_utils
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from transforms.read import JsonlLinesSource, ReadTasks, iter_jsonl_lines
@@ -93,7 +93,7 @@ def test_pipeline_with_small_bundles_reads_each_record_once(big_jsonl):
     expected_ids = [f"big:{offset}" for offset, _ in expected]
     assert len(set(expected_ids)) == len(expected)
 
-    pipeline = TestPipeline(runner=FnApiRunner())
+    pipeline = BeamTestPipeline(runner=FnApiRunner())
     result = pipeline | ReadTasks(str(path), desired_bundle_size=128 * 1024)
     assert_that(result.main | beam.Map(lambda task: task["record_id"]), equal_to(expected_ids), label="ids")
     assert_that(result.dead_letter, equal_to([]), label="no dead letters")

@@ -3,7 +3,7 @@ import json
 import apache_beam as beam
 import numpy as np
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from transforms.dead_letter import MAX_RECORD_CHARS, dead_letter, record_text
@@ -96,7 +96,7 @@ def test_validate_records_ptransform_splits_and_counts():
     good = make_task()
     bad = make_task(record_id="d:t2", task_id="t2", source="f.json#t2",
                     train=[{"input": [[0, 1], [2]], "output": [[1]]}])
-    pipeline = TestPipeline(runner=FnApiRunner())
+    pipeline = BeamTestPipeline(runner=FnApiRunner())
     result = pipeline | beam.Create([good, bad]) | ValidateRecords()
     assert_that(result.valid, equal_to([good]), label="valid")
     assert_that(
