@@ -71,7 +71,7 @@ class ExtractOptions(PipelineOptions):
         group.add_argument("--max_seq_len", type=_positive_int("max_seq_len"), default=8192,
                            help="Longest row; ARC samples drop train examples from the end to fit.")
         group.add_argument("--max_samples", type=_positive_int("max_samples"), default=None,
-                           help="Read at most this many records (for smoke runs).")
+                           help="At most this many samples: the first records in a fixed order, then the first samples by id (for smoke runs).")
         group.add_argument("--max_train_examples", type=_positive_int("max_train_examples"), default=4,
                            help="BARC rows: how many leading pairs are train examples (the next is the test).")
         group.add_argument("--augmentations", type=_non_negative_int("augmentations"), default=0,

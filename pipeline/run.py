@@ -99,12 +99,17 @@ def build_pipeline(p: beam.Pipeline, opts: ExtractOptions, *, hooks, layers, com
     from transforms.write import WriteDeadLetters, WriteShards
 
     read = p | "Read" >> ReadTasks(opts.dataset, max_train_examples=opts.max_train_examples,
-                                   max_records=opts.max_samples)
+                                   max_records=opts.max_samples, validate=False)
     records = read.records
     if opts.num_hosts > 1:
         records = records | "HostShare" >> TakeHostShare(opts.host_index, opts.num_hosts)
     checked = records | "Validate" >> ValidateTasks()
     samples = checked.valid | "Expand" >> ExpandSamples(opts.augmentations, opts.seed)
+    if opts.max_samples:
+        # records were already cut to max_samples; a task with several test inputs or augmentations gives more
+        samples = (samples
+                   | "FirstSamples" >> beam.combiners.Top.Smallest(opts.max_samples, key=lambda s: s["sample_id"])
+                   | "Unlist" >> beam.FlatMap(lambda chosen: chosen))
     if committed:
         samples = samples | "SkipCommitted" >> beam.ParDo(_SkipCommitted(frozenset(committed)))
     tokenized = samples | "Tokenize" >> TokenizeSamples(
