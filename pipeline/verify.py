@@ -295,6 +295,9 @@ def main(argv=None) -> int:
                         help="also decode every activation value (width, non-finite values); reads everything")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
+    from pipeline.storage import use_storage_emulator_if_configured
+
+    use_storage_emulator_if_configured()
     report = verify_output(args.output, deep=args.deep)
     if args.json:
         print(json.dumps({"ok": report.ok, "errors": report.errors, "warnings": report.warnings,
