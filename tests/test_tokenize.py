@@ -186,7 +186,7 @@ def test_tokenize_samples_pipeline(tokenizer_dir, qwen_tokenizer):
     pipeline = beam.Pipeline(runner=FnApiRunner())
     result = pipeline | beam.Create(good + [too_long, text, malformed]) | TokenizeSamples(
         tokenizer_source=tokenizer_dir, max_seq_len=max_seq_len)
-    assert_that(result.tokenized | beam.Map(lambda s: (s["sample_id"], s["token_ids"].tolist())),
+    assert_that(result.samples | beam.Map(lambda s: (s["sample_id"], s["token_ids"].tolist())),
                 equal_to(list(expected.items())), label="tokens")
     assert_that(
         result.dead_letter | beam.Map(lambda d: (d["source"], d["stage"], d["reason"].split(":")[0],
@@ -209,3 +209,12 @@ def test_tokenize_samples_rejects_bad_options():
         TokenizeSamples(prompt_version="v2")
     with pytest.raises(ValueError, match="--max_seq_len"):
         TokenizeSamples(max_seq_len=0)
+
+
+def test_tokenizer_source_follows_the_model_spec(tokenizer_dir):
+    from transforms.tokenize import cached_tokenizer
+
+    assert cached_tokenizer(tokenizer_dir).convert_tokens_to_ids("<|im_end|>") == 151645
+    assert cached_tokenizer("random:qwen2.5-0.5b?layers=2").convert_tokens_to_ids("<|im_start|>") == 151644
+    with pytest.raises(Exception, match="does not exist"):
+        cached_tokenizer("/nonexistent/checkpoint")

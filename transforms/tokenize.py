@@ -25,7 +25,7 @@ from transforms.prompts import (
     render_prompt,
 )
 
-TOKENIZED_TAG = "tokenized"
+TOKENIZED_TAG = "samples"
 DEFAULT_MAX_SEQ_LEN = 8192
 
 
@@ -37,11 +37,14 @@ class PromptTooLong(ValueError):
 def cached_tokenizer(tokenizer_source: str | None):
     """One tokenizer per worker process and source: DoFn.setup runs per DoFn instance, this runs once."""
     from model.tokenizer import load_tokenizer
+    from model.weights import resolve_checkpoint_dir
 
     if tokenizer_source in (None, "") or str(tokenizer_source).startswith("random:"):
         # A random:<geometry> model spec brings the offline Qwen2.5 tokenizer (issue 2).
         return load_tokenizer(None)
-    return load_tokenizer(tokenizer_source)
+    # The same resolution as the model's weights: a local directory, or a hub id found in the HF cache.
+    directory, _ = resolve_checkpoint_dir(tokenizer_source)
+    return load_tokenizer(directory)
 
 
 def _backend(tokenizer):
@@ -194,10 +197,11 @@ class _TokenizeDoFn(beam.DoFn):
 class TokenizeSamples(beam.PTransform):
     """``ArcSample``/``TextSample`` -> ``TokenizedSample``.
 
-    ``tokenizer_source``: a directory with tokenizer files, or None (or a ``random:`` model spec) for the offline
-    Qwen2.5 tokenizer; it is loaded once per worker process. Returns tagged outputs ``result.tokenized`` and
-    ``result.dead_letter`` (stage ``tokenize``). Counters in namespace ``arc_activations``: samples_tokenized,
-    samples_rejected, tokens, train_examples_dropped.
+    ``tokenizer_source``: the ``--model`` spec: a directory with tokenizer files, None (or ``random:...``) for
+    the offline Qwen2.5 tokenizer; a hub id is looked up in the Hugging Face cache as the model's weights are.
+    It is loaded once per worker process. Returns tagged outputs ``result.samples`` and ``result.dead_letter``
+    (stage ``tokenize``). Counters in namespace ``arc_activations``: samples_tokenized, samples_rejected, tokens,
+    train_examples_dropped.
     """
 
     def __init__(self, tokenizer_source: str | None = None, grid_encoder: str = DEFAULT_GRID_ENCODER,
