@@ -214,7 +214,7 @@ QWEN25_GEOMETRIES: dict[str, QwenConfig] = {
         _qwen25("qwen2.5-32b", 152064, 5120, 27648, 64, 40, 8, 1e-5, False, 131072),
         _qwen25("qwen2.5-72b", 152064, 8192, 29568, 80, 64, 8, 1e-5, False, 131072),
         # Not a released model: the tests' tiny geometry, with the real vocabulary so the real tokenizer fits.
-        _qwen25("tiny", 151936, 64, 128, 2, 4, 2, 1e-6, True, 4096),
+        _qwen25("tiny", 151936, 64, 128, 4, 4, 2, 1e-6, True, 4096),
     )
 }
 

