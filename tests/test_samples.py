@@ -2,6 +2,7 @@ import json
 
 import apache_beam as beam
 import pytest
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.util import assert_that, equal_to
 
@@ -62,10 +63,19 @@ def test_negative_augmentations_rejected():
 def test_expand_samples_pipeline():
     text = {"sample_id": "web:0", "dataset": "web", "task_id": "0", "test_index": 0, "augmentation": "{}",
             "source": "web.jsonl:0", "text": "hello"}
+    expected = list(expand_task(TASK, 1, seed=0)) + [text]
+    pipeline = beam.Pipeline(runner=FnApiRunner())
+    samples = pipeline | beam.Create([TASK, text]) | ExpandSamples(augmentations=1, seed=0)
+    assert_that(samples | beam.Map(lambda s: (s["sample_id"], json.dumps(s, sort_keys=True))),
+                equal_to([(s["sample_id"], json.dumps(s, sort_keys=True)) for s in expected]))
+    run = pipeline.run()
+    run.wait_until_finish()
+    counters = run.metrics().query(MetricsFilter().with_name("samples_expanded"))["counters"]
+    assert [c.committed for c in counters] == [4]
+
+
+def test_expand_samples_fails_loudly_on_an_unvalidated_task():
     malformed = {"record_id": "x", "source": "bad.json#x", "train": []}  # no test, no dataset
-    expected_ids = [s["sample_id"] for s in expand_task(TASK, 1, seed=0)] + ["web:0"]
-    with beam.Pipeline(runner=FnApiRunner()) as pipeline:
-        result = pipeline | beam.Create([TASK, text, malformed]) | ExpandSamples(augmentations=1, seed=0)
-        assert_that(result.samples | beam.Map(lambda s: s["sample_id"]), equal_to(expected_ids), label="ids")
-        assert_that(result.dead_letter | beam.Map(lambda d: (d["source"], d["stage"], "KeyError" in d["reason"])),
-                    equal_to([("bad.json#x", "expand", True)]), label="dead")
+    with pytest.raises(Exception, match=r"not a valid ArcTask \(bad.json#x\).*ValidateRecords"):
+        with beam.Pipeline(runner=FnApiRunner()) as pipeline:
+            _ = pipeline | beam.Create([malformed]) | ExpandSamples()

@@ -11,9 +11,7 @@ from typing import Any, Iterator
 import apache_beam as beam
 
 from transforms.augment import NO_AUGMENTATION, augment_examples, random_augmentation
-from transforms.dead_letter import DEAD_LETTER_TAG, counter, reject
-
-SAMPLES_TAG = "samples"
+from transforms.dead_letter import counter
 
 
 def sample_id(record_id: str, test_index: int, aug_index: int) -> str:
@@ -62,19 +60,20 @@ class _ExpandDoFn(beam.DoFn):
         try:
             samples = list(expand_task(record, self.augmentations, self.seed))
         except (KeyError, TypeError, ValueError, IndexError) as error:
+            # Validation (transforms/validate.py) sends malformed tasks to the dead letter before this step, so
+            # one reaching here is a bug in the graph: fail loudly rather than drop it.
             source = record.get("source", "<unknown>") if isinstance(record, dict) else "<unknown>"
-            yield reject(source, "expand", f"cannot expand task into samples: {type(error).__name__}: {error}",
-                         record)
-            return
+            raise ValueError(
+                f"ExpandSamples got a record that is not a valid ArcTask ({source}): {type(error).__name__}: "
+                f"{error}. Put ValidateRecords before ExpandSamples.") from error
         self.samples_counter.inc(len(samples))
         yield from samples
 
 
 class ExpandSamples(beam.PTransform):
-    """``ArcTask`` -> ``ArcSample`` (text samples pass through unchanged).
+    """``ArcTask`` -> ``ArcSample`` (``TextSample``s pass through unchanged); expects validated tasks.
 
-    Returns tagged outputs ``result.samples`` and ``result.dead_letter`` (stage ``expand``: tasks that do not
-    have the ArcTask shape; validate first so that none do). Counter ``samples_expanded``.
+    Returns one PCollection of samples. Counter ``samples_expanded`` (namespace ``arc_activations``).
     """
 
     def __init__(self, augmentations: int = 0, seed: int | str = 0):
@@ -85,5 +84,4 @@ class ExpandSamples(beam.PTransform):
         self.seed = seed
 
     def expand(self, tasks):
-        return tasks | "Expand" >> beam.ParDo(_ExpandDoFn(self.augmentations, self.seed)).with_outputs(
-            DEAD_LETTER_TAG, main=SAMPLES_TAG)
+        return tasks | "Expand" >> beam.ParDo(_ExpandDoFn(self.augmentations, self.seed))
