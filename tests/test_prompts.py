@@ -180,3 +180,20 @@ def test_unknown_version_and_mode(qwen_tokenizer):
 def test_parse_grid_from_inference_response():
     encoder = create_grid_encoder()
     assert parse_grid_from_response(" shape: 2x2\n1 78\n2 90\n```", encoder) == TEST_INPUT
+
+
+def test_chat_template_check(qwen_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    from model.tokenizer import write_qwen25_tokenizer
+    from transforms.prompts import check_chat_template
+
+    check_chat_template(qwen_tokenizer)  # the Qwen2.5 template passes
+    no_template = AutoTokenizer.from_pretrained(str(write_qwen25_tokenizer(tmp_path)), local_files_only=True)
+    no_template.chat_template = None
+    with pytest.raises(ValueError, match="cannot render ARC prompts with its chat template"):
+        check_chat_template(no_template)
+    rewriting = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    rewriting.chat_template = "{% for m in messages %}[{{ m.content | upper }}]{% endfor %}"
+    with pytest.raises(ValueError, match="does not copy message contents verbatim"):
+        check_chat_template(rewriting)

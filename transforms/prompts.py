@@ -254,6 +254,22 @@ def build_prompt(
                          prompt_version, prompt_mode, num_train)
 
 
+def check_chat_template(tokenizer, prompt_version: str = DEFAULT_PROMPT_VERSION) -> None:
+    """Raises ValueError, naming the tokenizer, when its chat template cannot render labelled prompts (no
+    template, or one that rewrites message contents), so a run fails once instead of rejecting every sample."""
+    probe = EncodedSample(train=((("1", np.zeros((0, 5), np.int32)), ("2", np.zeros((0, 5), np.int32))),),
+                                 test_input=("3", np.zeros((0, 5), np.int32)), test_output=None)
+    name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+    try:
+        render_prompt(tokenizer, probe, prompt_version, "inference")
+    except ChatTemplateError as error:
+        raise ValueError(f"tokenizer {name}: {error}") from None
+    except ValueError as error:  # transformers: no chat_template set
+        raise ValueError(
+            f"tokenizer {name} cannot render ARC prompts with its chat template ({error}); use a model whose "
+            "tokenizer_config.json has a chat_template (all Qwen2.5 models do)") from None
+
+
 def parse_grid_from_response(text: str, encoder: GridEncoder) -> list[list[int]]:
     """A grid from a model's continuation of an inference prompt (which ended with ```` ```grid ````)."""
     return encoder.to_grid(INFERENCE_ANSWER_START + text)

@@ -21,8 +21,8 @@ from transforms.annotations import annotate_tokens, label_characters, text_annot
 from transforms.dead_letter import DEAD_LETTER_TAG, counter, reject
 from transforms.grid_encoders import DEFAULT_GRID_ENCODER, GridEncoder, create_grid_encoder
 from transforms.prompts import (
-    DEFAULT_PROMPT_MODE, DEFAULT_PROMPT_VERSION, Prompt, check_prompt_mode, encode_sample, get_prompt_version,
-    render_prompt,
+    DEFAULT_PROMPT_MODE, DEFAULT_PROMPT_VERSION, Prompt, check_chat_template, check_prompt_mode, encode_sample,
+    get_prompt_version, render_prompt,
 )
 
 TOKENIZED_TAG = "samples"
@@ -168,10 +168,16 @@ class _TokenizeDoFn(beam.DoFn):
         self.samples_rejected = counter("samples_rejected")
         self.tokens = counter("tokens")
         self.train_examples_dropped = counter("train_examples_dropped")
+        self.chat_template_checked = False
 
     def process(self, sample):
+        is_text = isinstance(sample, dict) and "text" in sample
+        if not is_text and not self.chat_template_checked:
+            # Checked on the first ARC sample, not in setup: text corpora need no chat template.
+            check_chat_template(self.tokenizer, self.prompt_version)
+            self.chat_template_checked = True
         try:
-            if isinstance(sample, dict) and "text" in sample:
+            if is_text:
                 outputs = tokenize_text_sample(sample, self.tokenizer, self.max_seq_len)
             else:
                 tokenized, kept = tokenize_arc_sample_with_count(
