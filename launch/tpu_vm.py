@@ -364,6 +364,7 @@ def _parser() -> argparse.ArgumentParser:
     vms.add_argument("--on_demand", action="store_true", help="on-demand VMs instead of spot (preemptible)")
     vms.add_argument("--max_recreations", type=int, default=20, help="per VM, before giving up")
     vms.add_argument("--poll_seconds", type=float, default=60.0)
+    vms.add_argument("--script_dir", help="where to write the startup scripts (default: a new temporary folder)")
 
     slice_ = commands.add_parser("slice", help="every host of one existing TPU slice (gcloud ssh --worker=all)")
     cloud(slice_)
@@ -417,11 +418,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return subprocess.call(ssh)
 
         names = vm_names(args.name, args.num_vms)
-        script_dir = tempfile.mkdtemp(prefix="arc-activations-startup-")
+        lines = [host_shell_command(pipeline_args, num_hosts=len(names), output=args.output, host_index=index,
+                                    max_attempts=args.max_attempts, package=args.package)
+                 for index in range(len(names))]
+        script_dir = args.script_dir or tempfile.mkdtemp(prefix="arc-activations-startup-")
         scripts = []
-        for index, name in enumerate(names):
-            line = host_shell_command(pipeline_args, num_hosts=len(names), output=args.output, host_index=index,
-                                      max_attempts=args.max_attempts, package=args.package)
+        for name, line in zip(names, lines):
             path = f"{script_dir}/{name}.sh"
             with open(path, "w", encoding="utf-8") as handle:
                 handle.write(startup_script(line))
@@ -442,6 +444,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LaunchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # the supervisor gave up on a host
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -123,9 +123,9 @@ def test_slice_command_runs_on_every_worker_with_the_metadata_index(capsys):
     assert "--host_index=auto" in host and "--num_hosts=4" in host
 
 
-def test_vms_plan_prints_spot_creates_with_one_startup_script_per_host(capsys):
+def test_vms_plan_prints_spot_creates_with_one_startup_script_per_host(capsys, tmp_path):
     code = tpu_vm.main(["vms", "--zone=us-west4-a", "--accelerator_type=v5litepod-8", "--name=arc",
-                        "--num_vms=3", f"--output={OUTPUT}", "--", *PIPELINE_ARGS])
+                        "--num_vms=3", f"--output={OUTPUT}", f"--script_dir={tmp_path}", "--", *PIPELINE_ARGS])
     assert code == 0
     lines = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if line.startswith("gcloud")]
     assert [line[5] for line in lines] == ["arc-0", "arc-1", "arc-2"]
@@ -133,6 +133,7 @@ def test_vms_plan_prints_spot_creates_with_one_startup_script_per_host(capsys):
         assert "--spot" in line and "--version=v2-alpha-tpuv5-lite" in line
         assert "--accelerator-type=v5litepod-8" in line
         script_path = [a for a in line if a.startswith("--metadata-from-file=startup-script=")][0].split("=", 2)[2]
+        assert script_path == str(tmp_path / f"arc-{index}.sh")
         with open(script_path, encoding="utf-8") as handle:
             script = handle.read()
         assert f"--host_index={index}" in script and "--num_hosts=3" in script
