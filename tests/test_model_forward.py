@@ -205,3 +205,45 @@ def test_float32_compute_asks_for_full_precision_matmuls(tiny):
     tokens, segment_ids, positions, _ = _batch(0)
     text = str(tiny.make_jaxpr(tokens, segment_ids, positions, CaptureSpec(layers=(0,))))
     assert "precision=(Precision.HIGHEST, Precision.HIGHEST)" in text
+
+
+def test_flops_count_matches_the_issue_figure_for_qwen25_05b():
+    from model.config import QWEN25_GEOMETRIES
+    from model.qwen2 import forward_flops
+
+    config = QWEN25_GEOMETRIES["qwen2.5-0.5b"]
+    per_token = forward_flops(config, 1, 2048, CaptureSpec(layers=(23,))) / 2048
+    assert 0.79e9 < per_token < 0.82e9
+    assert forward_flops(config, 1, 2048, CaptureSpec(layers=(11,))) < 0.51 * forward_flops(
+        config, 1, 2048, CaptureSpec(layers=(23,)))
+    with_head = forward_flops(config, 1, 2048, CaptureSpec(layers=(), logits=True)) / 2048
+    assert with_head - per_token == pytest.approx(2 * 896 * 151936)
+
+
+@pytest.mark.skipif(not any(d.platform == "gpu" for d in __import__("jax").devices()), reason="needs a CUDA GPU")
+def test_cudnn_attention_matches_xla_within_bfloat16_tolerance():
+    from model import load_model
+    from model.torch_reference import compare, pack_right_padded
+
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(0, 151643, size=n) for n in (128, 77, 3, 100)]
+    fused = load_model("random:qwen2.5-0.5b?layers=4", dtype="bfloat16", attention="cudnn")
+    plain = load_model("random:qwen2.5-0.5b?layers=4", dtype="bfloat16", attention="xla")
+    spec = CaptureSpec(hooks=("resid_post",), layers=(0, 3))
+    for tokens, segment_ids, positions, placements in (
+        pack_right_padded(sequences, 128),
+        pack_rows([[sequences[1], sequences[2]], [sequences[3]], [sequences[0]], [sequences[2]] * 3], 128),
+    ):
+        want = {k: np.asarray(v, np.float32) for k, v in plain.capture(tokens, segment_ids, positions, spec).items()}
+        got = fused.capture(tokens, segment_ids, positions, spec)
+        references = [{k: v[row, start:start + n] for k, v in want.items()} for row, start, n in placements]
+        errors = compare(got, references, placements)
+        assert max(errors.values()) <= 5e-2, errors
+
+
+def test_load_config_reads_the_geometry_without_weights(tiny_checkpoint_untied):
+    from model import load_config
+
+    assert load_config("random:qwen2.5-7b?layers=3").num_hidden_layers == 3
+    config = load_config(str(tiny_checkpoint_untied))
+    assert (config.num_hidden_layers, config.tie_word_embeddings, config.hidden_size) == (3, False, 64)
