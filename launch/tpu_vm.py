@@ -352,8 +352,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--accelerator_type", required=True, help="e.g. v5litepod-8, v6e-8, v4-8")
         sub.add_argument("--runtime_version", help="TPU software version (default: by accelerator family)")
         sub.add_argument("--output", required=True, help="gs:// output root shared by every host")
-        sub.add_argument("--package", help="what each host pip-installs: a gs:// wheel of this project, a "
-                                           "pip requirement or a git URL (default: already installed)")
+        sub.add_argument("--package", help="what each host pip-installs: a gs:// wheel of this project (installed "
+                                           "with its tpu extra), or a pip requirement that names the extra, e.g. "
+                                           "'arc-activations[tpu] @ git+https://...' (default: already installed)")
         sub.add_argument("--max_attempts", type=int, default=5, help="fresh processes per host boot")
         sub.add_argument("--execute", action="store_true", help="run the gcloud commands instead of printing")
 
