@@ -285,7 +285,8 @@ def load_checkpoint_params(directory: Path, config: QwenConfig, dtype: str = "bf
     derived = [k for k in located if _DERIVED_KEYS.match(k)]
     if derived:
         log.info("%s: ignoring %d rotary_emb.inv_freq buffers (recomputed from rope_theta)", directory, len(derived))
-    unexpected = [k for k in located if k not in needed and k not in derived and not (tied_head and k == "lm_head.weight")]
+    allowed_extra = set(derived) | ({"lm_head.weight"} if tied_head else set())
+    unexpected = [k for k in located if k not in needed and k not in allowed_extra]
     if unexpected:
         raise CheckpointError(
             f"{directory}: {len(unexpected)} tensor(s) this Qwen2 model does not use, e.g. "
@@ -298,7 +299,7 @@ def load_checkpoint_params(directory: Path, config: QwenConfig, dtype: str = "bf
         _set(params, entry.path, np.empty(entry.param_shape(config), dtype=target))
 
     by_file: dict[Path, list[str]] = {}
-    for key in list(needed) + (["lm_head.weight"] if tied_head else []):
+    for key in needed:
         by_file.setdefault(located[key], []).append(key)
     cpu = jax.devices("cpu")[0]
     with jax.default_device(cpu):
@@ -312,9 +313,6 @@ def load_checkpoint_params(directory: Path, config: QwenConfig, dtype: str = "bf
                             f"{path}: tensor {key} has dtype {tensor_slice.get_dtype()}; expected one of "
                             f"{', '.join(_FLOAT_DTYPES)} (quantised checkpoints are not supported)"
                         )
-                    if key == "lm_head.weight" and tied_head:
-                        _check_tied_head(f, key, path, params["embed"], config, target)
-                        continue
                     entry, layer = needed[key]
                     expected = entry.hf_shape(config)
                     if found != expected:
@@ -329,10 +327,15 @@ def load_checkpoint_params(directory: Path, config: QwenConfig, dtype: str = "bf
                         leaf[...] = value
                     else:
                         leaf[layer] = value
+        if tied_head:
+            # After the loop: the embedding may live in a later shard than the head.
+            path = located["lm_head.weight"]
+            with safe_open(str(path), framework="flax") as f:
+                _check_tied_head(f, "lm_head.weight", path, params["embed"], target)
     return params
 
 
-def _check_tied_head(f, key, path, embed, config, target) -> None:
+def _check_tied_head(f, key, path, embed, target) -> None:
     head = np.asarray(f.get_tensor(key)).astype(target)
     if head.shape != embed.shape or not np.array_equal(head, embed):
         raise CheckpointError(

@@ -243,3 +243,33 @@ def test_bad_random_specs_and_options():
         load_model("random:tiny", attention="flash")
     with pytest.raises(ValueError, match=r"dtype 'float8' is not one of"):
         load_model("random:tiny", dtype="float8")
+
+
+def test_tied_checkpoint_with_a_different_lm_head_is_refused(checkpoint_copy):
+    def add_head(tensors):
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"] * 2
+
+    _edit_tensors(checkpoint_copy, add_head)
+    with pytest.raises(CheckpointError, match=r"tie_word_embeddings=true but lm_head\.weight differs"):
+        _load(checkpoint_copy)
+
+    def same_head(tensors):
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+
+    _edit_tensors(checkpoint_copy, same_head)
+    assert "lm_head" not in _load(checkpoint_copy).params
+
+
+def test_mesh_options():
+    import jax
+
+    from model.sharding import make_mesh, parse_mesh
+
+    assert parse_mesh("none") is None
+    mesh = parse_mesh("1x1")
+    assert dict(mesh.shape) == {"data": 1, "model": 1}
+    assert dict(parse_mesh("model=1").shape) == {"data": len(jax.devices()), "model": 1}
+    with pytest.raises(ValueError, match=r"data=3 x model=1 = 3 does not match the 1 devices"):
+        make_mesh(data=3, model=1)
+    with pytest.raises(ValueError, match=r"--mesh='data=2;model': write data=N,model=M"):
+        parse_mesh("data=2;model")
