@@ -102,13 +102,13 @@ def test_default_peak_tflops(kind, platform, dtype, expected):
 def test_pipeline_rates_leave_startup_outside():
     shards = [{"committed": 100.0 + t, "tokens": 1000, "bytes": 4000, "activation_bytes": 3500}
               for t in (0.0, 1.0, 2.0)]
-    rates = bench.pipeline_rates(shards, main_s=30.0, sync_s=1.0, synced_at=104.0)
+    rates = bench.pipeline_rates(shards, main_s=30.0, sync_s=1.0)
     assert rates["steady_tok_s"] == pytest.approx(2000 / 2.0)
-    assert rates["durable_tok_s"] == pytest.approx(2000 / 4.0)
-    assert rates["durable_bytes_per_s"] == pytest.approx(8000 / 4.0)
+    assert rates["durable_tok_s"] == pytest.approx(2000 / 3.0)
+    assert rates["durable_bytes_per_s"] == pytest.approx(8000 / 3.0)
     assert rates["end_to_end_tok_s"] == pytest.approx(3000 / 31.0)
     assert (rates["tok_s"], rates["rate_basis"]) == (rates["durable_tok_s"], "durable")
-    one = bench.pipeline_rates(shards[:1], main_s=10.0, sync_s=0.0, synced_at=101.0)
+    one = bench.pipeline_rates(shards[:1], main_s=10.0, sync_s=0.0)
     assert one["steady_tok_s"] is None and one["rate_basis"] == "end_to_end" and one["tok_s"] == 100.0
 
 
