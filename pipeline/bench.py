@@ -93,6 +93,8 @@ TARGETS = (
      "7B forward only >= 1.3x transformers' forward"),
 )
 TARGET_DEVICES = ("H100", "H200")
+# Largest |ours - transformers| / max|transformers| on the same weights and tokens before the run is flagged.
+AGREEMENT_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1}
 
 
 class BenchError(RuntimeError):
@@ -571,6 +573,8 @@ def baseline_copy_and_write(model, device: _TorchDevice, batches, warmup: int, l
             host = [out.hidden_states[layer + 1].cpu() for layer in layers]
             del out
             copied = time.perf_counter()
+            if index == 0:
+                first_rows = {layer: _torch_to_numpy(h[0]) for layer, h in zip(layers, host)}
             if timed:
                 copy_s += copied - started
             if timed and index - (1 + warmup) < write_batches:
@@ -593,7 +597,8 @@ def baseline_copy_and_write(model, device: _TorchDevice, batches, warmup: int, l
     return {"copy_tok_s": copy_rate, "copy_s": copy_s, "write_tok_s": write_rate, "write_s": write_s,
             "written_tokens": written_tokens, "bytes_written": written_bytes,
             "write_bytes_per_s": written_bytes / write_s if write_s and written_bytes else None,
-            "write_steps": min(write_batches, steps), "steps": steps, "peak_device_bytes_copy": device.peak_bytes()}
+            "write_steps": min(write_batches, steps), "steps": steps, "peak_device_bytes_copy": device.peak_bytes(),
+            "_first_rows": first_rows}
 
 
 # --------------------------------------------------------------------------------------------------- (a) ours
@@ -651,9 +656,10 @@ def ours_copy(model, batches, warmup: int, layers, dtype: str, profile=None) -> 
     spec = CaptureSpec(hooks=(HOOK,), layers=tuple(layers), out_dtype=transfer_dtype(dtype, "float32"))
     tokens_per_batch = batches[0][0].size
     started = time.perf_counter()
-    first = model.capture(*batches[0], spec)
-    host_bytes = sum(np.asarray(v).nbytes for v in first.values())
+    first = {name: np.asarray(value) for name, value in model.capture(*batches[0], spec).items()}
     compile_s = time.perf_counter() - started
+    host_bytes = sum(v.nbytes for v in first.values())
+    first_rows = {layer: first[f"blocks.{layer}.hook_{HOOK}"][0] for layer in layers}
     del first
 
     def run(selected):
@@ -677,7 +683,26 @@ def ours_copy(model, batches, warmup: int, layers, dtype: str, profile=None) -> 
         run(timed)
         seconds = time.perf_counter() - started
     return {"copy_tok_s": tokens_per_batch * len(timed) / seconds, "copy_s": seconds, "compile_s": compile_s,
-            "host_bytes_per_token": host_bytes / tokens_per_batch, "steps": len(timed)}
+            "host_bytes_per_token": host_bytes / tokens_per_batch, "steps": len(timed), "_first_rows": first_rows}
+
+
+def agreement(ours_rows: dict, baseline_rows: dict, num_layers: int, dtype: str) -> Optional[dict]:
+    """Ours against transformers on the first row of the first batch: proof that both ran the same weights on
+    the same tokens. The last layer is left out: transformers' last hidden state is the final-normed value.
+    The error is relative to the largest magnitude of the reference (bf16 keeps ~3 significant digits, and
+    random-weight residual streams accumulate it over layers)."""
+    import numpy as np
+
+    layers = [layer for layer in baseline_rows if layer in ours_rows and layer < num_layers - 1]
+    if not layers:
+        return None
+    worst = 0.0
+    for layer in layers:
+        ours = np.asarray(ours_rows[layer], np.float32)
+        ref = np.asarray(baseline_rows[layer], np.float32)
+        worst = max(worst, float(np.abs(ours - ref).max() / max(float(np.abs(ref).max()), 1e-30)))
+    tolerance = AGREEMENT_TOLERANCE[dtype]
+    return {"layers": layers, "max_relative_error": worst, "tolerance": tolerance, "ok": worst <= tolerance}
 
 
 def profiled(profile_dir: Optional[Path], name: str):
@@ -814,11 +839,14 @@ def check_targets(cases: list[dict], device_kind: str) -> list[dict]:
             if entry["model"] != model or entry["layers_mode"] != layers_mode:
                 continue
             value = entry["ratios"].get(metric)
+            agreed = (entry.get("agreement") or {}).get("ok")
             results.append({
                 "target": target_id, "description": description, "case": entry["case"],
                 "length": entry["length"], "metric": metric, "threshold": threshold, "value": value,
                 "passed": None if value is None else bool(value >= threshold),
                 "binding": on_target_device,
+                # False: ours and transformers gave different activations, so the ratio compares different models.
+                "same_model_checked": agreed,
                 "note": None if on_target_device else
                 f"informational: issue 5's targets are set for {' or '.join(TARGET_DEVICES)}, this is {device_kind}",
             })
@@ -868,6 +896,11 @@ def format_table(results: dict) -> str:
     if disk:
         lines.append(f"disk: {_si(disk['bytes_per_s'], 'B')}/s sequential write ({_si(disk['bytes'], 'B')}, "
                      f"fsync'd) in {disk['path']}")
+    for e in results["cases"]:
+        if e.get("agreement") and not e["agreement"]["ok"]:
+            lines.append(f"WARNING {e['case']} L={e['length']}: ours and transformers disagree (max relative error "
+                         f"{e['agreement']['max_relative_error']:.3g} > {e['agreement']['tolerance']}); its ratios "
+                         "compare different computations")
     for target in results["targets"]:
         verdict = "not measured" if target["passed"] is None else ("PASS" if target["passed"] else "FAIL")
         value = "-" if target["value"] is None else f"{target['value']:.2f}"
@@ -997,7 +1030,7 @@ def run_bench(settings: Settings, argv: list[str]) -> dict:
                         "tokens_per_batch": batch_size * length, "dtype": dtype,
                         "flops_per_token_forward": flops_per_token(config, length, config.num_hidden_layers),
                         "flops_per_token_capture": flops_per_token(config, length, max(layers) + 1),
-                        "ours": None, "baseline": None, "pipeline": None,
+                        "ours": None, "baseline": None, "pipeline": None, "agreement": None,
                     }
             batches_for = {}
 
@@ -1009,6 +1042,7 @@ def run_bench(settings: Settings, argv: list[str]) -> dict:
                 return batches_for[key]
 
             model_source = f"random:{model_name}?seed={settings.seed}"
+            reference_rows = {}
             if baseline_device:
                 print(f"[{model_name}] transformers baseline on {baseline_device} ({dtype})", flush=True)
                 reference = build_reference_model(config, dtype, baseline_device, settings.seed)
@@ -1026,6 +1060,7 @@ def run_bench(settings: Settings, argv: list[str]) -> dict:
                     copy = baseline_copy_and_write(reference, device, data, settings.warmup, entry["layers"],
                                                    write_batches, out_dir, model_source, dtype)
                     shutil.rmtree(out_dir, ignore_errors=True)
+                    reference_rows[(case, length)] = copy.pop("_first_rows")
                     entry["baseline"] = {**forward_done[key], **copy, "device": baseline_device}
                     print(f"  {entry['case']} L={length}: forward {_si(entry['baseline']['forward_tok_s'])} tok/s, "
                           f"+copy {_si(copy['copy_tok_s'])}, +write {_si(copy['write_tok_s'])}", flush=True)
@@ -1046,6 +1081,15 @@ def run_bench(settings: Settings, argv: list[str]) -> dict:
                     forward_done[key] = ours_forward(ours, data, settings.warmup)
                 copy = ours_copy(ours, data, settings.warmup, entry["layers"], dtype,
                                  profiled(settings.profile_dir, f"ours-{case.model}-{case.layers_mode}-{length}"))
+                ours_rows = copy.pop("_first_rows")
+                if (case, length) in reference_rows:
+                    entry["agreement"] = agreement(ours_rows, reference_rows.pop((case, length)),
+                                                   config.num_hidden_layers, dtype)
+                    if entry["agreement"] and not entry["agreement"]["ok"]:
+                        print(f"  WARNING: ours and transformers disagree on {entry['case']} L={length} "
+                              f"(max relative error {entry['agreement']['max_relative_error']:.3g} > "
+                              f"{entry['agreement']['tolerance']}): they did not run the same model, so the "
+                              "ratios of this case compare different things", flush=True)
                 result = {**forward_done[key], **copy, "load_s": load_s, "device_memory": device_memory()}
                 result["forward_mfu"] = _mfu(result["forward_tok_s"], entry["flops_per_token_forward"], peak_tflops)
                 result["copy_mfu"] = _mfu(result["copy_tok_s"], entry["flops_per_token_capture"], peak_tflops)

@@ -62,6 +62,10 @@ def test_smoke_runs_every_path_on_every_case(smoke_results):
         assert "--runner=DirectRunner" in pipe["argv"]
         for name, value in case["ratios"].items():
             assert _positive(value), (case["case"], name)
+        # Same weights, same tokens: ours equals transformers (float32) on every compared layer.
+        agreement = case["agreement"]
+        assert agreement["ok"] and agreement["max_relative_error"] < 1e-4, agreement
+        assert agreement["layers"] == [layer for layer in case["layers"] if layer < depth - 1]
 
 
 def test_smoke_measures_disk_and_reports_targets(smoke_results):
@@ -127,6 +131,7 @@ def test_targets_pass_fail_and_missing():
     assert targets[("0.5b-all-layers-disk", 2048)]["passed"] is True
     assert targets[("7b-forward", 2048)]["passed"] is None
     assert all(t["binding"] for t in targets.values())
+    assert all(t["same_model_checked"] is None for t in targets.values())
     informational = bench.check_targets(cases, "cpu")
     assert informational and not any(t["binding"] for t in informational)
 
@@ -184,6 +189,7 @@ def test_skipped_paths_are_reported_not_faked(tmp_path):
     (case,) = results["cases"]
     assert _positive(case["ours"]["forward_tok_s"]) and _positive(case["ours"]["copy_tok_s"])
     assert case["baseline"] is None and case["pipeline"] is None and results["disk"] is None
+    assert case["agreement"] is None
     assert case["ours"]["forward_mfu"] is None  # CPU float32: no peak rate unless --peak_tflops
     assert set(case["ratios"].values()) == {None}
     assert any(s.startswith("baseline: --skip_baseline") for s in results["skipped"])
@@ -202,3 +208,16 @@ def test_baseline_device_choice():
     assert device is None and "--baseline_device=cpu" in reason
     with pytest.raises(bench.BenchError, match="--skip_baseline"):
         bench.choose_baseline_device("cuda", "gpu")
+
+
+def test_agreement_flags_different_models():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ref = {layer: rng.normal(size=(8, 16)).astype(np.float32) for layer in range(4)}
+    same = {layer: value * (1 + 1e-6) for layer, value in ref.items()}
+    result = bench.agreement(same, ref, num_layers=4, dtype="float32")
+    assert result["ok"] and result["layers"] == [0, 1, 2]  # the last layer is transformers' normed output
+    other = {layer: rng.normal(size=(8, 16)).astype(np.float32) for layer in range(4)}
+    assert bench.agreement(other, ref, num_layers=4, dtype="bfloat16")["ok"] is False
+    assert bench.agreement({3: ref[3]}, {3: ref[3]}, num_layers=4, dtype="float32") is None
