@@ -154,6 +154,9 @@ def write_host_marker(output: str, host_index: int, num_hosts: int, outcome: Hos
     """OUTPUT/_hosts/host-III-of-NNN.done (or .failed): how this host's share ended, for the supervisor."""
     from apache_beam.io.filesystems import FileSystems
 
+    from pipeline.storage import use_storage_emulator_if_configured
+
+    use_storage_emulator_if_configured()
     done = done_marker(output, host_index, num_hosts)
     failed = failed_marker(output, host_index, num_hosts)
     path, stale = (done, failed) if outcome.succeeded else (failed, done)

@@ -60,13 +60,11 @@ def _sample_ids(output: str) -> dict[str, list[str]]:
     return ids
 
 
-def run_host(host, *, output, checkpoint, dataset, env, max_attempts=2):
-    return subprocess.run(
-        [sys.executable, "-m", "launch.tpu_vm", "host", "--num_hosts=2", f"--host_index={host}",
-         f"--output={output}", f"--max_attempts={max_attempts}", "--backoff_seconds=0", "--",
-         f"--model={checkpoint}", f"--dataset={dataset}", "--layers=0,1", "--hooks=resid_post",
-         "--batch_size=2", "--max_seq_len=1024", "--progress_interval=0", "--dtype=float32"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+def host_command(host, *, output, checkpoint, dataset, max_attempts=2):
+    return [sys.executable, "-m", "launch.tpu_vm", "host", "--num_hosts=2", f"--host_index={host}",
+            f"--output={output}", f"--max_attempts={max_attempts}", "--backoff_seconds=0", "--",
+            f"--model={checkpoint}", f"--dataset={dataset}", "--layers=0,1", "--hooks=resid_post",
+            "--batch_size=2", "--max_seq_len=1024", "--progress_interval=0", "--dtype=float32"]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +74,14 @@ def two_host_run(gcs_emulator, tiny_checkpoint, tmp_path_factory):
     output = f"gs://{BUCKET}/runs/two-hosts"
     env = dict(os.environ, NO_GCE_CHECK="true", HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
                STORAGE_EMULATOR_HOST=gcs_emulator)
-    runs = [run_host(host, output=output, checkpoint=tiny_checkpoint, dataset=dataset, env=env) for host in (0, 1)]
+    # Both hosts at once, as on TPU VMs: they share nothing but the output.
+    hosts = [subprocess.Popen(host_command(host, output=output, checkpoint=tiny_checkpoint, dataset=dataset),
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for host in (0, 1)]
+    runs = []
+    for host in hosts:
+        stdout, stderr = host.communicate(timeout=600)
+        runs.append(subprocess.CompletedProcess(host.args, host.returncode, stdout, stderr))
     return output, tasks, runs, dict(env=env, dataset=dataset)
 
 
@@ -126,8 +131,11 @@ def test_the_bad_record_is_dead_lettered_by_exactly_one_host(two_host_run):
 def test_two_host_output_verifies_and_a_restarted_host_adds_nothing(two_host_run, tiny_checkpoint):
     output, tasks, runs, context = two_host_run
     before = _sample_ids(output)
-    rerun = run_host(0, output=output, checkpoint=tiny_checkpoint, dataset=context["dataset"], env=context["env"],
-                     max_attempts=1)
+    # The restarted host finds everything committed, computes nothing, and (finishing last) writes the manifest
+    # from every host's commit markers, which verify then checks.
+    rerun = subprocess.run(
+        host_command(0, output=output, checkpoint=tiny_checkpoint, dataset=context["dataset"], max_attempts=1),
+        cwd=ROOT, env=context["env"], capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-5000:]
     assert _sample_ids(output) == before
     verify = subprocess.run([sys.executable, "-m", "pipeline.verify", output], cwd=ROOT, env=context["env"],
