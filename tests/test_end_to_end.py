@@ -95,7 +95,7 @@ def test_verify_accepts_the_output(float32_run):
 def test_second_run_into_same_output_needs_resume(float32_run, tiny_checkpoint):
     output, _, _ = float32_run
     done = run_pipeline(f"--model={tiny_checkpoint}", "--dataset=arc-agi-1:eval", f"--output={output}",
-                        "--max_samples=1", check=False)
+                        "--max_samples=1", "--layers=0", check=False)
     assert done.returncode == 2
     assert "--resume" in done.stderr
 
