@@ -574,7 +574,8 @@ def baseline_copy_and_write(model, device: _TorchDevice, batches, warmup: int, l
             del out
             copied = time.perf_counter()
             if index == 0:
-                first_rows = {layer: _torch_to_numpy(h[0]) for layer, h in zip(layers, host)}
+                # Copies, so the whole first batch is not kept alive through a view.
+                first_rows = {layer: _torch_to_numpy(h[0]).copy() for layer, h in zip(layers, host)}
             if timed:
                 copy_s += copied - started
             if timed and index - (1 + warmup) < write_batches:
@@ -647,7 +648,6 @@ def ours_forward(model, batches, warmup: int) -> dict:
 def ours_copy(model, batches, warmup: int, layers, dtype: str, profile=None) -> dict:
     """The requested hooks copied to host in the dtype the extractor moves (transforms.extract.transfer_dtype),
     batch n+1 dispatched and its copy started before batch n is fetched, as ExtractActivations does."""
-    import jax
     import numpy as np
 
     from model import CaptureSpec
@@ -659,7 +659,7 @@ def ours_copy(model, batches, warmup: int, layers, dtype: str, profile=None) -> 
     first = {name: np.asarray(value) for name, value in model.capture(*batches[0], spec).items()}
     compile_s = time.perf_counter() - started
     host_bytes = sum(v.nbytes for v in first.values())
-    first_rows = {layer: first[f"blocks.{layer}.hook_{HOOK}"][0] for layer in layers}
+    first_rows = {layer: first[f"blocks.{layer}.hook_{HOOK}"][0].copy() for layer in layers}
     del first
 
     def run(selected):
@@ -712,6 +712,21 @@ def profiled(profile_dir: Optional[Path], name: str):
     import jax
 
     return jax.profiler.trace(str(profile_dir / name))
+
+
+class _Placeholder:
+    """A weak-referenceable nothing, for release_pipeline_model."""
+
+
+def release_pipeline_model() -> None:
+    """Lets the pipeline's model go after a run. Beam's `Shared` deliberately keeps the most recently acquired
+    object alive (so a worker does not reload between bundles), which after `pipeline.run.main` returns is the
+    extractor's model: the next run would load a second copy of the weights beside it. Acquiring a placeholder
+    through the same public API takes that place."""
+    from apache_beam.utils import shared
+
+    shared.Shared().acquire(_Placeholder)
+    free_jax_memory()
 
 
 def free_jax_memory() -> None:
@@ -1119,7 +1134,7 @@ def run_bench(settings: Settings, argv: list[str]) -> dict:
                     print(f"  pipeline: {_si(result['tok_s'])} tok/s ({result['rate_basis']}), "
                           f"{_si(result['bytes_per_s'], 'B')}/s, end to end {_si(result['end_to_end_tok_s'])} tok/s",
                           flush=True)
-                    free_jax_memory()
+                    release_pipeline_model()
             shutil.rmtree(work / f"checkpoint-{model_name}", ignore_errors=True)
             for entry in entries.values():
                 entry["ratios"] = case_ratios(entry, results["disk"])

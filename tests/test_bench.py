@@ -68,6 +68,16 @@ def test_smoke_runs_every_path_on_every_case(smoke_results):
         assert agreement["layers"] == [layer for layer in case["layers"] if layer < depth - 1]
 
 
+def test_smoke_leaves_no_model_behind(smoke_results):
+    """After the run neither our model nor the pipeline's (which Beam's Shared would keep alive) holds memory."""
+    import gc
+
+    from model.qwen2 import HookedQwen
+
+    gc.collect()
+    assert not [o for o in gc.get_objects() if type(o) is HookedQwen]
+
+
 def test_smoke_measures_disk_and_reports_targets(smoke_results):
     disk = smoke_results["disk"]
     assert disk["bytes"] == 32 << 20 and _positive(disk["bytes_per_s"]) and _positive(disk["seconds"])
