@@ -27,7 +27,9 @@ from model.hooks import FINAL_NORM_NAME, LOGITS_NAME, CaptureSpec, hook_name
 
 log = logging.getLogger(__name__)
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+# Splash attention tiles the sequence; lengths that no tile divides fall back to the XLA path.
+SPLASH_BLOCKS = (512, 256, 128)
 # "segments": the general same-sequence causal mask (packed rows); "right_padded": one sequence per row starting at
 # index 0, which the cuDNN kernel handles with sequence lengths instead of a materialised mask.
 MASK_KINDS = ("segments", "right_padded")
@@ -58,8 +60,59 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def attention(q, k, v, segment_ids, *, implementation: str, mask_kind: str) -> jax.Array:
-    """q [B, L, H, hd], k/v [B, L, K, hd] -> [B, L, H, hd]; softmax in float32 in both implementations."""
+def splash_block(length: int) -> int | None:
+    return next((b for b in SPLASH_BLOCKS if length % b == 0), None)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(num_heads: int, length: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    block = splash_block(length)
+    mask = splash.MultiHeadMask([splash.CausalMask((length, length)) for _ in range(num_heads)])
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block)
+    # Concrete mask tables even when first built while tracing, so the cached kernel holds no tracers.
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+
+
+def splash_attention(q, k, v, segment_ids, mesh=None) -> jax.Array:
+    """Pallas splash attention (TPU; interpreted elsewhere, for tests): causal blocks above the diagonal and
+    blocks of other segments are skipped, segment ids come in as vectors, nothing L x L is materialised.
+    Under a mesh it runs per shard (shard_map): rows over "data", and heads over "model" when both the query
+    and the KV heads divide (so each shard keeps whole GQA groups)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+    from jax.sharding import PartitionSpec as P
+
+    head_dim = q.shape[-1]
+    # The kernel does not scale the logits; scaling q in float32 then rounding mirrors a scaled QK^T.
+    q = (q.astype(jnp.float32) * head_dim ** -0.5).astype(q.dtype)
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, heads, L, hd]
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    interpret = platform != "tpu"
+
+    def local(q, k, v, segment_ids):
+        kernel = _splash_kernel(q.shape[1], q.shape[2], interpret)
+        return jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=splash.SegmentIds(q=s1, kv=s1)))(
+            q, k, v, segment_ids)
+
+    if mesh is None:
+        out = local(q, k, v, segment_ids)
+    else:
+        data = sharding_lib.DATA_AXIS if q.shape[0] % mesh.shape[sharding_lib.DATA_AXIS] == 0 else None
+        model_size = mesh.shape[sharding_lib.MODEL_AXIS]
+        heads = sharding_lib.MODEL_AXIS if (model_size > 1 and q.shape[1] % model_size == 0
+                                            and k.shape[1] % model_size == 0) else None
+        spec = P(data, heads)
+        out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(data)), out_specs=spec,
+                            check_vma=False)(q, k, v, segment_ids)
+    return out.transpose(0, 2, 1, 3)
+
+
+def attention(q, k, v, segment_ids, *, implementation: str, mask_kind: str, mesh=None) -> jax.Array:
+    """q [B, L, H, hd], k/v [B, L, K, hd] -> [B, L, H, hd]; softmax in float32 in every implementation."""
+    if implementation == "splash" and splash_block(segment_ids.shape[1]) is not None:
+        return splash_attention(q, k, v, segment_ids, mesh)
     if implementation == "cudnn" and mask_kind == "right_padded":
         lengths = jnp.sum(segment_ids > 0, axis=1, dtype=jnp.int32)
         return jax.nn.dot_product_attention(
@@ -79,14 +132,15 @@ def attention(q, k, v, segment_ids, *, implementation: str, mask_kind: str) -> j
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
-def block(x, p: Mapping[str, jax.Array], cos, sin, segment_ids, config: QwenConfig, *, implementation, mask_kind):
+def block(x, p: Mapping[str, jax.Array], cos, sin, segment_ids, config: QwenConfig, *, implementation, mask_kind,
+          mesh=None):
     """One decoder layer; returns every hook point (XLA drops the ones nobody reads)."""
     h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
     q = jnp.einsum("bld,dhk->blhk", h, p["q_w"]) + p["q_b"]
     k = jnp.einsum("bld,dhk->blhk", h, p["k_w"]) + p["k_b"]
     v = jnp.einsum("bld,dhk->blhk", h, p["v_w"]) + p["v_b"]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    attended = attention(q, k, v, segment_ids, implementation=implementation, mask_kind=mask_kind)
+    attended = attention(q, k, v, segment_ids, implementation=implementation, mask_kind=mask_kind, mesh=mesh)
     attn_out = jnp.einsum("blhk,hkd->bld", attended, p["o_w"])
     resid_mid = x + attn_out
     h = rms_norm(resid_mid, p["mlp_norm"], config.rms_norm_eps)
@@ -143,6 +197,8 @@ def forward(params, tokens, segment_ids, positions, *, config: QwenConfig, spec:
 
 def _forward(params, tokens, segment_ids, positions, config, spec, compute, out_dtype, implementation, mask_kind,
              activation_sharding):
+    mesh = activation_sharding.mesh if activation_sharding is not None else None
+
     def constrain(x):
         return lax.with_sharding_constraint(x, activation_sharding) if activation_sharding is not None else x
 
@@ -153,7 +209,8 @@ def _forward(params, tokens, segment_ids, positions, config, spec, compute, out_
 
     def apply_layer(x, index, capture):
         p = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, index, 0, keepdims=False), layers)
-        hooks = block(x, p, cos, sin, segment_ids, config, implementation=implementation, mask_kind=mask_kind)
+        hooks = block(x, p, cos, sin, segment_ids, config, implementation=implementation, mask_kind=mask_kind,
+                      mesh=mesh)
         captured = {h: hooks[h].astype(out_dtype) for h in spec.hooks} if capture else None
         return constrain(hooks["resid_post"]), captured
 
@@ -269,7 +326,12 @@ def resolve_attention(attention: str, dtype: str, mesh=None) -> str:
     platform = (mesh.devices.flat[0].platform if mesh is not None else jax.default_backend())
     fused_ok = platform == "gpu" and dtype in ("bfloat16", "float16")
     if attention == "auto":
+        if platform == "tpu":
+            return "splash"
         return "cudnn" if fused_ok else "xla"
+    if attention == "splash" and platform != "tpu":
+        log.warning("attention='splash' on %s runs the Pallas kernel in interpret mode: correct but slow "
+                    "(meant for tests)", platform)
     if attention == "cudnn" and not fused_ok:
         raise ValueError(
             f"attention='cudnn' needs a CUDA GPU and dtype bfloat16 or float16; this run has platform "

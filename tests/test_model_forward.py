@@ -247,3 +247,26 @@ def test_load_config_reads_the_geometry_without_weights(tiny_checkpoint_untied):
     assert load_config("random:qwen2.5-7b?layers=3").num_hidden_layers == 3
     config = load_config(str(tiny_checkpoint_untied))
     assert (config.num_hidden_layers, config.tie_word_embeddings, config.hidden_size) == (3, False, 64)
+
+
+def test_splash_attention_matches_xla():
+    """The TPU kernel (interpreted on CPU) on packed rows, including a row of one token and a full row."""
+    from model import load_model
+    from model.torch_reference import compare
+
+    rng = np.random.default_rng(0)
+    rows = [[rng.integers(0, 151643, size=n) for n in lengths] for lengths in ([50, 60], [128], [3, 4, 100], [1])]
+    tokens, segment_ids, positions, placements = pack_rows(rows, 128)
+    spec = CaptureSpec(hooks=("attn_out", "resid_post"), layers=(0, 3))
+    plain = load_model("random:tiny", dtype="float32", attention="xla")
+    splash = load_model("random:tiny", dtype="float32", attention="splash")
+    assert splash.attention == "splash"
+    want = {k: np.asarray(v) for k, v in plain.capture(tokens, segment_ids, positions, spec).items()}
+    got = splash.capture(tokens, segment_ids, positions, spec)
+    references = [{k: v[row, start:start + n] for k, v in want.items()} for row, start, n in placements]
+    errors = compare(got, references, placements)
+    assert max(errors.values()) <= 1e-5, errors
+    # A length no splash tile divides runs the XLA path instead of failing.
+    short = pack_rows([[rows[0][0][:7]]], 12)
+    np.testing.assert_allclose(np.asarray(splash.capture(*short[:3], spec)["blocks.3.hook_resid_post"]),
+                               np.asarray(plain.capture(*short[:3], spec)["blocks.3.hook_resid_post"]), rtol=1e-6)

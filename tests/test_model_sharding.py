@@ -1,5 +1,5 @@
 """Sharded over a (data, model) mesh of 8 simulated CPU devices, the captured activations equal the single-device
-run. The check runs in a subprocess because the device count must be set before JAX starts."""
+run (XLA attention, and the splash kernel under shard_map). The check runs in a subprocess because the device count must be set before JAX starts."""
 import json
 import os
 import subprocess
@@ -20,12 +20,15 @@ SCRIPT = textwrap.dedent("""
     rng = np.random.default_rng(0)
     rows = [[rng.integers(0, 151643, size=n) for n in lengths]
             for lengths in ([5, 6], [11], [3, 4, 2], [8], [12], [1, 1], [7], [2, 9])]
-    tokens, segment_ids, positions, placements = pack_rows(rows, 12)
+    short = pack_rows(rows, 12)[:3]
+    long = pack_rows(rows, 128)[:3]  # splash tiles are 128 long
     report = {}
-    all_meshes, one_mesh = ((4, 2), (2, 4), (8, 1), (1, 8)), ((2, 4),)
-    for spec_name, dtype, meshes in (("random:tiny", "float32", all_meshes), (checkpoint, "float32", one_mesh),
-                                     ("random:tiny", "bfloat16", one_mesh)):
-        single = load_model(spec_name, dtype=dtype)
+    all_meshes, one_mesh = ((4, 2), (2, 4), (8, 1)), ((2, 4),)
+    for spec_name, dtype, meshes, attention in (
+            ("random:tiny", "float32", all_meshes, "xla"), (checkpoint, "float32", one_mesh, "xla"),
+            ("random:tiny", "bfloat16", one_mesh, "xla"), ("random:tiny", "float32", ((4, 2), (2, 4)), "splash")):
+        single = load_model(spec_name, dtype=dtype, attention="xla")
+        tokens, segment_ids, positions = long if attention == "splash" else short
         last = single.config.num_hidden_layers - 1
         capture = CaptureSpec(hooks=("resid_pre", "attn_out", "mlp_out", "resid_post"), layers=(0, last),
                               logits=True)
@@ -33,10 +36,10 @@ SCRIPT = textwrap.dedent("""
                                                                         capture).items()}
         for data, model in meshes:
             mesh = make_mesh(data=data, model=model)
-            sharded = load_model(spec_name, dtype=dtype, mesh=mesh)
+            sharded = load_model(spec_name, dtype=dtype, mesh=mesh, attention=attention)
             q_spec = tuple(sharded.params["layers"]["q_w"].sharding.spec)
             out = sharded.capture(tokens, segment_ids, positions, capture)
-            key = f"{spec_name}|{dtype}|{data}x{model}"
+            key = f"{spec_name}|{attention}|{dtype}|{data}x{model}"
             report[key] = {
                 "q_w_spec": [s for s in q_spec],
                 "embed_devices": len(sharded.params["embed"].sharding.device_set),
@@ -58,14 +61,14 @@ def test_sharded_runs_equal_the_single_device_run(tiny_checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     line = next(l for l in result.stdout.splitlines() if l.startswith("REPORT"))
     report = json.loads(line[len("REPORT"):])
-    assert len(report) == 6
+    assert len(report) == 7
     for key, entry in report.items():
         assert entry["keys_equal"], key
         bound = 1e-5 if "|float32|" in key else 5e-2  # bfloat16: the documented bound (docs/model.md)
         worst = max(entry["errors"], key=entry["errors"].get)
         assert entry["errors"][worst] <= bound, f"{key}: {worst} differs by {entry['errors'][worst]:.2e}"
         data, model = map(int, key.rsplit("|", 1)[1].split("x"))
-        # Heads are split over "model" (4 heads divide 2 and 4 ways, not 8), batches over "data".
+        # Heads are split over "model" (4 heads divide 2 and 4 ways), batches over "data".
         expected_heads = "model" if model in (2, 4) else None
         assert entry["q_w_spec"][2] == expected_heads, (key, entry["q_w_spec"])
         assert entry["out_batch_spec"][:1] == (["data"] if data > 1 else []), (key, entry["out_batch_spec"])
