@@ -1137,6 +1137,9 @@ def run_bench(settings: Settings, argv: list[str]) -> dict:
                     release_pipeline_model()
             shutil.rmtree(work / f"checkpoint-{model_name}", ignore_errors=True)
             for entry in entries.values():
+                entry["weights"] = (f"transformers Qwen2ForCausalLM random init (seed {settings.seed}), saved with "
+                                    "save_pretrained and loaded by ours and the pipeline" if baseline_device
+                                    else model_source)
                 entry["ratios"] = case_ratios(entry, results["disk"])
                 results["cases"].append(entry)
     finally:
