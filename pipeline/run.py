@@ -248,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     run_counts = counters(result)
 
     from pipeline.manifest import build_manifest, write_manifest
+    from transforms.write import remove_stray_temp_files
+
+    if opts.num_hosts == 1:  # with several hosts another one may be mid-write
+        for path in remove_stray_temp_files(opts.output):
+            _LOG.warning("removed a temporary file left by a failed attempt: %s", path)
 
     run_info = {
         "model": {"spec": opts.model, "config": model_config.to_dict() if hasattr(model_config, "to_dict")
@@ -268,10 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     tokens = counts.get("tokens", run_counts.get("tokens_extracted", 0))
     print(json.dumps({
         "output": opts.output,
-        "records_read": run_counts.get("records_read"),
-        "records_rejected": run_counts.get("records_rejected"),
-        "samples_written": counts.get("samples"),
-        "samples_rejected": run_counts.get("samples_rejected"),
+        "records_read": run_counts.get("records_read", 0),
+        "records_valid": run_counts.get("records_valid", 0),
+        "records_rejected": run_counts.get("records_rejected", 0),
+        "samples_written": counts.get("samples", 0),
+        "samples_rejected": run_counts.get("samples_rejected", 0),
         "tokens": tokens,
         "seconds": round(seconds, 1),
         "tokens_per_second": round(run_counts.get("tokens_extracted", 0) / max(seconds, 1e-9), 1),
