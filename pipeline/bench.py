@@ -121,12 +121,21 @@ def _positive_int(name):
     return parse
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only where it is a value; the None defaults are explained in their help."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.bench",
         description="Benchmark our JAX extractor, the whole Beam pipeline and the transformers baseline on the "
                     "same random weights and token batches (issue 5). See docs/benchmarks.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     parser.add_argument("--models", default=None,
                         help="Comma list of geometries (model/config.py QWEN25_GEOMETRIES), default "
                              "qwen2.5-0.5b,qwen2.5-7b (--smoke: tiny).")
