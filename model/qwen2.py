@@ -263,7 +263,7 @@ class HookedQwen:
         """How many (shape, spec) variants the jitted forward holds."""
         return self._forward._cache_size()
 
-    def _prepare(self, tokens, segment_ids, positions, spec: CaptureSpec):
+    def _prepare(self, tokens, segment_ids, positions, spec: CaptureSpec, right_padded: bool | None = None):
         spec.validate(self.config.num_hidden_layers)
         arrays = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
         shape = np.shape(tokens)
@@ -283,8 +283,13 @@ class HookedQwen:
                                  f"vocabulary 0..{self.config.vocab_size - 1}")
             if (segment_ids < 0).any() or (positions < 0).any():
                 raise ValueError("capture: segment_ids and positions must be >= 0")
-            if self.attention == "cudnn" and _is_right_padded(segment_ids):
-                mask_kind = "right_padded"
+            if right_padded is None:
+                right_padded = _is_right_padded(segment_ids)
+            elif right_padded and not _is_right_padded(segment_ids):
+                raise ValueError("capture: right_padded=True but some row holds several sequences or does not "
+                                 "start at index 0")
+        if self.attention == "cudnn" and right_padded:
+            mask_kind = "right_padded"
         activation_sharding = None
         if self.mesh is not None:
             input_sharding = sharding_lib.batch_sharding(self.mesh, shape)
@@ -297,10 +302,14 @@ class HookedQwen:
                        mask_kind=mask_kind, activation_sharding=activation_sharding)
         return (self.params, tokens, segment_ids, positions), statics
 
-    def capture(self, tokens, segment_ids, positions, spec: CaptureSpec) -> dict[str, jax.Array]:
+    def capture(self, tokens, segment_ids, positions, spec: CaptureSpec,
+                right_padded: bool | None = None) -> dict[str, jax.Array]:
         """tokens, segment_ids, positions: int [B, L] (numpy or jax). Returns {TransformerLens name: [B, L, ...]}
-        without waiting for the device (fetch with np.asarray / jax.device_get)."""
-        args, statics = self._prepare(tokens, segment_ids, positions, spec)
+        without waiting for the device (fetch with np.asarray / jax.device_get).
+
+        `right_padded` says every row holds one sequence from index 0, which lets cuDNN skip the mask. None:
+        detected for numpy inputs, assumed False for device arrays (the general mask, always correct)."""
+        args, statics = self._prepare(tokens, segment_ids, positions, spec, right_padded)
         return self._forward(*args, **statics)
 
     def make_jaxpr(self, tokens, segment_ids, positions, spec: CaptureSpec):

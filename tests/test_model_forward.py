@@ -270,3 +270,9 @@ def test_splash_attention_matches_xla():
     short = pack_rows([[rows[0][0][:7]]], 12)
     np.testing.assert_allclose(np.asarray(splash.capture(*short[:3], spec)["blocks.3.hook_resid_post"]),
                                np.asarray(plain.capture(*short[:3], spec)["blocks.3.hook_resid_post"]), rtol=1e-6)
+
+
+def test_a_wrong_right_padded_hint_is_refused(tiny):
+    tokens, segment_ids, positions, _ = _batch(0)  # row 0 holds two sequences
+    with pytest.raises(ValueError, match="right_padded=True but some row holds several sequences"):
+        tiny.capture(tokens, segment_ids, positions, CaptureSpec(layers=(0,)), right_padded=True)
