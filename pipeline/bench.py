@@ -933,6 +933,9 @@ def format_table(results: dict) -> str:
                      + ("" if target["binding"] else " [informational: not an H100/H200]"))
     for skipped in results.get("skipped", []):
         lines.append(f"skipped: {skipped}")
+    for error in results.get("errors", []):
+        where = ", ".join(f"{k}={v}" for k, v in error.items() if k not in ("path", "error"))
+        lines.append(f"ERROR {error['path']} ({where}): {error['error']}")
     return "\n".join(lines)
 
 
@@ -977,6 +980,22 @@ def git_commit() -> Optional[str]:
 
 
 # --------------------------------------------------------------------------------------------------- driver
+
+
+def _attempt(errors: list, where: dict, path: str, function):
+    """Runs one measurement. A failure (an out-of-memory on a big case, say) is printed with its traceback and
+    recorded under the case and in `errors`, and the run goes on: later cases still get measured, and main()
+    exits non-zero. Returns the function's result, or None when it failed."""
+    try:
+        return function()
+    except Exception as err:  # recorded, printed and reflected in the exit code, never swallowed
+        import traceback
+
+        traceback.print_exc()
+        message = f"{type(err).__name__}: {err}"
+        errors.append({**where, "path": path, "error": message})
+        print(f"  ERROR in {path} of {where}: {message}", file=sys.stderr, flush=True)
+        return None
 
 
 def run_bench(settings: Settings, argv: list[str]) -> dict:
@@ -1029,8 +1048,9 @@ def run_bench(settings: Settings, argv: list[str]) -> dict:
                      "cases": [c.name for c in settings.cases], "hook": HOOK, "seed": settings.seed,
                      "attention": settings.attention, "max_output_bytes": settings.max_output_bytes,
                      "profile_dir": str(settings.profile_dir) if settings.profile_dir else None},
-        "disk": None, "cases": [], "targets": [], "skipped": skipped,
+        "disk": None, "cases": [], "targets": [], "skipped": skipped, "errors": [],
     }
+    errors = results["errors"]
     tokenizer = load_tokenizer()
     try:
         if settings.skip_disk:
@@ -1069,57 +1089,88 @@ def run_bench(settings: Settings, argv: list[str]) -> dict:
             reference_rows = {}
             if baseline_device:
                 print(f"[{model_name}] transformers baseline on {baseline_device} ({dtype})", flush=True)
-                reference = build_reference_model(config, dtype, baseline_device, settings.seed)
-                model_source = str(save_checkpoint(reference, work / f"checkpoint-{model_name}"))
                 device = _TorchDevice(baseline_device)
+
+                def build():
+                    model = build_reference_model(config, dtype, baseline_device, settings.seed)
+                    return model, str(save_checkpoint(model, work / f"checkpoint-{model_name}"))
+
+                built = _attempt(errors, {"model": model_name}, "baseline model", build)
+                reference = None
+                if built:
+                    reference, model_source = built
                 forward_done = {}
                 for (case, length), entry in entries.items():
-                    key = (entry["batch_size"], length)
-                    data = batches(*key)
-                    if key not in forward_done:
-                        forward_done[key] = baseline_forward(reference, device, data, settings.warmup)
-                    write_batches = capped_batches(settings.steps, config, len(entry["layers"]), dtype,
-                                                   entry["tokens_per_batch"], settings.max_output_bytes)
-                    out_dir = work / "baseline-output"
-                    copy = baseline_copy_and_write(reference, device, data, settings.warmup, entry["layers"],
-                                                   write_batches, out_dir, model_source, dtype)
-                    shutil.rmtree(out_dir, ignore_errors=True)
-                    reference_rows[(case, length)] = copy.pop("_first_rows")
-                    entry["baseline"] = {**forward_done[key], **copy, "device": baseline_device}
-                    print(f"  {entry['case']} L={length}: forward {_si(entry['baseline']['forward_tok_s'])} tok/s, "
-                          f"+copy {_si(copy['copy_tok_s'])}, +write {_si(copy['write_tok_s'])}", flush=True)
-                del reference
+                    if reference is None:
+                        break
+
+                    def measure():
+                        key = (entry["batch_size"], length)
+                        data = batches(*key)
+                        if key not in forward_done:
+                            forward_done[key] = baseline_forward(reference, device, data, settings.warmup)
+                        write_batches = capped_batches(settings.steps, config, len(entry["layers"]), dtype,
+                                                       entry["tokens_per_batch"], settings.max_output_bytes)
+                        out_dir = work / "baseline-output"
+                        try:
+                            copy = baseline_copy_and_write(reference, device, data, settings.warmup,
+                                                           entry["layers"], write_batches, out_dir, model_source,
+                                                           dtype)
+                        finally:
+                            shutil.rmtree(out_dir, ignore_errors=True)
+                        reference_rows[(case, length)] = copy.pop("_first_rows")
+                        return {**forward_done[key], **copy, "device": baseline_device}
+
+                    entry["baseline"] = _attempt(errors, {"case": entry["case"], "length": length}, "baseline",
+                                                 measure)
+                    if entry["baseline"]:
+                        b = entry["baseline"]
+                        print(f"  {entry['case']} L={length}: forward {_si(b['forward_tok_s'])} tok/s, "
+                              f"+copy {_si(b['copy_tok_s'])}, +write {_si(b['write_tok_s'])}", flush=True)
+                    elif device.cuda:
+                        device.torch.cuda.empty_cache()
+                del reference, built
                 gc.collect()
                 if device.cuda:
                     device.torch.cuda.empty_cache()
 
             print(f"[{model_name}] ours: load_model({model_source!r}, dtype={dtype})", flush=True)
             started = time.perf_counter()
-            ours = load_model(model_source, dtype=dtype, mesh=mesh, attention=settings.attention)
+            ours = _attempt(errors, {"model": model_name}, "ours load_model",
+                            lambda: load_model(model_source, dtype=dtype, mesh=mesh, attention=settings.attention))
             load_s = time.perf_counter() - started
             forward_done = {}
             for (case, length), entry in entries.items():
-                key = (entry["batch_size"], length)
-                data = batches(*key)
-                if key not in forward_done:
-                    forward_done[key] = ours_forward(ours, data, settings.warmup)
-                copy = ours_copy(ours, data, settings.warmup, entry["layers"], dtype,
-                                 profiled(settings.profile_dir, f"ours-{case.model}-{case.layers_mode}-{length}"))
-                ours_rows = copy.pop("_first_rows")
-                if (case, length) in reference_rows:
-                    entry["agreement"] = agreement(ours_rows, reference_rows.pop((case, length)),
-                                                   config.num_hidden_layers, dtype)
-                    if entry["agreement"] and not entry["agreement"]["ok"]:
-                        print(f"  WARNING: ours and transformers disagree on {entry['case']} L={length} "
-                              f"(max relative error {entry['agreement']['max_relative_error']:.3g} > "
-                              f"{entry['agreement']['tolerance']}): they did not run the same model, so the "
-                              "ratios of this case compare different things", flush=True)
-                result = {**forward_done[key], **copy, "load_s": load_s, "device_memory": device_memory()}
-                result["forward_mfu"] = _mfu(result["forward_tok_s"], entry["flops_per_token_forward"], peak_tflops)
-                result["copy_mfu"] = _mfu(result["copy_tok_s"], entry["flops_per_token_capture"], peak_tflops)
-                entry["ours"] = result
-                print(f"  {entry['case']} L={length}: forward {_si(result['forward_tok_s'])} tok/s, "
-                      f"+copy {_si(result['copy_tok_s'])}, compile {result['compile_s']:.1f} s", flush=True)
+                if ours is None:
+                    break
+
+                def measure():
+                    key = (entry["batch_size"], length)
+                    data = batches(*key)
+                    if key not in forward_done:
+                        forward_done[key] = ours_forward(ours, data, settings.warmup)
+                    copy = ours_copy(ours, data, settings.warmup, entry["layers"], dtype,
+                                     profiled(settings.profile_dir, f"ours-{case.model}-{case.layers_mode}-{length}"))
+                    ours_rows = copy.pop("_first_rows")
+                    if (case, length) in reference_rows:
+                        entry["agreement"] = agreement(ours_rows, reference_rows.pop((case, length)),
+                                                       config.num_hidden_layers, dtype)
+                    result = {**forward_done[key], **copy, "load_s": load_s, "device_memory": device_memory()}
+                    result["forward_mfu"] = _mfu(result["forward_tok_s"], entry["flops_per_token_forward"],
+                                                 peak_tflops)
+                    result["copy_mfu"] = _mfu(result["copy_tok_s"], entry["flops_per_token_capture"], peak_tflops)
+                    return result
+
+                entry["ours"] = _attempt(errors, {"case": entry["case"], "length": length}, "ours", measure)
+                if entry["agreement"] and not entry["agreement"]["ok"]:
+                    print(f"  WARNING: ours and transformers disagree on {entry['case']} L={length} "
+                          f"(max relative error {entry['agreement']['max_relative_error']:.3g} > "
+                          f"{entry['agreement']['tolerance']}): they did not run the same model, so the "
+                          "ratios of this case compare different things", flush=True)
+                if entry["ours"]:
+                    o = entry["ours"]
+                    print(f"  {entry['case']} L={length}: forward {_si(o['forward_tok_s'])} tok/s, "
+                          f"+copy {_si(o['copy_tok_s'])}, compile {o['compile_s']:.1f} s", flush=True)
             del ours
             batches_for.clear()
             free_jax_memory()
@@ -1129,20 +1180,27 @@ def run_bench(settings: Settings, argv: list[str]) -> dict:
                     num_batches = max(2, capped_batches(settings.pipeline_steps, config, len(entry["layers"]),
                                                         dtype, entry["tokens_per_batch"], settings.max_output_bytes))
                     print(f"[{model_name}] pipeline {entry['case']} L={length}: {num_batches} batches", flush=True)
-                    result = run_pipeline(model_source, entry["layers"], length, entry["batch_size"], num_batches,
-                                          dtype, settings.attention, tokenizer, work, settings.seed,
-                                          profiled(settings.profile_dir,
-                                                   f"pipeline-{case.model}-{case.layers_mode}-{length}"),
-                                          settings.model_parallelism)
-                    result["mfu"] = _mfu(result["tok_s"], entry["flops_per_token_capture"], peak_tflops)
-                    result["bytes_per_value"] = (
-                        result["activation_bytes"] / (result["tokens"] * len(entry["layers"]) * config.hidden_size)
-                        if result["tokens"] else None)
-                    result["device_memory"] = device_memory()
-                    entry["pipeline"] = result
-                    print(f"  pipeline: {_si(result['tok_s'])} tok/s ({result['rate_basis']}), "
-                          f"{_si(result['bytes_per_s'], 'B')}/s, end to end {_si(result['end_to_end_tok_s'])} tok/s",
-                          flush=True)
+
+                    def measure():
+                        result = run_pipeline(model_source, entry["layers"], length, entry["batch_size"],
+                                              num_batches, dtype, settings.attention, tokenizer, work, settings.seed,
+                                              profiled(settings.profile_dir,
+                                                       f"pipeline-{case.model}-{case.layers_mode}-{length}"),
+                                              settings.model_parallelism)
+                        result["mfu"] = _mfu(result["tok_s"], entry["flops_per_token_capture"], peak_tflops)
+                        result["bytes_per_value"] = (
+                            result["activation_bytes"] / (result["tokens"] * len(entry["layers"]) * config.hidden_size)
+                            if result["tokens"] else None)
+                        result["device_memory"] = device_memory()
+                        return result
+
+                    entry["pipeline"] = _attempt(errors, {"case": entry["case"], "length": length}, "pipeline",
+                                                 measure)
+                    if entry["pipeline"]:
+                        r = entry["pipeline"]
+                        print(f"  pipeline: {_si(r['tok_s'])} tok/s ({r['rate_basis']}), "
+                              f"{_si(r['bytes_per_s'], 'B')}/s, end to end {_si(r['end_to_end_tok_s'])} tok/s",
+                              flush=True)
                     release_pipeline_model()
             shutil.rmtree(work / f"checkpoint-{model_name}", ignore_errors=True)
             for entry in entries.values():
@@ -1172,7 +1230,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     print(format_table(results))
     print(f"results: {path}")
-    return 0
+    return 1 if results["errors"] else 0
 
 
 if __name__ == "__main__":

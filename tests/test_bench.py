@@ -37,7 +37,7 @@ def test_smoke_runs_every_path_on_every_case(smoke_results):
     assert r["settings"]["dtype"] == "float32"
     assert r["software"]["jax"] and r["software"]["torch"] and r["software"]["transformers"]
     assert [c["case"] for c in r["cases"]] == ["tiny/one-layer", "tiny/all-layers"]
-    assert r["skipped"] == []
+    assert r["skipped"] == [] and r["errors"] == []
     for case in r["cases"]:
         assert case["length"] == 64 and case["batch_size"] == 2 and case["tokens_per_batch"] == 128
         depth = QWEN25_GEOMETRIES["tiny"].num_hidden_layers
@@ -231,3 +231,19 @@ def test_agreement_flags_different_models():
     other = {layer: rng.normal(size=(8, 16)).astype(np.float32) for layer in range(4)}
     assert bench.agreement(other, ref, num_layers=4, dtype="bfloat16")["ok"] is False
     assert bench.agreement({3: ref[3]}, {3: ref[3]}, num_layers=4, dtype="float32") is None
+
+
+def test_a_failing_path_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    def broken_pipeline(*args, **kwargs):
+        raise bench.BenchError("python -m pipeline.run ... exited with 2")
+
+    monkeypatch.setattr(bench, "run_pipeline", broken_pipeline)
+    code = bench.main(["--smoke", "--layers=one", "--skip_baseline", "--skip_disk", "--output_dir", str(tmp_path)])
+    assert code == 1
+    (path,) = tmp_path.glob("bench-*-smoke.json")
+    results = json.loads(path.read_text())
+    (case,) = results["cases"]
+    assert _positive(case["ours"]["copy_tok_s"]) and case["pipeline"] is None
+    assert results["errors"] == [{"case": "tiny/one-layer", "length": 64, "path": "pipeline",
+                                  "error": "BenchError: python -m pipeline.run ... exited with 2"}]
+    assert "ERROR pipeline (case=tiny/one-layer, length=64)" in bench.format_table(results)
