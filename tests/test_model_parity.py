@@ -102,3 +102,20 @@ def test_bfloat16_error_is_within_the_documented_bound(case, sequences):
     assert errors[worst] <= BFLOAT16_BOUND, f"{case['name']}: {worst} bfloat16 relative error {errors[worst]:.2e}"
     # Not trivially exact either: bfloat16 really was used.
     assert errors[worst] > 1e-4
+
+
+def test_bfloat16_checkpoint_loads_exactly(tmp_path_factory, sequences):
+    """Released Qwen2.5 weights are stored in bfloat16: they must load (upcast exactly to float32) and match
+    transformers upcasting the same file."""
+    from model import load_model
+    from tests.checkpoints import write_tiny_checkpoint
+
+    directory = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-bf16"), torch_dtype="bfloat16", seed=2)
+    reference = torch_hooks(load_torch_model(directory, "float32"), sequences[:4])
+    model = load_model(str(directory), dtype="float32", attention="xla")
+    tokens, segment_ids, positions, placements = pack_right_padded(sequences[:4], LENGTH)
+    errors = compare(model.capture(tokens, segment_ids, positions, _full_spec(model)), reference, placements)
+    assert max(errors.values()) <= FLOAT32_BOUND, errors
+    half = load_model(str(directory), dtype="bfloat16", attention="xla")
+    np.testing.assert_array_equal(np.asarray(half.params["layers"]["gate_w"]).astype(np.float32),
+                                  np.asarray(model.params["layers"]["gate_w"]))
