@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts.validate_extract()
         model_config, hooks, layers = resolve_capture(opts)
-        committed = prepare_output(opts)
+        dry_run = options.view_as(beam.options.pipeline_options.TestOptions).dry_run
+        committed = set() if dry_run else prepare_output(opts)
     except (OptionError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     build_pipeline(pipeline, opts, hooks=hooks, layers=layers, committed=committed)
     result = pipeline.run()
     state = result.wait_until_finish()
-    if getattr(options.view_as(beam.options.pipeline_options.GoogleCloudOptions), "dry_run", False):
+    if dry_run:
         print("dry run: the job was built and not submitted")
         return 0
     seconds = time.perf_counter() - clock

@@ -143,8 +143,6 @@ def test_two_host_output_verifies_and_a_restarted_host_adds_nothing(two_host_run
     assert verify.returncode == 0, verify.stdout[-3000:] + verify.stderr[-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/run.py reads dry_run from GoogleCloudOptions, where Beam never "
-                                       "puts it (TestOptions.dry_run): a dry run writes manifest.json")
 def test_dataflow_dry_run_through_the_driver_writes_nothing(gcs_emulator, capsys):
     from apache_beam.io.filesystems import FileSystems
 

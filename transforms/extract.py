@@ -75,7 +75,7 @@ class _ModelHandle:
         from model import CaptureSpec, load_model
 
         mesh = None
-        devices = jax.devices()
+        devices = jax.local_devices()  # on a multi-host TPU slice each host works alone on its own share
         if len(devices) > 1:
             from model.sharding import make_mesh
 
