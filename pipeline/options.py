@@ -94,8 +94,8 @@ class ExtractOptions(PipelineOptions):
                            help="Packing groups (deterministic shuffle keys); default derived from the batch size.")
         group.add_argument("--model_parallelism", type=_positive_int("model_parallelism"), default=1,
                            help="Devices per model replica (the mesh's model axis); the rest go to the data axis.")
-        group.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
-                           help="Attention kernel: cuDNN fused attention on GPU (auto), or plain XLA.")
+        group.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn", "splash"),
+                           help="Attention kernel. auto: splash (Pallas) on TPU, cuDNN on GPU for bf16, XLA elsewhere.")
         group.add_argument("--progress_interval", type=float, default=10.0,
                            help="Seconds between progress lines on the local runner (0: none).")
 

@@ -123,12 +123,16 @@ class ExtractActivations(beam.DoFn):
 
         handle = self._handle
         arrays = [np.asarray(batch[k], dtype=np.int32) for k in ("tokens", "segment_ids", "positions")]
+        right_padded = None  # detected by the model from numpy inputs
         if handle.mesh is not None:
+            from model.qwen2 import _is_right_padded
+
+            right_padded = _is_right_padded(arrays[1])  # device arrays hide it; cuDNN skips the mask when true
             from jax.sharding import NamedSharding, PartitionSpec
 
             sharding = NamedSharding(handle.mesh, PartitionSpec("data"))
             arrays = [jax.device_put(a, sharding) for a in arrays]
-        outputs = handle.model.capture(*arrays, handle.spec)
+        outputs = handle.model.capture(*arrays, handle.spec, right_padded=right_padded)
         for value in outputs.values():
             value.copy_to_host_async()
         return batch, outputs, time.perf_counter()
