@@ -284,8 +284,8 @@ class HookedQwen:
             if (segment_ids < 0).any() or (positions < 0).any():
                 raise ValueError("capture: segment_ids and positions must be >= 0")
             if right_padded is None:
-                right_padded = _is_right_padded(segment_ids)
-            elif right_padded and not _is_right_padded(segment_ids):
+                right_padded = is_right_padded(segment_ids)
+            elif right_padded and not is_right_padded(segment_ids):
                 raise ValueError("capture: right_padded=True but some row holds several sequences or does not "
                                  "start at index 0")
         if self.attention == "cudnn" and right_padded:
@@ -323,7 +323,7 @@ class HookedQwen:
                 "mesh": dict(self.mesh.shape) if self.mesh is not None else None}
 
 
-def _is_right_padded(segment_ids: np.ndarray) -> bool:
+def is_right_padded(segment_ids: np.ndarray) -> bool:
     lengths = (segment_ids > 0).sum(axis=1)
     expected = (np.arange(segment_ids.shape[1])[None, :] < lengths[:, None]).astype(segment_ids.dtype)
     return bool(np.array_equal(segment_ids, expected))

@@ -125,9 +125,9 @@ class ExtractActivations(beam.DoFn):
         arrays = [np.asarray(batch[k], dtype=np.int32) for k in ("tokens", "segment_ids", "positions")]
         right_padded = None  # detected by the model from numpy inputs
         if handle.mesh is not None:
-            from model.qwen2 import _is_right_padded
+            from model.qwen2 import is_right_padded
 
-            right_padded = _is_right_padded(arrays[1])  # device arrays hide it; cuDNN skips the mask when true
+            right_padded = is_right_padded(arrays[1])  # device arrays hide it; cuDNN skips the mask when true
             from jax.sharding import NamedSharding, PartitionSpec
 
             sharding = NamedSharding(handle.mesh, PartitionSpec("data"))
