@@ -96,6 +96,8 @@ class ExtractOptions(PipelineOptions):
                            help="Devices per model replica (the mesh's model axis); the rest go to the data axis.")
         group.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn", "splash"),
                            help="Attention kernel. auto: splash (Pallas) on TPU, cuDNN on GPU for bf16, XLA elsewhere.")
+        group.add_argument("--writer_threads", type=_positive_int("writer_threads"), default=4,
+                           help="Threads per worker encoding and writing shards while the next batch computes.")
         group.add_argument("--progress_interval", type=float, default=10.0,
                            help="Seconds between progress lines on the local runner (0: none).")
 

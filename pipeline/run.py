@@ -129,7 +129,7 @@ def build_pipeline(p: beam.Pipeline, opts: ExtractOptions, *, hooks, layers, com
         ExtractActivations(config), total_tokens=beam.pvalue.AsSingleton(total_tokens))
     summaries = extracted | "Write" >> WriteShards(
         output_root=opts.output, worker_prefix=worker_prefix(opts), model_name=opts.model,
-        compute_dtype=opts.dtype, storage_dtype=storage_dtype(opts))
+        compute_dtype=opts.dtype, storage_dtype=storage_dtype(opts), threads=opts.writer_threads)
     dead = (read.dead_letter, checked.dead_letter, tokenized.dead_letter) | "AllDeadLetters" >> beam.Flatten()
     dead | "WriteDeadLetters" >> WriteDeadLetters(opts.output, worker_prefix(opts))
     return summaries

@@ -69,8 +69,16 @@ def host_command(host, *, output, checkpoint, dataset, max_attempts=2):
 
 @pytest.fixture(scope="module")
 def two_host_run(gcs_emulator, tiny_checkpoint, tmp_path_factory):
+    from transforms.datasets import resolve_dataset
+
     folder = tmp_path_factory.mktemp("hosts")
-    dataset, tasks = write_challenges(folder / "challenges.json", count=6, bad=True)
+    # Record ids include the dataset's absolute path, so which host takes which task depends on the temporary
+    # folder: add tasks until both hosts have a good one to write.
+    for count in range(6, 40):
+        dataset, tasks = write_challenges(folder / "challenges.json", count=count, bad=True)
+        label = resolve_dataset(str(dataset)).dataset
+        if all(any(host_share(f"{label}:{task}", host, 2) for task in tasks if task != "badbool0") for host in (0, 1)):
+            break
     output = f"gs://{BUCKET}/runs/two-hosts"
     env = dict(os.environ, NO_GCE_CHECK="true", HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
                STORAGE_EMULATOR_HOST=gcs_emulator)
