@@ -13,7 +13,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from tests.arc_fixtures import write_challenges
-from tests.torch_reference import reference_activations, relative_error
+from model.torch_reference import load_torch_model, relative_error, torch_hooks
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOKS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -52,8 +52,9 @@ def test_every_activation_matches_transformers(float32_run, tiny_checkpoint):
                                                                                   "position", "token_id")}
     values = np.asarray(acts.column("activation").combine_chunks().flatten().to_numpy()).reshape(len(acts), -1)
     worst = 0.0
+    torch_model = load_torch_model(tiny_checkpoint)
     for sample in samples:
-        reference = reference_activations(tiny_checkpoint, sample["token_ids"])
+        reference = torch_hooks(torch_model, [np.asarray(sample["token_ids"])], logits=False)[0]
         mine = frame["sample_id"] == sample["sample_id"]
         for hook in HOOKS:
             for layer in (0, 1):
