@@ -32,3 +32,34 @@ def qwen_tokenizer():
     from model.tokenizer import load_tokenizer
 
     return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """One local GCS emulator (gcp-storage-emulator on 127.0.0.1) for the session; gs://<bucket>/... reaches it
+    through STORAGE_EMULATOR_HOST, here and in subprocesses started with this environment. Stopped at the end."""
+    import socket
+    from types import SimpleNamespace
+
+    from gcp_storage_emulator.server import create_server
+
+    from pipeline.storage import use_storage_emulator_if_configured
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    bucket = "arc-activations-test"
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
+    server.start()
+    host = f"http://127.0.0.1:{port}"
+    previous = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = host
+    use_storage_emulator_if_configured()
+    try:
+        yield SimpleNamespace(host=host, port=port, bucket=bucket, root=f"gs://{bucket}")
+    finally:
+        server.stop()
+        if previous is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = previous

@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,29 +14,6 @@ import pytest
 from tests.arc_fixtures import write_challenges
 
 ROOT = Path(__file__).resolve().parents[1]
-BUCKET = "activations-test"
-
-
-@pytest.fixture(scope="module")
-def gcs_emulator():
-    from gcp_storage_emulator.server import create_server
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
-    server.start()
-    host = f"http://127.0.0.1:{port}"
-    previous = os.environ.get("STORAGE_EMULATOR_HOST")
-    os.environ["STORAGE_EMULATOR_HOST"] = host
-    try:
-        yield host
-    finally:
-        server.stop()
-        if previous is None:
-            os.environ.pop("STORAGE_EMULATOR_HOST", None)
-        else:
-            os.environ["STORAGE_EMULATOR_HOST"] = previous
 
 
 def test_pipeline_writes_to_gcs_and_verifies(gcs_emulator, tiny_checkpoint, tmp_path):
@@ -46,9 +22,9 @@ def test_pipeline_writes_to_gcs_and_verifies(gcs_emulator, tiny_checkpoint, tmp_
     from pipeline.storage import use_storage_emulator_if_configured
 
     dataset, _ = write_challenges(tmp_path / "challenges.json", count=2, bad=True)
-    output = f"gs://{BUCKET}/runs/first"
+    output = f"{gcs_emulator.root}/runs/first"
     env = dict(os.environ, NO_GCE_CHECK="true", HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-               STORAGE_EMULATOR_HOST=gcs_emulator)
+               STORAGE_EMULATOR_HOST=gcs_emulator.host)
     done = subprocess.run(
         [sys.executable, "-m", "pipeline.run", "--runner=DirectRunner", f"--model={tiny_checkpoint}",
          f"--dataset={dataset}", f"--output={output}", "--layers=0,1", "--hooks=resid_post", "--batch_size=2",

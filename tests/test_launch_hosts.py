@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,32 +15,6 @@ from tests.arc_fixtures import write_challenges
 from transforms.shares import host_share
 
 ROOT = Path(__file__).resolve().parents[1]
-BUCKET = "arc-hosts-test"
-
-
-@pytest.fixture(scope="module")
-def gcs_emulator():
-    from gcp_storage_emulator.server import create_server
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
-    server.start()
-    host = f"http://127.0.0.1:{port}"
-    previous = os.environ.get("STORAGE_EMULATOR_HOST")
-    os.environ["STORAGE_EMULATOR_HOST"] = host
-    from pipeline.storage import use_storage_emulator_if_configured
-
-    use_storage_emulator_if_configured()
-    try:
-        yield host
-    finally:
-        server.stop()
-        if previous is None:
-            os.environ.pop("STORAGE_EMULATOR_HOST", None)
-        else:
-            os.environ["STORAGE_EMULATOR_HOST"] = previous
 
 
 def _sample_ids(output: str) -> dict[str, list[str]]:
@@ -79,9 +52,9 @@ def two_host_run(gcs_emulator, tiny_checkpoint, tmp_path_factory):
         label = resolve_dataset(str(dataset)).dataset
         if all(any(host_share(f"{label}:{task}", host, 2) for task in tasks if task != "badbool0") for host in (0, 1)):
             break
-    output = f"gs://{BUCKET}/runs/two-hosts"
+    output = f"{gcs_emulator.root}/runs/two-hosts"
     env = dict(os.environ, NO_GCE_CHECK="true", HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-               STORAGE_EMULATOR_HOST=gcs_emulator)
+               STORAGE_EMULATOR_HOST=gcs_emulator.host)
     # Both hosts at once, as on TPU VMs: they share nothing but the output.
     hosts = [subprocess.Popen(host_command(host, output=output, checkpoint=tiny_checkpoint, dataset=dataset),
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -157,8 +130,8 @@ def test_dataflow_dry_run_through_the_driver_writes_nothing(gcs_emulator, capsys
     from launch.dataflow import build_flags
     from pipeline.run import main
 
-    output = f"gs://{BUCKET}/runs/dry"
-    flags = build_flags("gpu", project="arc-acts-test", region="us-central1", temp_location=f"gs://{BUCKET}/tmp",
+    output = f"{gcs_emulator.root}/runs/dry"
+    flags = build_flags("gpu", project="arc-acts-test", region="us-central1", temp_location=f"{gcs_emulator.root}/tmp",
                         output=output, dry_run=True,
                         extra=["--model=random:qwen2.5-0.5b", "--dataset=arc-agi-1", "--no_auth"])
     assert main(flags) == 0

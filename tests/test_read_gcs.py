@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 
 import apache_beam as beam
 import pyarrow as pa
@@ -19,32 +18,12 @@ from transforms import datasets
 from transforms.datasets import resolve_dataset
 from transforms.read import ReadTasks
 
-BUCKET = "read-test"
 G = [[1, 2], [3, 4]]
 
 
 @pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    from gcp_storage_emulator.server import create_server
-
-    from pipeline.storage import use_storage_emulator_if_configured
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
-    server.start()
-    previous = os.environ.get("STORAGE_EMULATOR_HOST")
-    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
-    use_storage_emulator_if_configured()
-    try:
-        yield f"gs://{BUCKET}"
-    finally:
-        server.stop()
-        if previous is None:
-            os.environ.pop("STORAGE_EMULATOR_HOST", None)
-        else:
-            os.environ["STORAGE_EMULATOR_HOST"] = previous
+def gcs(gcs_emulator):
+    return f"{gcs_emulator.root}/read"
 
 
 def put(path: str, data: bytes) -> None:

@@ -306,44 +306,31 @@ def test_module_constants_match_design():
         write.transformer_lens_name("resid", 0)
 
 
-def test_writer_resume_and_verify_on_gcs_emulator(tmp_path, monkeypatch):
+def test_writer_resume_and_verify_on_gcs_emulator(gcs_emulator):
     """The same code on gs:// (through Beam's GCS filesystem) against a local emulator."""
-    import socket
-
     import pyarrow.fs
-    from gcp_storage_emulator.server import create_server
 
     from pipeline.manifest import build_manifest, write_manifest
-    from pipeline.storage import use_storage_emulator_if_configured
     from pipeline.verify import verify_output
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="writer-test")
-    server.start()
-    try:
-        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
-        assert use_storage_emulator_if_configured()
-        root = "gs://writer-test/run"
-        batch, other = make_batch(), make_batch(prefix="other", lengths=(4,))
-        writer = ShardWriter(root, "h000", "m", "bfloat16")
-        writer.write_shard(batch["batch_id"], batch["samples"], batch["placements"], extracted(batch))
-        # An uncommitted shard: its activation files are there, its samples file is not.
-        writer.write_shard(other["batch_id"], other["samples"], other["placements"], extracted(other))
-        FileSystems.delete([f"{root}/samples/h000-{other['batch_id']}.parquet"])
-        assert set(committed_shards(root)) == {f"h000-{batch['batch_id']}"}
-        removed = clean_uncommitted(root, "h000")
-        assert len(removed) == 2 and all(other["batch_id"] in p for p in removed)
-        write_manifest(root, build_manifest(root, {"hooks": ["mlp_out", "resid_post"], "layers": [0, 1]}))
-        report = verify_output(root)
-        # hooks x layers asks for 4 files per shard; this writer wrote 2 (mlp_out 0, resid_post 1).
-        assert not report.ok and all("shard has no activation file" in e for e in report.errors)
-        write_manifest(root, build_manifest(root, {}))
-        assert verify_output(root, deep=True).ok
-        gcs = pyarrow.fs.GcsFileSystem(anonymous=True, endpoint_override=f"127.0.0.1:{port}", scheme="http")
-        table = ds.dataset("writer-test/run/activations", format="parquet", partitioning="hive",
-                           filesystem=gcs).to_table()
-        assert table.num_rows == 2 * 17
-    finally:
-        server.stop()
+    root = f"{gcs_emulator.root}/writer/run"
+    batch, other = make_batch(), make_batch(prefix="other", lengths=(4,))
+    writer = ShardWriter(root, "h000", "m", "bfloat16")
+    writer.write_shard(batch["batch_id"], batch["samples"], batch["placements"], extracted(batch))
+    # An uncommitted shard: its activation files are there, its samples file is not.
+    writer.write_shard(other["batch_id"], other["samples"], other["placements"], extracted(other))
+    FileSystems.delete([f"{root}/samples/h000-{other['batch_id']}.parquet"])
+    assert set(committed_shards(root)) == {f"h000-{batch['batch_id']}"}
+    removed = clean_uncommitted(root, "h000")
+    assert len(removed) == 2 and all(other["batch_id"] in p for p in removed)
+    write_manifest(root, build_manifest(root, {"hooks": ["mlp_out", "resid_post"], "layers": [0, 1]}))
+    report = verify_output(root)
+    # hooks x layers asks for 4 files per shard; this writer wrote 2 (mlp_out 0, resid_post 1).
+    assert not report.ok and all("shard has no activation file" in e for e in report.errors)
+    write_manifest(root, build_manifest(root, {}))
+    assert verify_output(root, deep=True).ok
+    gcs = pyarrow.fs.GcsFileSystem(anonymous=True, endpoint_override=f"127.0.0.1:{gcs_emulator.port}",
+                                   scheme="http")
+    table = ds.dataset(f"{gcs_emulator.bucket}/writer/run/activations", format="parquet", partitioning="hive",
+                       filesystem=gcs).to_table()
+    assert table.num_rows == 2 * 17
