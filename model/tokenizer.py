@@ -6,7 +6,6 @@ Qwen2.5(-Instruct) tokenizer directory: the 22 Qwen2.5 special tokens and the Ch
 """
 from __future__ import annotations
 
-import copy
 import functools
 import importlib.util
 import json

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from model.config import ConfigError, QwenConfig
+from model.config import QwenConfig
 
 log = logging.getLogger(__name__)
 

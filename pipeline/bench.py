@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from pipeline.options import whole_number
+
 # Dense bf16 peak TFLOP/s by device kind (vendor data sheets, no sparsity). Matched in order on
 # `jax.devices()[0].device_kind`, so the more specific names come first.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -109,16 +111,7 @@ def _csv(text: str) -> list[str]:
 
 
 def _positive_int(name):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--{name} takes a whole number, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"--{name} must be at least 1, got {value}")
-        return value
-
-    return parse
+    return whole_number(name, 1)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

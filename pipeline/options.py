@@ -14,30 +14,26 @@ class OptionError(ValueError):
     """An impossible option value; the message names the option and says what to do."""
 
 
-def _positive_int(name):
+def whole_number(name: str, minimum: int):
+    """An argparse type for --name: a whole number of at least `minimum`, with a message naming the option."""
     def parse(text):
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"--{name} takes a whole number, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"--{name} must be at least 1, got {value}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"--{name} must be at least {minimum}, got {value}")
         return value
 
     return parse
+
+
+def _positive_int(name):
+    return whole_number(name, 1)
 
 
 def _non_negative_int(name):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--{name} takes a whole number, got {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"--{name} must be 0 or more, got {value}")
-        return value
-
-    return parse
+    return whole_number(name, 0)
 
 
 class ExtractOptions(PipelineOptions):

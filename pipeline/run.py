@@ -8,13 +8,11 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import os
 import platform
 import sys
 import time
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from pipeline.options import ExtractOptions, OptionError, storage_dtype

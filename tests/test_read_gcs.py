@@ -3,19 +3,17 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from transforms import datasets
 from transforms.datasets import resolve_dataset
+from tests.test_read import run_pipeline as run
 from transforms.read import ReadTasks
 
 G = [[1, 2], [3, 4]]
@@ -29,17 +27,6 @@ def gcs(gcs_emulator):
 def put(path: str, data: bytes) -> None:
     with FileSystems.create(path) as handle:
         handle.write(data)
-
-
-def run(build):
-    pipeline = BeamTestPipeline(runner=FnApiRunner())
-    build(pipeline)
-    result = pipeline.run()
-    result.wait_until_finish()
-    counters = {}
-    for item in result.metrics().query()["counters"]:
-        counters[item.key.metric.name] = counters.get(item.key.metric.name, 0) + item.committed
-    return counters
 
 
 def test_gcs_jsonl_parquet_and_task_folder(gcs):
