@@ -51,6 +51,25 @@ def resolve_capture(opts: ExtractOptions):
     return config, hooks, layers
 
 
+def resolve_inputs(opts: ExtractOptions):
+    """The dataset, grid encoder and prompt version, checked before any graph is built, so a mistake is one clear
+    line rather than a traceback from inside a transform."""
+    from transforms.datasets import DatasetUnavailableError, resolve_dataset
+    from transforms.grid_encoders import create_grid_encoder
+    from transforms.prompts import PROMPT_VERSIONS
+
+    if opts.prompt_version not in PROMPT_VERSIONS:
+        raise OptionError(f"--prompt_version={opts.prompt_version!r} is not one of {', '.join(PROMPT_VERSIONS)}")
+    try:
+        create_grid_encoder(opts.grid_encoder)
+    except ValueError as err:
+        raise OptionError(f"--grid_encoder: {err}") from None
+    try:
+        return resolve_dataset(opts.dataset)
+    except DatasetUnavailableError as err:
+        raise OptionError(str(err)) from None
+
+
 def prepare_output(opts: ExtractOptions) -> set[str]:
     """Checks the output root; with --resume returns the committed sample ids and removes this host's
     uncommitted files, without it refuses to mix two runs in one output."""
@@ -85,7 +104,7 @@ class _SkipCommitted(beam.DoFn):
         yield sample
 
 
-def build_pipeline(p: beam.Pipeline, opts: ExtractOptions, *, hooks, layers, committed=frozenset()):
+def build_pipeline(p: beam.Pipeline, opts: ExtractOptions, *, hooks, layers, committed=frozenset(), dataset=None):
     """Adds the whole graph to `p`. Returns the PCollection of per-shard write summaries."""
     from transforms.batching import BatchSamples
     from transforms.extract import ExtractActivations, ExtractConfig
@@ -96,7 +115,7 @@ def build_pipeline(p: beam.Pipeline, opts: ExtractOptions, *, hooks, layers, com
     from transforms.validate import ValidateTasks
     from transforms.write import WriteDeadLetters, WriteShards
 
-    read = p | "Read" >> ReadTasks(opts.dataset, max_train_examples=opts.max_train_examples,
+    read = p | "Read" >> ReadTasks(dataset or opts.dataset, max_train_examples=opts.max_train_examples,
                                    max_records=opts.max_samples, validate=False)
     records = read.records
     if opts.num_hosts > 1:
@@ -224,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts.validate_extract()
         model_config, hooks, layers = resolve_capture(opts)
+        dataset = resolve_inputs(opts)
         dry_run = options.view_as(beam.options.pipeline_options.TestOptions).dry_run
         committed = set() if dry_run else prepare_output(opts)
     except (OptionError, ValueError, FileNotFoundError) as err:
@@ -237,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     started = _dt.datetime.now(_dt.timezone.utc)
     clock = time.perf_counter()
     pipeline = beam.Pipeline(runner=runner, options=options)
-    build_pipeline(pipeline, opts, hooks=hooks, layers=layers, committed=committed)
+    build_pipeline(pipeline, opts, hooks=hooks, layers=layers, committed=committed, dataset=dataset)
     result = pipeline.run()
     state = result.wait_until_finish()
     if dry_run:
@@ -278,9 +298,17 @@ def main(argv: list[str] | None = None) -> int:
         "samples_written": counts.get("samples", 0),
         "samples_rejected": run_counts.get("samples_rejected", 0),
         "tokens": tokens,
+        "batches": run_counts.get("batches", 0),
+        "padding_fraction": round(run_counts.get("padding_tokens", 0) / max(
+            run_counts.get("padding_tokens", 0) + run_counts.get("real_tokens", 0), 1), 4),
+        "float16_overflow": run_counts.get("float16_overflow", 0),
+        "bytes_written": run_counts.get("bytes_written", 0),
         "seconds": round(seconds, 1),
         "tokens_per_second": round(run_counts.get("tokens_extracted", 0) / max(seconds, 1e-9), 1),
     }, indent=1))
+    if run_counts.get("float16_overflow"):
+        _LOG.warning("%d activation values overflowed float16 and are stored as inf: use --activation_dtype=float32 "
+                     "for exact values", run_counts["float16_overflow"])
     return 0
 
 

@@ -108,3 +108,11 @@ def test_impossible_options_are_named(tiny_checkpoint, tmp_path):
     assert done.returncode == 2 and "resid_middle" in done.stderr
     done = run_pipeline(f"--model={tmp_path / 'nowhere'}", f"--output={tmp_path}", check=False)
     assert done.returncode == 2 and "nowhere" in done.stderr
+    common = [f"--model={tiny_checkpoint}", f"--output={tmp_path}", "--layers=0"]
+    done = run_pipeline(*common, f"--dataset={tmp_path / 'missing.jsonl'}", check=False)
+    assert done.returncode == 2 and "missing.jsonl" in done.stderr and "Traceback" not in done.stderr
+    done = run_pipeline(*common, "--dataset=arc-agi-1", "--grid_encoder=shape(foo)", check=False)
+    assert done.returncode == 2 and "foo" in done.stderr and "Traceback" not in done.stderr
+    # the default hub dataset, offline: a clear line in seconds that says how to pass a local copy
+    done = run_pipeline(*common, check=False)
+    assert done.returncode == 2 and "--dataset=" in done.stderr and "Traceback" not in done.stderr
