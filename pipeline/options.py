@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
 DEFAULT_DATASET = "barc0/200k_HEAVY_gpt4o-description-gpt4omini-code_generated_problems"
 HOOK_CHOICES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 STORAGE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+# Parquet encoding (BYTE_STREAM_SPLIT + ZSTD) is the host's heaviest work per token; leave cores for Beam and JAX.
+DEFAULT_WRITER_THREADS = min(16, max(2, (os.cpu_count() or 4) - 2))
 
 
 class OptionError(ValueError):
@@ -92,8 +95,9 @@ class ExtractOptions(PipelineOptions):
                            help="Devices per model replica (the mesh's model axis); the rest go to the data axis.")
         group.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn", "splash"),
                            help="Attention kernel. auto: splash (Pallas) on TPU, cuDNN on GPU for bf16, XLA elsewhere.")
-        group.add_argument("--writer_threads", type=_positive_int("writer_threads"), default=4,
-                           help="Threads per worker encoding and writing shards while the next batch computes.")
+        group.add_argument("--writer_threads", type=_positive_int("writer_threads"), default=DEFAULT_WRITER_THREADS,
+                           help="Threads per worker process encoding and writing shards while the next batch "
+                                "computes (default: the host's cores less two, 2 to 16).")
         group.add_argument("--progress_interval", type=float, default=10.0,
                            help="Seconds between progress lines on the local runner (0: none).")
 

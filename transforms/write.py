@@ -145,7 +145,8 @@ def _to_storage(activation: np.ndarray, storage_dtype: str) -> tuple[np.ndarray,
             # Converted before it reached us (on the device): any infinity there is an overflow or an
             # infinity of the model itself; both are counted, not hidden.
             return activation, int(np.isinf(activation).sum())
-        stored = activation.astype(np.float16)
+        with np.errstate(over="ignore"):  # counted just below, reported in metadata and counters
+            stored = activation.astype(np.float16)
         overflow = int((np.isinf(stored) & np.isfinite(activation)).sum())
         return stored, overflow
     if storage_dtype == "bfloat16":
