@@ -1,7 +1,8 @@
 """`python -m pipeline.run`: options -> Beam graph -> per-layer Parquet shards, a manifest and a summary.
 
-Graph: read -> validate (dead letter) -> [host share] -> expand samples -> [resume filter] -> format + tokenize
-(dead letter) -> fixed-shape batches -> extract (JAX Qwen, one model per worker process) -> write shards.
+Graph: read -> [host share] -> validate (dead letter) -> expand samples -> [first --max_samples] -> [resume filter]
+-> format + tokenize (dead letter) -> fixed-shape batches -> extract (JAX Qwen, one model per worker process)
+-> write shards.
 """
 from __future__ import annotations
 
@@ -81,10 +82,11 @@ def prepare_output(opts: ExtractOptions) -> set[str]:
         raise OptionError(
             f"--output={opts.output} already holds {len(done):,} committed samples from an earlier run: pass "
             "--resume to complete that run, or choose a new --output.")
+    # This host's files without a commit marker are from a killed attempt: never part of the output.
+    removed = clean_uncommitted(opts.output, prefix)
+    if removed:
+        _LOG.warning("removed %d uncommitted files of host %s left by an earlier attempt", len(removed), prefix)
     if opts.resume:
-        removed = clean_uncommitted(opts.output, prefix)
-        if removed:
-            _LOG.warning("resume: removed %d uncommitted files of host %s", len(removed), prefix)
         _LOG.warning("resume: %d samples already committed under %s", len(done), opts.output)
     remove_dead_letters(opts.output, prefix)
     return done
