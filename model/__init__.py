@@ -9,7 +9,7 @@ _EXPORTS = {
     "QwenConfig": "model.config", "QWEN25_GEOMETRIES": "model.config", "ConfigError": "model.config",
     "HOOKS": "model.hooks", "CaptureSpec": "model.hooks", "hook_name": "model.hooks", "parse_hooks": "model.hooks",
     "parse_layers": "model.hooks", "split_hook_name": "model.hooks",
-    "HookedQwen": "model.qwen2", "load_model": "model.qwen2", "load_config": "model.qwen2",
+    "HookedQwen": "model.qwen2", "load_model": "model.qwen2", "load_config": "model.qwen2", "describe_spec": "model.qwen2",
     "forward_flops": "model.qwen2",
     "make_mesh": "model.sharding",
     "CheckpointError": "model.weights",

