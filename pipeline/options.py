@@ -89,6 +89,9 @@ class ExtractOptions(PipelineOptions):
                            help="Hosts sharing this run (TPU slices, N VMs); each takes its share of the input.")
         group.add_argument("--host_index", type=_non_negative_int("host_index"), default=0,
                            help="This host's index in 0..num_hosts-1.")
+        group.add_argument("--packing", default="packed", choices=("packed", "rows"),
+                           help="packed: several samples per row (least padding); rows: one sample per "
+                                "right-padded row, which lets cuDNN attention on GPU run without a mask.")
         group.add_argument("--pack_groups", type=_positive_int("pack_groups"), default=None,
                            help="Packing groups (deterministic shuffle keys); default derived from the batch size.")
         group.add_argument("--model_parallelism", type=_positive_int("model_parallelism"), default=1,

@@ -135,7 +135,8 @@ def build_pipeline(p: beam.Pipeline, opts: ExtractOptions, *, hooks, layers, com
         tokenizer_source=opts.model, grid_encoder=opts.grid_encoder, prompt_version=opts.prompt_version,
         prompt_mode=opts.prompt_mode, max_seq_len=opts.max_seq_len)
     batches = tokenized.samples | "Batch" >> BatchSamples(
-        batch_size=opts.batch_size, max_seq_len=opts.max_seq_len, num_groups=opts.pack_groups)
+        batch_size=opts.batch_size, max_seq_len=opts.max_seq_len, num_groups=opts.pack_groups,
+        packing=opts.packing)
     total_tokens = (
         tokenized.samples
         | "CountTokens" >> beam.Map(lambda s: len(s["token_ids"]))

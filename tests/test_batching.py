@@ -98,6 +98,26 @@ def test_packing_invariants_and_determinism(lengths, batch_size, buckets, seed):
         assert a["placements"] == b["placements"]
 
 
+@settings(max_examples=30, deadline=None)
+@given(lengths=st.lists(st.integers(1, 300), min_size=1, max_size=40), batch_size=st.integers(1, 5))
+def test_rows_packing_gives_each_sample_a_right_padded_row(lengths, batch_size):
+    from model.qwen2 import is_right_padded
+
+    buckets = (16, 64, 128, 300)
+    samples = [make_sample(f"task-{i}/t0/a0", n) for i, n in enumerate(lengths)]
+    batches = pack_samples(samples, batch_size, buckets, packing="rows")
+    check_batches(batches, samples, batch_size, buckets)
+    for batch in batches:
+        assert all(start == 0 for _, _, start, _ in batch["placements"])
+        assert len({row for _, row, _, _ in batch["placements"]}) == len(batch["placements"])
+        assert is_right_padded(batch["segment_ids"])
+        # each batch takes the smallest bucket that fits its longest sample
+        longest = max(length for *_, length in batch["placements"])
+        assert batch["tokens"].shape[1] == min(b for b in buckets if b >= longest)
+    with pytest.raises(ValueError, match="--packing"):
+        pack_samples(samples, batch_size, buckets, packing="tight")
+
+
 def test_packs_several_samples_per_row_and_small_last_bucket():
     samples = [make_sample(f"s{i:02d}", 100) for i in range(10)] + [make_sample("short", 30)]
     batches = pack_samples(samples, batch_size=2, buckets=(64, 256, 512))

@@ -27,7 +27,7 @@ def test_pipeline_writes_to_gcs_and_verifies(gcs_emulator, tiny_checkpoint, tmp_
     done = subprocess.run(
         [sys.executable, "-m", "pipeline.run", "--runner=DirectRunner", f"--model={tiny_checkpoint}",
          f"--dataset={dataset}", f"--output={output}", "--layers=0,1", "--hooks=resid_post", "--batch_size=2",
-         "--max_seq_len=1024", "--progress_interval=0"],
+         "--max_seq_len=1024", "--progress_interval=0", "--packing=rows"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-5000:]
 

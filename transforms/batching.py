@@ -87,8 +87,16 @@ def _pack_rows(lengths: list[int], order: list[int], capacity: int) -> list[list
     return rows
 
 
-def pack_samples(samples: list[TokenizedSample], batch_size: int, buckets: Sequence[int]) -> list[Batch]:
+PACKINGS = ("packed", "rows")
+
+
+def pack_samples(samples: list[TokenizedSample], batch_size: int, buckets: Sequence[int],
+                 packing: str = "packed") -> list[Batch]:
     """Packs samples into batches of exactly `batch_size` rows whose length is one of `buckets`.
+
+    `packing="packed"` puts several samples in a row (least padding); `"rows"` gives each sample a row of its
+    own, right-padded, batched with samples of similar length: more padding, but attention kernels that take
+    sequence lengths (cuDNN) then need no mask.
 
     Deterministic: the result depends only on the set of samples (they are sorted by sample id first).
     Within a batch, `samples` are ordered by (row, start) and `placements[i]` describes `samples[i]`, so the
@@ -99,6 +107,8 @@ def pack_samples(samples: list[TokenizedSample], batch_size: int, buckets: Seque
     buckets = tuple(sorted(int(b) for b in buckets))
     if not buckets or buckets[0] < 1:
         raise ValueError(f"buckets must be positive lengths, got {buckets!r}")
+    if packing not in PACKINGS:
+        raise ValueError(f"--packing={packing!r} is not one of {', '.join(PACKINGS)}")
     if not samples:
         return []
     samples = sorted(samples, key=lambda s: s["sample_id"])
@@ -118,8 +128,11 @@ def pack_samples(samples: list[TokenizedSample], batch_size: int, buckets: Seque
                 f"{buckets[-1]} (--max_seq_len): tokenize's length policy should have shortened it or sent it to "
                 "the dead letter"
             )
-    capacity = _smallest_bucket(max(lengths), buckets)
-    rows = _pack_rows(lengths, list(range(len(samples))), capacity)
+    if packing == "rows":
+        rows = [[index] for index in range(len(samples))]
+    else:
+        capacity = _smallest_bucket(max(lengths), buckets)
+        rows = _pack_rows(lengths, list(range(len(samples))), capacity)
     # Fullest rows first: the last, partly empty batch of a group then holds the shortest rows and can use a
     # smaller bucket.
     fills = [sum(lengths[i] for i in row) for row in rows]
@@ -184,9 +197,10 @@ def default_num_groups(total_tokens: int, batch_size: int, max_seq_len: int,
 
 
 class _PackGroup(beam.DoFn):
-    def __init__(self, batch_size: int, buckets: tuple[int, ...]):
+    def __init__(self, batch_size: int, buckets: tuple[int, ...], packing: str = "packed"):
         self._batch_size = batch_size
         self._buckets = buckets
+        self._packing = packing
         self._batches = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "batches")
         self._padding_tokens = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "padding_tokens")
         self._real_tokens = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "real_tokens")
@@ -195,7 +209,7 @@ class _PackGroup(beam.DoFn):
 
     def process(self, keyed_group):
         _, samples = keyed_group
-        for batch in pack_samples(list(samples), self._batch_size, self._buckets):
+        for batch in pack_samples(list(samples), self._batch_size, self._buckets, self._packing):
             real = num_real_tokens(batch)
             self._batches.inc()
             self._real_tokens.inc(real)
@@ -215,8 +229,11 @@ class BatchSamples(beam.PTransform):
 
     def __init__(self, batch_size: int, max_seq_len: int, num_groups: int | None = None,
                  batches_per_group: int = DEFAULT_BATCHES_PER_GROUP, buckets: Sequence[int] | None = None,
-                 reshuffle: bool = True):
+                 reshuffle: bool = True, packing: str = "packed"):
         super().__init__()
+        if packing not in PACKINGS:
+            raise ValueError(f"--packing={packing!r} is not one of {', '.join(PACKINGS)}")
+        self._packing = packing
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"--batch_size must be a positive integer, got {batch_size!r}")
         if num_groups is not None and (not isinstance(num_groups, int) or num_groups < 1):
@@ -248,7 +265,7 @@ class BatchSamples(beam.PTransform):
         batches = (
             keyed
             | "GroupSamples" >> beam.GroupByKey()
-            | "Pack" >> beam.ParDo(_PackGroup(self._batch_size, self._buckets))
+            | "Pack" >> beam.ParDo(_PackGroup(self._batch_size, self._buckets, self._packing))
         )
         if self._reshuffle:
             batches = batches | "SpreadBatches" >> beam.Reshuffle()
