@@ -30,6 +30,9 @@ from transforms.write import (
 )
 
 MANIFEST_NAME = "manifest.json"
+# One record per host of what its last run was (options, times, Beam counters). pyarrow.dataset skips names that
+# start with "_", and the manifest merges them, so with several hosts the manifest counts every host's reads.
+RUNS_DIR = "_runs"
 _READ_CHUNK = 8 * 1024 * 1024
 
 
@@ -147,7 +150,77 @@ def write_manifest(output_root: str, manifest: dict[str, Any]) -> str:
     return path
 
 
+def write_host_run(output_root: str, host: str, run_info: dict[str, Any]) -> str:
+    """Records what this host's run was, atomically, at OUTPUT/_runs/<host>.json."""
+    path = join(output_root.rstrip("/"), f"{RUNS_DIR}/{host}.json")
+    _put(json.dumps(run_info, indent=1, ensure_ascii=False, default=str).encode("utf-8"), path)
+    return path
+
+
+def host_runs(output_root: str) -> dict[str, dict[str, Any]]:
+    """host -> its last run record, for every host that finished a run into this output."""
+    pattern = join(output_root.rstrip("/"), f"{RUNS_DIR}/*.json")
+    runs = {}
+    for meta in FileSystems.match([pattern])[0].metadata_list:
+        if _name(meta.path).startswith(TEMP_PREFIX):
+            continue
+        with FileSystems.open(meta.path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            runs[_name(meta.path)[:-len(".json")]] = json.loads(handle.read().decode("utf-8"))
+    return dict(sorted(runs.items()))
+
+
+def merged_run_info(output_root: str) -> dict[str, Any]:
+    """The run description of the manifest: the latest host's record (model, options, dtypes, software), with
+    `run_counters` summed over every host's last run and each host's own record under `hosts`."""
+    runs = host_runs(output_root)
+    if not runs:
+        return {}
+    latest = max(runs.values(), key=lambda run: str(run.get("finished", "")))
+    merged = {key: value for key, value in latest.items() if key not in ("host", "run_counters")}
+    counters: Counter = Counter()
+    for run in runs.values():
+        counters.update({name: int(value) for name, value in run.get("run_counters", {}).items()})
+    merged["run_counters"] = dict(sorted(counters.items()))
+    merged["started"] = min(str(run.get("started", "")) for run in runs.values())
+    merged["hosts"] = {host: {key: run.get(key) for key in ("started", "finished", "state", "run_counters")}
+                       for host, run in runs.items()}
+    return merged
+
+
+def rebuild_manifest(output_root: str) -> dict[str, Any]:
+    """Rebuilds and writes OUTPUT/manifest.json from every host's run record and every commit marker."""
+    manifest = build_manifest(output_root, merged_run_info(output_root))
+    write_manifest(output_root, manifest)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from pipeline.storage import use_storage_emulator_if_configured
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.manifest",
+        description="Rebuild OUTPUT/manifest.json from the commit markers and every host's run record, e.g. "
+                    "after several TPU-VM hosts finished writing into one output.")
+    parser.add_argument("output", help="the run's --output (local directory or gs://...)")
+    args = parser.parse_args(argv)
+    use_storage_emulator_if_configured()
+    manifest = rebuild_manifest(args.output)
+    counts = manifest["counts"]
+    print(f"{join(args.output.rstrip('/'), MANIFEST_NAME)}: {counts['shards']} shards, {counts['samples']} samples, "
+          f"{counts['tokens']} tokens, {len(manifest.get('hosts', {}))} host(s), {len(manifest['warnings'])} warnings")
+    for warning in manifest["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
 def read_manifest(output_root: str) -> dict[str, Any]:
     path = join(output_root.rstrip("/"), MANIFEST_NAME)
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
         return json.loads(handle.read().decode("utf-8"))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - clock
     run_counts = counters(result)
 
-    from pipeline.manifest import build_manifest, write_manifest
+    from pipeline.manifest import rebuild_manifest, write_host_run
     from transforms.write import remove_stray_temp_files
 
     if opts.num_hosts == 1:  # with several hosts another one may be mid-write
@@ -291,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         "started": started.isoformat(), "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "state": str(state), "host": worker_prefix(opts), "num_hosts": opts.num_hosts,
     }
-    manifest = build_manifest(opts.output, run_info)
-    write_manifest(opts.output, manifest)
+    write_host_run(opts.output, worker_prefix(opts), run_info)
+    manifest = rebuild_manifest(opts.output)
     counts = manifest.get("counts", {})
     tokens = counts.get("tokens", run_counts.get("tokens_extracted", 0))
     print(json.dumps({

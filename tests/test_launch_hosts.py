@@ -109,6 +109,24 @@ def test_the_bad_record_is_dead_lettered_by_exactly_one_host(two_host_run):
     assert len(lines) == 1 and "badbool0" in json.dumps(lines[0])
 
 
+def test_manifest_counts_every_hosts_reads(two_host_run):
+    from apache_beam.io.filesystems import FileSystems
+
+    from pipeline.manifest import rebuild_manifest
+
+    output, tasks, _, _ = two_host_run
+    manifest = rebuild_manifest(output)  # as `python -m pipeline.manifest OUTPUT` does once all hosts are done
+    assert set(manifest["hosts"]) == {"h000", "h001"}
+    counters = manifest["run_counters"]
+    # Each host reads every record and keeps its share: the shares add up to the whole input.
+    assert counters["host_share_kept"] == len(tasks)
+    assert counters["records_valid"] + counters["records_rejected"] == len(tasks)
+    assert counters["records_rejected"] == 1
+    assert manifest["counts"]["samples"] == sum(len(t["test"]) for k, t in tasks.items() if k != "badbool0")
+    with FileSystems.open(f"{output}/manifest.json") as handle:
+        assert json.loads(handle.read())["hosts"].keys() == manifest["hosts"].keys()
+
+
 def test_two_host_output_verifies_and_a_restarted_host_adds_nothing(two_host_run, tiny_checkpoint):
     output, tasks, runs, context = two_host_run
     before = _sample_ids(output)
