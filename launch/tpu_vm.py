@@ -441,7 +441,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         Supervisor(target=target, names=names, output=args.output, scripts=scripts, run=_gcloud,
                    exists=_gcs_exists, max_recreations=args.max_recreations,
                    poll_seconds=args.poll_seconds).supervise()
-        print(f"all {len(names)} hosts done: {args.output}")
+        from pipeline.manifest import rebuild_manifest
+
+        # Hosts finishing together can each miss the other's last shards in their manifest: one final rebuild.
+        counts = rebuild_manifest(args.output)["counts"]
+        print(f"all {len(names)} hosts done: {args.output} ({counts['samples']} samples, {counts['tokens']} tokens)")
         for name in names:
             _LOG.info("delete with: %s", shlex.join(target.delete(name)))
         return 0
