@@ -116,3 +116,23 @@ def test_impossible_options_are_named(tiny_checkpoint, tmp_path):
     # the default hub dataset, offline: a clear line in seconds that says how to pass a local copy
     done = run_pipeline(*common, check=False)
     assert done.returncode == 2 and "--dataset=" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_multi_process_local_run_writes_every_sample_once(tiny_checkpoint, tmp_path):
+    """--direct_num_workers with multi_processing: separate SDK worker processes, each loading its own model."""
+    dataset, tasks = write_challenges(tmp_path / "challenges.json", count=4, bad=False)
+    output = tmp_path / "out"
+    done = run_pipeline(
+        f"--model={tiny_checkpoint}", f"--dataset={dataset}", f"--output={output}", "--layers=1",
+        "--hooks=resid_post", "--batch_size=1", "--max_seq_len=1024", "--progress_interval=0",
+        "--direct_num_workers=2", "--direct_running_mode=multi_processing")
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    assert summary["samples_written"] == 4 and summary["records_read"] == 4
+    samples = ds.dataset(output / "samples", format="parquet").to_table()
+    assert sorted(samples.column("sample_id").to_pylist()) == sorted(set(samples.column("sample_id").to_pylist()))
+    acts = ds.dataset(output / "activations", format="parquet", partitioning="hive").to_table()
+    assert acts.num_rows == sum(samples.column("num_tokens").to_pylist())
+    verify = subprocess.run([sys.executable, "-m", "pipeline.verify", str(output)], cwd=ROOT,
+                            env=dict(os.environ, NO_GCE_CHECK="true", PYTHONPATH=str(ROOT)),
+                            capture_output=True, text=True, timeout=300)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
