@@ -14,6 +14,7 @@ import numpy as np
 from apache_beam.transforms import window
 from apache_beam.utils import shared
 
+from model.hooks import hook_name
 from transforms.metrics import NAMESPACE
 
 _LOG = logging.getLogger(__name__)
@@ -95,10 +96,6 @@ class _ModelHandle:
         _LOG.info("loaded %s (%s) in %.1f s on %s", config.model, config.dtype, self.load_seconds, devices)
 
 
-def hook_key(hook: str, layer: int) -> str:
-    return f"blocks.{layer}.hook_{hook}"
-
-
 class ExtractActivations(beam.DoFn):
     """Batch dict -> ExtractedBatch dict (docs/design.md), one batch in flight on the device."""
 
@@ -144,7 +141,7 @@ class ExtractActivations(beam.DoFn):
         activations = {}
         for hook in self._config.hooks:
             for layer in self._config.layers:
-                values = np.asarray(outputs[hook_key(hook, layer)])
+                values = np.asarray(outputs[hook_name(layer, hook)])
                 activations[(hook, layer)] = to_storage(values[rows, cols], self._config.storage_dtype)
         if self._started is None:
             self._started = dispatched

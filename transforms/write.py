@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from model.hooks import hook_name
 from transforms.annotations import PART_NAMES
 from transforms.batching import stable_group
 from transforms.metrics import NAMESPACE
@@ -65,7 +66,7 @@ _SHARD_NAME = re.compile(r"^(?P<worker>[A-Za-z0-9][A-Za-z0-9_.=]*)-(?P<batch>[0-
 
 def transformer_lens_name(hook: str, layer: int) -> str:
     if hook in BLOCK_HOOKS:
-        return f"blocks.{int(layer)}.hook_{hook}"
+        return hook_name(int(layer), hook)
     if hook == FINAL_NORM_HOOK:
         return "ln_final.hook_normalized"
     raise ValueError(f"unknown hook {hook!r}: expected one of {', '.join(BLOCK_HOOKS + (FINAL_NORM_HOOK,))}")
