@@ -134,13 +134,13 @@ def build_pipeline(p: beam.Pipeline, opts: ExtractOptions, *, hooks, layers, com
     tokenized = samples | "Tokenize" >> TokenizeSamples(
         tokenizer_source=opts.model, grid_encoder=opts.grid_encoder, prompt_version=opts.prompt_version,
         prompt_mode=opts.prompt_mode, max_seq_len=opts.max_seq_len)
-    batches = tokenized.samples | "Batch" >> BatchSamples(
-        batch_size=opts.batch_size, max_seq_len=opts.max_seq_len, num_groups=opts.pack_groups,
-        packing=opts.packing)
     total_tokens = (
         tokenized.samples
         | "CountTokens" >> beam.Map(lambda s: len(s["token_ids"]))
         | "SumTokens" >> beam.CombineGlobally(sum))
+    batches = tokenized.samples | "Batch" >> BatchSamples(
+        batch_size=opts.batch_size, max_seq_len=opts.max_seq_len, num_groups=opts.pack_groups,
+        packing=opts.packing, total_tokens=total_tokens)
     config = ExtractConfig(
         model=opts.model, dtype=opts.dtype, hooks=tuple(hooks), layers=tuple(layers),
         storage_dtype=storage_dtype(opts), attention=opts.attention,

@@ -229,8 +229,11 @@ class BatchSamples(beam.PTransform):
 
     def __init__(self, batch_size: int, max_seq_len: int, num_groups: int | None = None,
                  batches_per_group: int = DEFAULT_BATCHES_PER_GROUP, buckets: Sequence[int] | None = None,
-                 reshuffle: bool = True, packing: str = "packed"):
+                 reshuffle: bool = True, packing: str = "packed", total_tokens=None):
+        """`total_tokens`: an optional singleton PCollection of the samples' token count, when the caller has one
+        already (the pipeline also needs it for its progress ETA); otherwise it is summed here."""
         super().__init__()
+        self._total_tokens = total_tokens
         if packing not in PACKINGS:
             raise ValueError(f"--packing={packing!r} is not one of {', '.join(PACKINGS)}")
         self._packing = packing
@@ -253,10 +256,11 @@ class BatchSamples(beam.PTransform):
                 lambda s, n: (stable_group(s["sample_id"], n), s), n=self._num_groups)
         else:
             batch_size, max_seq_len, per_group = self._batch_size, self._max_seq_len, self._batches_per_group
+            total = self._total_tokens
+            if total is None:
+                total = samples | "CountTokens" >> beam.Map(_num_tokens) | "SumTokens" >> beam.CombineGlobally(sum)
             num_groups = (
-                samples
-                | "CountTokens" >> beam.Map(_num_tokens)
-                | "SumTokens" >> beam.CombineGlobally(sum)
+                total
                 | "NumGroups" >> beam.Map(
                     lambda total: default_num_groups(total, batch_size, max_seq_len, per_group))
             )
