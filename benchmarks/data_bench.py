@@ -116,7 +116,8 @@ def run(args) -> dict:
             annotate_tokens(offsets, label_characters(len(p.text), p.spans, p.cells))
             for p, (_, offsets) in zip(prompts, encodings)])
         if pack_samples is not None:
-            batches = timed("batch", lambda: pack_samples(tokenized, args.batch_size, choose_buckets(args.max_seq_len)))
+            batches = timed("batch", lambda: pack_samples(tokenized, args.batch_size, choose_buckets(args.max_seq_len),
+                                                               packing=args.packing))
         else:
             batches = None
 
@@ -159,8 +160,8 @@ def markdown(result: dict, args, pinning: str) -> str:
                  f"**{result['end_to_end_tokens_per_second']:,.0f}** |")
     if result["padding_fraction"] is not None:
         lines.append("")
-        lines.append(f"Batching (batch size {args.batch_size}): {result['batches']} batches, padding fraction "
-                     f"{result['padding_fraction']:.3f}.")
+        lines.append(f"Batching (batch size {args.batch_size}, packing {args.packing}): {result['batches']} batches, "
+                     f"padding fraction {result['padding_fraction']:.3f}.")
     return "\n".join(lines)
 
 
@@ -178,6 +179,8 @@ def main(argv=None):
     parser.add_argument("--augmentations", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--packing", default="packed", choices=("packed", "rows"),
+                        help="packed: several samples per row; rows: one sample per row (the pipeline's --packing)")
     parser.add_argument("--max_tasks", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--core", type=int, default=None, help="CPU core to pin to (default: the last one)")

@@ -559,7 +559,7 @@ def baseline_copy_and_write(model, device: _TorchDevice, batches, warmup: int, l
     from transforms.write import ShardWriter
 
     torch = device.torch
-    storage = "float32"
+    storage = dtype  # what the pipeline stores by default (--activation_dtype=auto): the compute dtype, exactly
     writer = ShardWriter(str(out_dir), "base", model_name, dtype, storage)
     rows, length = batches[0][0].shape
     tokens_per_batch = rows * length

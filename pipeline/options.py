@@ -62,9 +62,9 @@ class ExtractOptions(PipelineOptions):
                            help="Compute dtype of the model.")
         group.add_argument(
             "--activation_dtype", default="auto", choices=STORAGE_DTYPES,
-            help="Storage dtype of activations. auto: float32 values that hold the compute dtype exactly "
-                 "(bf16 compute: BYTE_STREAM_SPLIT+ZSTD makes the zero low bytes nearly free). float16 halves "
-                 "the bytes; values that overflow are counted and reported.")
+            help="Storage dtype of activations. auto: the compute dtype itself, which is exact (bfloat16 "
+                 "compute: the bf16 bits, 2 bytes before ZSTD). float32 widens bf16 exactly but stores more; "
+                 "float16 is lossy for bf16 compute: values that overflow are counted and reported.")
         group.add_argument("--batch_size", type=_positive_int("batch_size"), default=8,
                            help="Rows per fixed-shape batch.")
         group.add_argument("--max_seq_len", type=_positive_int("max_seq_len"), default=8192,
@@ -119,5 +119,5 @@ class ExtractOptions(PipelineOptions):
 
 
 def storage_dtype(opts: ExtractOptions) -> str:
-    """The concrete storage dtype behind --activation_dtype=auto: float32 holds both compute dtypes exactly."""
-    return "float32" if opts.activation_dtype == "auto" else opts.activation_dtype
+    """The concrete storage dtype behind --activation_dtype=auto: the compute dtype, stored exactly."""
+    return opts.dtype if opts.activation_dtype == "auto" else opts.activation_dtype

@@ -71,10 +71,35 @@ def resolve_inputs(opts: ExtractOptions):
         raise OptionError(str(err)) from None
 
 
-def prepare_output(opts: ExtractOptions) -> set[str]:
+def check_resume_matches(opts: ExtractOptions, shards: dict, hooks, layers) -> None:
+    """A resumed run must write what the committed shards hold: one format, dtypes, hooks and layers per output
+    (a dataset of mixed column types cannot be read as one table)."""
+    from transforms.write import FORMAT_VERSION, KEY_FORMAT_VERSION, KEY_STORAGE_DTYPE
+
+    want = {KEY_FORMAT_VERSION: str(FORMAT_VERSION), KEY_STORAGE_DTYPE: storage_dtype(opts), "dtype": opts.dtype}
+    flags = {KEY_FORMAT_VERSION: "the writer's format version", KEY_STORAGE_DTYPE: "--activation_dtype",
+             "dtype": "--dtype"}
+    captures = {(str(hook), int(layer)) for hook in hooks for layer in layers}
+    for shard in sorted(shards):
+        metadata = shards[shard]
+        where = f"{opts.output.rstrip('/')}/{metadata['path']}"
+        for key, value in want.items():
+            if metadata.get(key) != value:
+                raise OptionError(
+                    f"--resume: {where} was written with {key}={metadata.get(key)!r} but this run would write "
+                    f"{key}={value!r}: pass the earlier run's {flags[key]} (its options are in "
+                    f"{opts.output.rstrip('/')}/_runs/), or write to a new --output.")
+        held = {(f["hook"], int(f["layer"])) for f in metadata["files"]}
+        if held != captures:
+            raise OptionError(
+                f"--resume: {where} holds hooks and layers {sorted(held)} but this run captures "
+                f"{sorted(captures)}: pass the earlier run's --hooks and --layers, or write to a new --output.")
+
+
+def prepare_output(opts: ExtractOptions, hooks=(), layers=()) -> set[str]:
     """Checks the output root; with --resume returns the committed sample ids and removes this host's
     uncommitted files, without it refuses to mix two runs in one output."""
-    from transforms.write import clean_uncommitted, committed_sample_ids, remove_dead_letters
+    from transforms.write import clean_uncommitted, committed_sample_ids, committed_shards, remove_dead_letters
 
     prefix = worker_prefix(opts)
     done = committed_sample_ids(opts.output)
@@ -82,6 +107,8 @@ def prepare_output(opts: ExtractOptions) -> set[str]:
         raise OptionError(
             f"--output={opts.output} already holds {len(done):,} committed samples from an earlier run: pass "
             "--resume to complete that run, or choose a new --output.")
+    if done:
+        check_resume_matches(opts, committed_shards(opts.output), hooks, layers)
     # This host's files without a commit marker are from a killed attempt: never part of the output.
     removed = clean_uncommitted(opts.output, prefix)
     if removed:
@@ -248,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         model_config, hooks, layers = resolve_capture(opts)
         dataset = resolve_inputs(opts)
         dry_run = options.view_as(beam.options.pipeline_options.TestOptions).dry_run
-        committed = set() if dry_run else prepare_output(opts)
+        committed = set() if dry_run else prepare_output(opts, hooks, layers)
     except (OptionError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from tests.arc_fixtures import write_challenges
+from transforms.write import activations_to_numpy
 from model.torch_reference import load_torch_model, relative_error, torch_hooks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def test_every_activation_matches_transformers(float32_run, tiny_checkpoint):
     assert set(acts.column("layer").to_pylist()) == {0, 1}
     frame = {name: acts.column(name).to_numpy(zero_copy_only=False) for name in ("sample_id", "hook", "layer",
                                                                                   "position", "token_id")}
-    values = np.asarray(acts.column("activation").combine_chunks().flatten().to_numpy()).reshape(len(acts), -1)
+    values = activations_to_numpy(acts)
     worst = 0.0
     torch_model = load_torch_model(tiny_checkpoint)
     for sample in samples:
@@ -99,6 +100,13 @@ def test_second_run_into_same_output_needs_resume(float32_run, tiny_checkpoint):
                         "--max_samples=1", "--layers=0", check=False)
     assert done.returncode == 2
     assert "--resume" in done.stderr
+    # --resume with other capture settings than the committed shards: refused before anything runs.
+    common = [f"--model={tiny_checkpoint}", "--dataset=arc-agi-1:eval", f"--output={output}", "--resume",
+              f"--hooks={','.join(HOOKS)}"]
+    done = run_pipeline(*common, "--layers=0", "--dtype=float32", check=False)
+    assert done.returncode == 2 and "hooks and layers" in done.stderr and "Traceback" not in done.stderr
+    done = run_pipeline(*common, "--layers=all", "--dtype=bfloat16", check=False)  # auto storage: bfloat16
+    assert done.returncode == 2 and "storage_dtype='float32'" in done.stderr and "--activation_dtype" in done.stderr
 
 
 def test_impossible_options_are_named(tiny_checkpoint, tmp_path):

@@ -5,6 +5,7 @@ import pyarrow.dataset as ds
 
 from pipeline.manifest import build_manifest, read_manifest, write_manifest
 from tests.test_write import extracted, make_batch
+from transforms import write
 from transforms.write import ShardWriter, write_dead_letters
 
 HOOKS = (("resid_post", 0), ("resid_post", 1), ("mlp_out", 0), ("mlp_out", 1))
@@ -52,7 +53,7 @@ def test_manifest_counts_add_up(tmp_path):
     assert sum(f["rows"] for f in manifest["files"] if f["kind"] == "activations") == \
         ds.dataset(root + "/activations", format="parquet", partitioning="hive",
                    exclude_invalid_files=True).count_rows() == 4 * tokens
-    assert manifest["model"] == {"spec": "random:tiny"} and manifest["format_version"] == 1
+    assert manifest["model"] == {"spec": "random:tiny"} and manifest["format_version"] == write.FORMAT_VERSION == 2
     assert any("h000-00000000deadbeef" in w and "uncommitted" in w for w in manifest["warnings"])
 
     path = write_manifest(root, manifest)
@@ -64,3 +65,35 @@ def test_manifest_counts_add_up(tmp_path):
 def test_manifest_of_an_empty_output(tmp_path):
     manifest = build_manifest(str(tmp_path), {"model": "m"})
     assert manifest["counts"]["samples"] == 0 and manifest["files"] == [] and manifest["warnings"] == []
+
+
+def test_resume_must_match_the_committed_shards(tmp_path):
+    """check_resume_matches names the file, the setting and the flag to pass."""
+    import pytest
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.options import ExtractOptions, OptionError
+    from pipeline.run import check_resume_matches
+    from transforms.write import committed_shards
+
+    root = str(tmp_path / "out")
+    batch = make_batch()
+    ShardWriter(root, "h000", "random:tiny", "bfloat16", "bfloat16").write_shard(
+        batch["batch_id"], batch["samples"], batch["placements"],
+        extracted(batch, hooks=[(hook, layer) for hook in ("mlp_out", "resid_post") for layer in (0, 1)]))
+    shards = committed_shards(root)
+
+    def opts(*flags):
+        return PipelineOptions([f"--output={root}", "--resume", *flags]).view_as(ExtractOptions)
+
+    check_resume_matches(opts(), shards, ("mlp_out", "resid_post"), (0, 1))  # auto storage of bf16: bfloat16
+    with pytest.raises(OptionError, match=r"samples/h000-.*storage_dtype='bfloat16'.*'float32'.*--activation_dtype"):
+        check_resume_matches(opts("--activation_dtype=float32"), shards, ("mlp_out", "resid_post"), (0, 1))
+    with pytest.raises(OptionError, match=r"dtype='bfloat16'.*--dtype"):
+        check_resume_matches(opts("--dtype=float32", "--activation_dtype=bfloat16"), shards,
+                             ("mlp_out", "resid_post"), (0, 1))
+    with pytest.raises(OptionError, match="hooks and layers"):
+        check_resume_matches(opts(), shards, ("resid_post",), (0, 1))
+    shards = {name: dict(meta, format_version="1") for name, meta in shards.items()}
+    with pytest.raises(OptionError, match="format_version='1'.*format version"):
+        check_resume_matches(opts(), shards, ("mlp_out", "resid_post"), (0, 1))

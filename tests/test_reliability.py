@@ -14,6 +14,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from tests.arc_fixtures import write_challenges
+from transforms.write import activations_to_numpy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +56,7 @@ def read_rows(output: Path):
     table = ds.dataset(output / "activations", format="parquet", partitioning="hive").to_table()
     keys = list(zip(table.column("hook").to_pylist(), table.column("layer").to_pylist(),
                     table.column("sample_id").to_pylist(), table.column("position").to_pylist()))
-    values = np.asarray(table.column("activation").combine_chunks().flatten().to_numpy()).reshape(len(table), -1)
+    values = activations_to_numpy(table)
     order = sorted(range(len(keys)), key=keys.__getitem__)
     return [keys[i] for i in order], values[order], table.column("token_id").to_numpy()[order]
 

@@ -79,7 +79,12 @@ def test_activation_table_schema_and_rows():
     acts = extracted(batch)[("resid_post", 1)]
     table = activation_table(batch["samples"], batch["placements"], acts, "resid_post", 1, "float32")
     assert table.schema.field("sample_id").type == pa.dictionary(pa.int32(), pa.string())
-    assert table.schema.field("activation").type == pa.list_(pa.float32(), D_MODEL)
+    assert table.schema.field("activation").type == pa.binary(4 * D_MODEL)
+    assert table.schema.metadata[b"activation_encoding"] == b"float32-le"
+    assert table.schema.metadata[b"format_version"] == b"2"
+    # Each row's vector is its d_model values, little-endian, in the storage dtype.
+    first_vector = np.frombuffer(table["activation"][0].as_py(), "<f4")
+    np.testing.assert_array_equal(first_vector, acts[0].astype(np.float32))
     assert [table.schema.field(c).type for c in ("position", "token_id", "example_index", "row", "col", "color")] \
         == [pa.int32(), pa.int32(), pa.int16(), pa.int16(), pa.int16(), pa.int8()]
     assert "hook" not in table.column_names and "layer" not in table.column_names
@@ -133,8 +138,41 @@ def test_bf16_round_trip_bit_exact_through_float32(tmp_path):
     assert meta["model"] == "random:tiny" and meta["dtype"] == "bfloat16" and meta["storage_dtype"] == "float32"
     assert meta["d_model"] == str(D_MODEL) and meta["shard"] == f"h000-{batch['batch_id']}"
     col = footer.row_group(0).column(3)
-    assert col.path_in_schema == "activation.list.element"
-    assert "BYTE_STREAM_SPLIT" in col.encodings and col.compression == "ZSTD"
+    assert col.path_in_schema == "activation"
+    assert col.physical_type == "FIXED_LEN_BYTE_ARRAY" and col.compression == "ZSTD"
+    assert "PLAIN" in col.encodings and not col.is_stats_set
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16", "bfloat16"])
+def test_format_1_files_still_read(tmp_path, storage):
+    """Outputs written before format 2 (fixed_size_list values, bf16 bits as uint16) read back the same."""
+    batch = make_batch()
+    acts = extracted(batch)[("resid_post", 1)]
+    table = activation_table(batch["samples"], batch["placements"], acts, "resid_post", 1, storage)
+    values = activations_to_numpy(table)
+    stored = values.view(np.uint16) if storage == "bfloat16" else values
+    metadata = {**table.schema.metadata, b"format_version": b"1",
+                b"activation_encoding": {"float32": b"float32", "float16": b"float16",
+                                         "bfloat16": b"bfloat16-bits-in-uint16"}[storage]}
+    lists = pa.FixedSizeListArray.from_arrays(pa.array(stored.reshape(-1)), D_MODEL)
+    old = table.set_column(table.schema.get_field_index("activation"), "activation", lists)
+    path = str(tmp_path / "v1.parquet")
+    pq.write_table(old.replace_schema_metadata(metadata), path,
+                   column_encoding={"activation.list.element": "BYTE_STREAM_SPLIT"}, use_dictionary=False)
+    got = activations_to_numpy(pq.read_table(path))
+    assert got.dtype == values.dtype and got.shape == (17, D_MODEL)
+    np.testing.assert_array_equal(got.view(np.uint8), values.view(np.uint8))
+
+
+def test_activations_to_numpy_errors():
+    vectors = pa.table({"activation": pa.array([b"\0" * 6], pa.binary(6))})
+    with pytest.raises(ValueError, match="names no storage dtype"):
+        activations_to_numpy(vectors)
+    assert activations_to_numpy(vectors, dtype="float16").shape == (1, 3)
+    with pytest.raises(ValueError, match="not a whole number of float32"):
+        activations_to_numpy(vectors, dtype="float32")
+    with pytest.raises(ValueError, match="neither fixed_size_binary"):
+        activations_to_numpy(pa.table({"activation": pa.array([1.0])}))
 
 
 def test_float16_overflow_is_counted(tmp_path):
@@ -164,7 +202,8 @@ def test_bfloat16_storage_is_exact_and_readable(tmp_path):
     ShardWriter(root, "h000", "m", "bfloat16", "bfloat16").write_shard(
         batch["batch_id"], batch["samples"], batch["placements"], acts)
     table = pq.read_table(root + f"/activations/hook=resid_pre/layer=2/h000-{batch['batch_id']}.parquet")
-    assert table.schema.field("activation").type == pa.list_(pa.uint16(), D_MODEL)
+    assert table.schema.field("activation").type == pa.binary(2 * D_MODEL)
+    assert table.schema.metadata[b"activation_encoding"] == b"bfloat16-le"
     got = activations_to_numpy(table)
     assert got.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(got.view(np.uint16), acts[("resid_pre", 2)].view(np.uint16))

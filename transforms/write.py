@@ -30,7 +30,8 @@ from transforms.annotations import PART_NAMES
 from transforms.batching import stable_group
 from transforms.metrics import NAMESPACE
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 BLOCK_HOOKS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 FINAL_NORM_HOOK = "ln_final"
@@ -49,8 +50,13 @@ KEY_STORAGE_DTYPE = "storage_dtype"
 KEY_ENCODING = "activation_encoding"
 KEY_OVERFLOW = "float16_overflow"
 
-# bfloat16 has no Arrow/Parquet type: its 16 bits are stored as uint16 and named by this encoding.
-ENCODINGS = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16-bits-in-uint16"}
+# Format 2: each token's vector is one fixed_size_binary[d_model x itemsize] value holding its values
+# little-endian in the storage dtype, named by this encoding. One value per row instead of d_model list elements
+# spares Parquet a repetition and definition level per number: measured on one core at d_model 896, writing is
+# about 4x and reading about 6x faster than format 1's fixed_size_list (docs/format.md, docs/benchmarks.md).
+ENCODINGS = {"float32": "float32-le", "float16": "float16-le", "bfloat16": "bfloat16-le"}
+# Format 1 stored a fixed_size_list of the values; bfloat16 bits went in a uint16 list.
+V1_BFLOAT16_ENCODING = "bfloat16-bits-in-uint16"
 
 # Row groups of about this many bytes of uncompressed activations: big enough for sequential throughput,
 # small enough that a reader (e.g. an SAE data loader) does not hold gigabytes per group.
@@ -152,13 +158,13 @@ def _to_storage(activation: np.ndarray, storage_dtype: str) -> tuple[np.ndarray,
         return stored, overflow
     if storage_dtype == "bfloat16":
         if source == ml_dtypes.bfloat16:
-            return activation.view(np.uint16), 0
+            return activation, 0
         rounded = activation.astype(ml_dtypes.bfloat16)
         if not np.array_equal(rounded.astype(np.float32), activation.astype(np.float32), equal_nan=True):
             raise ValueError(
                 f"bfloat16 storage would round these {source} activations: use --activation_dtype=float32 "
                 "(exact) or float16")
-        return rounded.view(np.uint16), 0
+        return rounded, 0
     raise ValueError(f"unknown storage dtype {storage_dtype!r}: expected one of {', '.join(STORAGE_DTYPES)}")
 
 
@@ -221,13 +227,16 @@ def activation_table(samples: Sequence[dict], placements: Sequence[Sequence[int]
     if part.size and (part.min() < 0 or part.max() >= len(PART_NAMES)):
         bad = int(part[(part < 0) | (part >= len(PART_NAMES))][0])
         raise ValueError(f"annotation part code {bad} is not one of transforms.annotations.PART_CODES")
-    flat = pa.array(np.ascontiguousarray(stored).reshape(-1))
+    itemsize = stored.dtype.itemsize
+    little_endian = np.ascontiguousarray(stored).view(f"u{itemsize}").astype(f"<u{itemsize}", copy=False)
+    vectors = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(d_model * itemsize), total, [None, pa.py_buffer(little_endian)])
     table = pa.table({
         "sample_id": pa.DictionaryArray.from_arrays(
             pa.array(sample_index, pa.int32()), pa.array([s["sample_id"] for s in samples], pa.string())),
         "position": pa.array(positions, pa.int32()),
         "token_id": pa.array(token_ids, pa.int32()),
-        "activation": pa.FixedSizeListArray.from_arrays(flat, d_model),
+        "activation": vectors,
         "part": pa.DictionaryArray.from_arrays(pa.array(part, pa.int8()), pa.array(PART_NAMES, pa.string())),
         "example_index": pa.array(columns["example_index"], pa.int16()),
         "row": pa.array(columns["row"], pa.int16()),
@@ -246,20 +255,63 @@ def activation_table(samples: Sequence[dict], placements: Sequence[Sequence[int]
     })
 
 
-def activations_to_numpy(table: pa.Table, column: str = "activation") -> np.ndarray:
-    """The activation column as a [rows, d_model] array in its stored dtype (bfloat16 bits come back as
-    ml_dtypes.bfloat16). Works on a file's table or a pyarrow.dataset table of one storage dtype."""
+def storage_numpy_dtype(storage_dtype: str) -> np.dtype:
+    """The numpy dtype of stored values (bfloat16: ml_dtypes.bfloat16)."""
+    import ml_dtypes
+
+    dtypes = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+              "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+    if storage_dtype not in dtypes:
+        raise ValueError(f"unknown storage dtype {storage_dtype!r}: expected one of {', '.join(STORAGE_DTYPES)}")
+    return dtypes[storage_dtype]
+
+
+def _value_dtype(metadata: dict, column: str) -> np.dtype:
+    encoding = metadata.get(KEY_ENCODING.encode(), b"").decode()
+    for storage_dtype, name in ENCODINGS.items():
+        if encoding == name:
+            return storage_numpy_dtype(storage_dtype)
+    storage = metadata.get(KEY_STORAGE_DTYPE.encode(), b"").decode()
+    if storage in STORAGE_DTYPES:
+        return storage_numpy_dtype(storage)
+    raise ValueError(
+        f"column {column!r} is fixed_size_binary but the table's metadata names no storage dtype "
+        f"({KEY_ENCODING}={encoding!r}); pass dtype= (float32, float16 or bfloat16)")
+
+
+def activations_to_numpy(table: pa.Table, column: str = "activation", dtype: str | None = None) -> np.ndarray:
+    """The activation column as a [rows, d_model] array in its stored dtype (bfloat16 comes back as
+    ml_dtypes.bfloat16), without copying more than once. Works on a file's table or a pyarrow.dataset table of
+    one storage dtype (the dtype comes from the schema metadata, or from `dtype`), in format 2
+    (fixed_size_binary vectors) and format 1 (fixed_size_list values)."""
     import ml_dtypes
 
     chunked = table.column(column)
-    list_type = chunked.type
-    if not pa.types.is_fixed_size_list(list_type):
-        raise ValueError(f"column {column!r} is {list_type}, not a fixed-size list")
-    d_model = list_type.list_size
-    pieces = [chunk.flatten().to_numpy(zero_copy_only=False) for chunk in chunked.chunks]
-    values = np.concatenate(pieces) if pieces else np.zeros(0, list_type.value_type.to_pandas_dtype())
+    column_type = chunked.type
     metadata = table.schema.metadata or {}
-    if metadata.get(KEY_ENCODING.encode()) == ENCODINGS["bfloat16"].encode():
+    if pa.types.is_fixed_size_binary(column_type):
+        value_dtype = storage_numpy_dtype(dtype) if dtype else _value_dtype(metadata, column)
+        width = column_type.byte_width
+        if width % value_dtype.itemsize:
+            raise ValueError(f"column {column!r}: {width} bytes per row is not a whole number of "
+                             f"{value_dtype} values")
+        d_model = width // value_dtype.itemsize
+        pieces = []
+        for chunk in chunked.chunks:
+            if chunk.null_count:
+                raise ValueError(f"column {column!r} holds {chunk.null_count} null vectors")
+            data = chunk.buffers()[1]
+            pieces.append(np.frombuffer(data, np.uint8, count=len(chunk) * width, offset=chunk.offset * width))
+        raw = pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
+        bits = raw.view(f"<u{value_dtype.itemsize}").astype(f"u{value_dtype.itemsize}", copy=False)
+        return bits.view(value_dtype).reshape(-1, d_model)
+    if not pa.types.is_fixed_size_list(column_type):
+        raise ValueError(f"column {column!r} is {column_type}, neither fixed_size_binary (format 2) nor "
+                         "fixed_size_list (format 1)")
+    d_model = column_type.list_size
+    pieces = [chunk.flatten().to_numpy(zero_copy_only=False) for chunk in chunked.chunks]
+    values = np.concatenate(pieces) if pieces else np.zeros(0, column_type.value_type.to_pandas_dtype())
+    if metadata.get(KEY_ENCODING.encode()) == V1_BFLOAT16_ENCODING.encode() or dtype == "bfloat16":
         values = values.view(ml_dtypes.bfloat16)
     return values.reshape(-1, d_model)
 
@@ -284,18 +336,16 @@ def samples_table(samples: Sequence[dict]) -> pa.Table:
 
 # -------------------------------------------------------------------------------------- file writing
 
-def _parquet_bytes(table: pa.Table, byte_stream_split: Sequence[str] = (), row_group_size: int | None = None,
+def _parquet_bytes(table: pa.Table, vector_columns: Sequence[str] = (), row_group_size: int | None = None,
                    compression_level: int = ZSTD_LEVEL) -> pa.Buffer:
+    """`vector_columns` (the activation vectors) are written PLAIN + ZSTD: dictionary encoding and statistics
+    only cost time on them; the small integer and id columns get both. BYTE_STREAM_SPLIT on the vectors made
+    no smaller files for 2-byte values and, for float32, decoded 4x slower (benchmarks/storage_bench.py)."""
     sink = pa.BufferOutputStream()
-    # Dictionary encoding and statistics help the small integer and id columns; on activation floats they
-    # only cost time, and dictionary encoding must be off where BYTE_STREAM_SPLIT is used.
-    others = [name for name in table.column_names if name not in byte_stream_split]
-    kwargs: dict[str, Any] = {}
-    if byte_stream_split:
-        kwargs["column_encoding"] = {f"{name}.list.element": "BYTE_STREAM_SPLIT" for name in byte_stream_split}
+    others = [name for name in table.column_names if name not in vector_columns]
     pq.write_table(
         table, sink, compression="zstd", compression_level=compression_level, use_dictionary=others,
-        write_statistics=others, row_group_size=row_group_size, **kwargs)
+        write_statistics=others, row_group_size=row_group_size)
     return sink.getvalue()
 
 
@@ -388,7 +438,7 @@ class ShardWriter:
                 if len(d_models) > 1:
                     raise ValueError(f"batch {batch_id}: activations disagree on d_model: {sorted(d_models)}")
                 itemsize = 2 if self.storage_dtype != "float32" else 4
-                data = _parquet_bytes(table, byte_stream_split=("activation",),
+                data = _parquet_bytes(table, vector_columns=("activation",),
                                       row_group_size=max(1024, ROW_GROUP_BYTES // max(1, d_model * itemsize)),
                                       compression_level=self.compression_level)
                 relpath = activation_relpath(hook, layer, shard)
