@@ -241,6 +241,42 @@ def test_cudnn_attention_matches_xla_within_bfloat16_tolerance():
         assert max(errors.values()) <= 5e-2, errors
 
 
+def test_cudnn_call_arguments_give_the_reference_result_on_xla(tiny, monkeypatch):
+    """The cuDNN branch's own arguments (sequence lengths for right-padded rows; is_causal plus a same-segment
+    mask for packed rows), run by XLA's implementation of the same call on CPU: any mistake in what we pass
+    shows here, before a GPU does. The GPU test above then checks the kernel itself."""
+    import dataclasses
+
+    import jax
+
+    from model.torch_reference import compare, pack_right_padded
+
+    original = jax.nn.dot_product_attention
+    calls = []
+
+    def on_xla(*args, implementation=None, **kwargs):
+        calls.append((implementation, {k: v for k, v in kwargs.items() if v is not None and v is not False}))
+        return original(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", on_xla)
+    as_cudnn = dataclasses.replace(tiny, attention="cudnn")
+    rng = np.random.default_rng(3)
+    sequences = [rng.integers(0, 151643, size=n) for n in (16, 9, 1, 7)]
+    spec = CaptureSpec(hooks=("attn_out", "resid_post"), layers=(0, 3))
+    for batch, expected in ((pack_right_padded(sequences, 16), {"query_seq_lengths", "key_value_seq_lengths"}),
+                            (pack_rows([[sequences[1], sequences[3]], [sequences[2]] * 3, [sequences[0]]], 16),
+                             {"mask"})):
+        tokens, segment_ids, positions, placements = batch
+        calls.clear()
+        got = as_cudnn.capture(tokens, segment_ids, positions, spec)
+        assert calls and all(implementation == "cudnn" for implementation, _ in calls)
+        assert {key for _, kwargs in calls for key in kwargs} == expected | {"is_causal"}
+        want = {k: np.asarray(v) for k, v in tiny.capture(tokens, segment_ids, positions, spec).items()}
+        references = [{k: v[row, start:start + n] for k, v in want.items()} for row, start, n in placements]
+        errors = compare(got, references, placements)
+        assert max(errors.values()) <= 1e-5, errors
+
+
 def test_load_config_reads_the_geometry_without_weights(tiny_checkpoint_untied):
     from model import load_config
 
