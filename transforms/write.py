@@ -298,6 +298,8 @@ def activations_to_numpy(table: pa.Table, column: str = "activation", dtype: str
         d_model = width // value_dtype.itemsize
         pieces = []
         for chunk in chunked.chunks:
+            if not len(chunk):
+                continue
             if chunk.null_count:
                 raise ValueError(f"column {column!r} holds {chunk.null_count} null vectors")
             data = chunk.buffers()[1]
