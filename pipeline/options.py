@@ -9,7 +9,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 DEFAULT_DATASET = "barc0/200k_HEAVY_gpt4o-description-gpt4omini-code_generated_problems"
 HOOK_CHOICES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 STORAGE_DTYPES = ("auto", "float32", "float16", "bfloat16")
-# Parquet encoding (BYTE_STREAM_SPLIT + ZSTD) is the host's heaviest work per token; leave cores for Beam and JAX.
+# Parquet encoding (ZSTD) and hashing are the host's heaviest work per token; leave cores for Beam and JAX.
 DEFAULT_WRITER_THREADS = min(16, max(2, (os.cpu_count() or 4) - 2))
 
 
@@ -28,6 +28,19 @@ def whole_number(name: str, minimum: int):
             raise argparse.ArgumentTypeError(f"--{name} must be at least {minimum}, got {value}")
         return value
 
+    return parse
+
+
+def positive_number(name: str):
+    """An argparse type for --name: a number above 0, with a message naming the option."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{name} takes a number, got {text!r}") from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"--{name} must be a finite number above 0, got {text}")
+        return value
     return parse
 
 
@@ -101,6 +114,10 @@ class ExtractOptions(PipelineOptions):
         group.add_argument("--writer_threads", type=_positive_int("writer_threads"), default=DEFAULT_WRITER_THREADS,
                            help="Threads per worker process encoding and writing shards while the next batch "
                                 "computes (default: the host's cores less two, 2 to 16).")
+        group.add_argument("--writer_memory_gib", type=positive_number("writer_memory_gib"), default=None,
+                           help="GiB of extracted activations that may wait for the writers before extraction "
+                                "waits for them (at least one batch always fits; default: a quarter of the "
+                                "host's memory, at most 16).")
         group.add_argument("--progress_interval", type=float, default=10.0,
                            help="Seconds between progress lines on the local runner (0: none).")
 

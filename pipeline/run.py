@@ -176,7 +176,8 @@ def build_pipeline(p: beam.Pipeline, opts: ExtractOptions, *, hooks, layers, com
         ExtractActivations(config), total_tokens=beam.pvalue.AsSingleton(total_tokens))
     summaries = extracted | "Write" >> WriteShards(
         output_root=opts.output, worker_prefix=worker_prefix(opts), model_name=opts.model,
-        compute_dtype=opts.dtype, storage_dtype=storage_dtype(opts), threads=opts.writer_threads)
+        compute_dtype=opts.dtype, storage_dtype=storage_dtype(opts), threads=opts.writer_threads,
+        memory_bytes=None if opts.writer_memory_gib is None else max(1, int(opts.writer_memory_gib * (1 << 30))))
     dead = (read.dead_letter, checked.dead_letter, tokenized.dead_letter) | "AllDeadLetters" >> beam.Flatten()
     dead | "WriteDeadLetters" >> WriteDeadLetters(opts.output, worker_prefix(opts))
     return summaries

@@ -1,3 +1,4 @@
+import concurrent.futures
 import json
 import os
 import zlib
@@ -268,9 +269,12 @@ def test_failed_attempt_cleans_its_temp_file_and_is_not_committed(tmp_path, monk
     assert len(committed_shards(root)) == 2
 
 
-def test_failure_between_activation_files_leaves_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("threads", [0, 2])
+def test_failure_between_activation_files_leaves_nothing(tmp_path, monkeypatch, threads):
+    """Sequential (no executor) and with the files written in parallel on an executor."""
     root = str(tmp_path / "out")
     batch = make_batch()
+    executor = concurrent.futures.ThreadPoolExecutor(threads) if threads else None
     real_upload, calls = write._upload, []
 
     def failing_upload(data, path):
@@ -282,7 +286,7 @@ def test_failure_between_activation_files_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(write, "_upload", failing_upload)
     with pytest.raises(IOError, match="injected"):
         ShardWriter(root, "h000", "m", "bfloat16").write_shard(
-            batch["batch_id"], batch["samples"], batch["placements"], extracted(batch))
+            batch["batch_id"], batch["samples"], batch["placements"], extracted(batch), executor)
     # The first file was uploaded under its temporary name, never renamed, and then deleted.
     assert os.path.basename(calls[0]).startswith(".tmp-")
     assert listing(root) == []
@@ -291,8 +295,64 @@ def test_failure_between_activation_files_leaves_nothing(tmp_path, monkeypatch):
         acts[("mlp_out", 0)] = acts[("mlp_out", 0)][:, :8]
         monkeypatch.undo()
         ShardWriter(root, "h000", "m", "bfloat16").write_shard(
-            batch["batch_id"], batch["samples"], batch["placements"], acts)
+            batch["batch_id"], batch["samples"], batch["placements"], acts, executor)
     assert listing(root) == []
+
+
+def test_files_written_in_parallel_are_the_same_files(tmp_path):
+    batch = make_batch()
+    acts = extracted(batch, hooks=[(hook, layer) for hook in ("mlp_out", "resid_post") for layer in range(5)])
+    summaries = {}
+    for name, executor in (("serial", None), ("parallel", concurrent.futures.ThreadPoolExecutor(3))):
+        summaries[name] = ShardWriter(str(tmp_path / name), "h000", "m", "bfloat16", "bfloat16").write_shard(
+            batch["batch_id"], batch["samples"], batch["placements"], acts, executor)
+    assert summaries["serial"] == summaries["parallel"] and summaries["serial"]["files"] == 11
+    serial, parallel = (committed_shards(str(tmp_path / name)) for name in ("serial", "parallel"))
+    assert serial[f"h000-{batch['batch_id']}"]["files"] == parallel[f"h000-{batch['batch_id']}"]["files"]
+
+
+def test_writer_holds_the_extractor_back_by_bytes(tmp_path, monkeypatch):
+    """Batches waiting for their writers never exceed the byte budget (one batch always fits), and every batch
+    is still written exactly once."""
+    import time
+
+    root = str(tmp_path / "out")
+    batches = [make_batch(prefix=p, lengths=(6, 2)) for p in "abcdef"]
+    elements = [{"batch_id": b["batch_id"], "samples": b["samples"], "placements": b["placements"],
+                 "activations": extracted(b)} for b in batches]
+    size = write._activation_bytes(elements[0])
+    fn = write._WriteShardFn(root, "h000", "m", "bfloat16", "bfloat16", threads=4, memory_bytes=2 * size + 1)
+    fn.setup()
+    real = fn._writer.write_shard
+
+    def slow(*args, **kwargs):
+        time.sleep(0.1)
+        return real(*args, **kwargs)
+
+    fn._writer.write_shard = slow
+    fn.start_bundle()
+    summaries, most = [], 0
+    for element in elements:
+        summaries += list(fn.process(element))
+        most = max(most, fn._pending_bytes)
+        assert fn._pending_bytes <= 2 * size + 1 and len(fn._pending) <= 2
+    summaries += [value.value for value in fn.finish_bundle()]
+    fn.teardown()
+    assert most >= size
+    assert sorted(s["shard"] for s in summaries) == sorted(f"h000-{b['batch_id']}" for b in batches)
+    assert len(committed_shards(root)) == 6
+    # A batch larger than the budget still goes, alone.
+    other = str(tmp_path / "other")
+    one_at_a_time = write._WriteShardFn(other, "h000", "m", "bfloat16", "bfloat16", threads=4, memory_bytes=1)
+    one_at_a_time.setup()
+    one_at_a_time.start_bundle()
+    written = []
+    for element in elements[:3]:
+        written += list(one_at_a_time.process(element))
+        assert len(one_at_a_time._pending) <= 1
+    written += [value.value for value in one_at_a_time.finish_bundle()]
+    one_at_a_time.teardown()
+    assert len(written) == 3 and len(committed_shards(other)) == 3
 
 
 def test_worker_prefix_is_checked(tmp_path):

@@ -14,6 +14,7 @@ import collections
 import concurrent.futures
 import hashlib
 import json
+import os
 import re
 import uuid
 from typing import Any, Iterable, Sequence
@@ -376,6 +377,14 @@ def _delete_quietly(paths: Iterable[str]) -> None:
             pass
 
 
+def _outcome(function, *args):
+    """(result, None) or (None, the exception): lets a caller wait for every task before cleaning up."""
+    try:
+        return function(*args), None
+    except BaseException as error:  # noqa: BLE001 - re-raised by the caller after cleanup
+        return None, error
+
+
 class ShardWriter:
     """Writes one shard per extracted batch, exactly once per shard name (see module docstring)."""
 
@@ -414,9 +423,36 @@ class ShardWriter:
             KEY_SHARD: shard, KEY_FORMAT_VERSION: str(FORMAT_VERSION),
         }
 
+    def _write_activation_file(self, shard: str, samples, placements, hook: str, layer: int,
+                               activation: np.ndarray) -> dict:
+        """Encodes one (hook, layer) file and uploads it under a temporary name (renamed by the caller)."""
+        table = activation_table(samples, placements, activation, hook, layer, self.storage_dtype)
+        metadata = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+        metadata.update(self._common_metadata(shard))
+        table = table.replace_schema_metadata(metadata)
+        d_model = int(metadata["d_model"])
+        itemsize = 2 if self.storage_dtype != "float32" else 4
+        data = _parquet_bytes(table, vector_columns=("activation",),
+                              row_group_size=max(1024, ROW_GROUP_BYTES // max(1, d_model * itemsize)),
+                              compression_level=self.compression_level)
+        relpath = activation_relpath(hook, layer, shard)
+        final = join(self.output_root, relpath)
+        temp = _temp_path(final)
+        try:
+            _upload(data, temp)
+        except BaseException:
+            _delete_quietly([temp])
+            raise
+        entry = {"path": relpath, "hook": hook, "layer": int(layer), "rows": table.num_rows, "bytes": data.size,
+                 "sha256": hashlib.sha256(memoryview(data)).hexdigest(), KEY_OVERFLOW: int(metadata[KEY_OVERFLOW])}
+        return {"file": entry, "temp": temp, "final": final, "d_model": d_model}
+
     def write_shard(self, batch_id: str, samples: Sequence[dict], placements: Sequence[Sequence[int]],
-                    activations: dict[tuple[str, int], np.ndarray]) -> dict:
-        """Writes every activation file of the batch, then the samples file (the commit marker).
+                    activations: dict[tuple[str, int], np.ndarray],
+                    executor: concurrent.futures.Executor | None = None) -> dict:
+        """Writes every activation file of the batch, then the samples file (the commit marker). With an
+        `executor`, the activation files are encoded and uploaded on it in parallel (a shard of all 24 layers is
+        24 files); the commit stays in the calling thread.
 
         Returns {"shard", "batch_id", "samples", "tokens", "rows", "bytes", "float16_overflow", "files",
         "already_committed"}."""
@@ -427,37 +463,31 @@ class ShardWriter:
             summary = self._committed_summary(shard, batch_id)
             if summary is not None:
                 return summary
-        files, overflow, d_models, moves = [], 0, set(), []
+        keys = sorted(activations, key=lambda key: (key[0], int(key[1])))
+
+        def write_one(key):
+            return self._write_activation_file(shard, samples, placements, key[0], key[1], activations[key])
+
+        # Every file is attempted and waited for before any cleanup, so no temporary file appears after it.
+        if executor is None:
+            outcomes = [_outcome(write_one, key) for key in keys]
+        else:
+            outcomes = [future.result() for future in [executor.submit(_outcome, write_one, key) for key in keys]]
+        written = [result for result, _ in outcomes if result is not None]
+        failures = [error for _, error in outcomes if error is not None]
         try:
-            for (hook, layer) in sorted(activations, key=lambda key: (key[0], int(key[1]))):
-                table = activation_table(samples, placements, activations[(hook, layer)], hook, layer,
-                                         self.storage_dtype)
-                metadata = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
-                metadata.update(self._common_metadata(shard))
-                table = table.replace_schema_metadata(metadata)
-                d_model = int(metadata["d_model"])
-                d_models.add(d_model)
-                if len(d_models) > 1:
-                    raise ValueError(f"batch {batch_id}: activations disagree on d_model: {sorted(d_models)}")
-                itemsize = 2 if self.storage_dtype != "float32" else 4
-                data = _parquet_bytes(table, vector_columns=("activation",),
-                                      row_group_size=max(1024, ROW_GROUP_BYTES // max(1, d_model * itemsize)),
-                                      compression_level=self.compression_level)
-                relpath = activation_relpath(hook, layer, shard)
-                final = join(self.output_root, relpath)
-                moves.append((_temp_path(final), final))
-                _upload(data, moves[-1][0])
-                file_overflow = int(metadata[KEY_OVERFLOW])
-                overflow += file_overflow
-                files.append({"path": relpath, "hook": hook, "layer": int(layer), "rows": table.num_rows,
-                              "bytes": data.size, "sha256": hashlib.sha256(memoryview(data)).hexdigest(),
-                              KEY_OVERFLOW: file_overflow})
-                del table, data
+            if failures:
+                raise failures[0]
+            d_models = {entry["d_model"] for entry in written}
+            if len(d_models) > 1:
+                raise ValueError(f"batch {batch_id}: activations disagree on d_model: {sorted(d_models)}")
             # One rename call for all of them: on GCS that is one batched copy and one batched delete.
-            FileSystems.rename([temp for temp, _ in moves], [final for _, final in moves])
+            FileSystems.rename([entry["temp"] for entry in written], [entry["final"] for entry in written])
         except BaseException:
-            _delete_quietly(temp for temp, _ in moves)
+            _delete_quietly(entry["temp"] for entry in written)
             raise
+        files = [entry["file"] for entry in written]
+        overflow = sum(f[KEY_OVERFLOW] for f in files)
         table = samples_table(samples)
         metadata = self._common_metadata(shard)
         metadata.update({
@@ -475,30 +505,57 @@ class ShardWriter:
         }
 
 
-class _WriteShardFn(beam.DoFn):
-    """Encodes and writes shards on a small thread pool (Parquet encoding, ZSTD and sha256 release the GIL), so the
-    extractor goes on to the next batch while earlier ones are written. A bundle finishes only once all of its
-    shards are committed, so a failed write fails the bundle and Beam's retry rewrites it."""
+def default_writer_memory_bytes() -> int:
+    """How many bytes of extracted activations may wait for their writers: a quarter of the host's memory, at
+    most 16 GiB (a batch of all 24 layers of Qwen2.5-0.5B at 32 x 2048 in bf16 is 2.8 GB)."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        physical = 16 << 30
+    return int(min(16 << 30, physical // 4))
 
-    def __init__(self, output_root, worker_prefix, model_name, compute_dtype, storage_dtype, threads=4):
+
+def _activation_bytes(extracted: dict) -> int:
+    return int(sum(np.asarray(values).nbytes for values in extracted["activations"].values()))
+
+
+class _WriteShardFn(beam.DoFn):
+    """Encodes and writes shards on threads (Parquet encoding, ZSTD and sha256 release the GIL), so the extractor
+    goes on to the next batch while earlier ones are written. Every (hook, layer) file is its own task on a pool
+    of `threads`, so one shard of many layers uses every thread; shards commit in their own threads. Batches
+    waiting for their writers are bounded by count (2 x threads) and by bytes (`memory_bytes`, at least one
+    batch): past either, the bundle waits for the oldest, which holds the extractor back instead of filling the
+    host's memory. A bundle finishes only once all of its shards are committed, so a failed write fails the
+    bundle and Beam's retry rewrites it."""
+
+    def __init__(self, output_root, worker_prefix, model_name, compute_dtype, storage_dtype, threads=4,
+                 memory_bytes=None):
         self._args = (output_root, worker_prefix, model_name, compute_dtype, storage_dtype)
         self._threads = threads
+        self._memory_bytes = memory_bytes
         self._shards = beam.metrics.Metrics.counter(NAMESPACE, "shards_written")
         self._samples = beam.metrics.Metrics.counter(NAMESPACE, "samples_written")
         self._rows = beam.metrics.Metrics.counter(NAMESPACE, "activation_rows_written")
         self._bytes = beam.metrics.Metrics.counter(NAMESPACE, "bytes_written")
         self._overflow = beam.metrics.Metrics.counter(NAMESPACE, "float16_overflow")
         self._skipped = beam.metrics.Metrics.counter(NAMESPACE, "shards_already_committed")
+        self._waits = beam.metrics.Metrics.counter(NAMESPACE, "writer_backpressure_waits")
 
     def setup(self):
         self._writer = ShardWriter(*self._args, skip_committed=True)
-        self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="shard-writer")
+        self._files = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="shard-file")
+        # Shard threads mostly wait for their files, then commit; a separate pool, so they never wait on
+        # themselves.
+        self._commits = concurrent.futures.ThreadPoolExecutor(2 * self._threads, thread_name_prefix="shard-commit")
+        self._budget = self._memory_bytes if self._memory_bytes is not None else default_writer_memory_bytes()
 
     def teardown(self):
-        self._pool.shutdown(wait=True)
+        self._commits.shutdown(wait=True)
+        self._files.shutdown(wait=True)
 
     def start_bundle(self):
-        self._pending = collections.deque()
+        self._pending = collections.deque()  # (future, activation bytes)
+        self._pending_bytes = 0
 
     def _count(self, summary):
         # Beam's metric containers are per thread: count here, in the bundle's thread, not in the pool.
@@ -513,33 +570,49 @@ class _WriteShardFn(beam.DoFn):
             self._overflow.inc(summary[KEY_OVERFLOW])
         return summary
 
+    def _pop(self):
+        future, size = self._pending.popleft()
+        if not future.done():
+            self._waits.inc()
+        summary = future.result()
+        self._pending_bytes -= size
+        return self._count(summary)
+
     def process(self, extracted):
-        self._pending.append(self._pool.submit(
+        size = _activation_bytes(extracted)
+        # Room first: the new batch waits (and so does the extractor) until it fits beside the others.
+        while self._pending and (len(self._pending) >= 2 * self._threads
+                                 or self._pending_bytes + size > self._budget):
+            yield self._pop()
+        future = self._commits.submit(
             self._writer.write_shard, extracted["batch_id"], extracted["samples"], extracted["placements"],
-            extracted["activations"]))
-        # At most 2x threads shards in memory; finished ones are emitted in order.
-        while self._pending and (self._pending[0].done() or len(self._pending) > 2 * self._threads):
-            yield self._count(self._pending.popleft().result())
+            extracted["activations"], self._files)
+        self._pending.append((future, size))
+        self._pending_bytes += size
+        while self._pending and self._pending[0][0].done():
+            yield self._pop()
 
     def finish_bundle(self):
         while self._pending:
-            summary = self._count(self._pending.popleft().result())
-            yield beam.transforms.window.GlobalWindows.windowed_value(summary)
+            yield beam.transforms.window.GlobalWindows.windowed_value(self._pop())
 
 
 class WriteShards(beam.PTransform):
     """ExtractedBatch dicts -> one committed shard each; emits the per-shard summary dicts of write_shard.
-    A retried element whose shard is already committed is not rewritten (skip_committed)."""
+    A retried element whose shard is already committed is not rewritten (skip_committed). `memory_bytes`:
+    activation bytes that may wait for the writers (default: default_writer_memory_bytes())."""
 
     def __init__(self, output_root: str, worker_prefix: str, model_name: str, compute_dtype: str,
-                 storage_dtype: str = "float32", threads: int = 4):
+                 storage_dtype: str = "float32", threads: int = 4, memory_bytes: int | None = None):
         super().__init__()
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage dtype {storage_dtype!r}: expected one of {', '.join(STORAGE_DTYPES)}")
         if threads < 1:
             raise ValueError(f"writer threads must be at least 1, got {threads}")
+        if memory_bytes is not None and memory_bytes < 1:
+            raise ValueError(f"writer memory must be at least 1 byte, got {memory_bytes}")
         check_worker_prefix(worker_prefix)
-        self._args = (output_root, worker_prefix, model_name, compute_dtype, storage_dtype, threads)
+        self._args = (output_root, worker_prefix, model_name, compute_dtype, storage_dtype, threads, memory_bytes)
 
     def expand(self, extracted):
         return extracted | "WriteShard" >> beam.ParDo(_WriteShardFn(*self._args))
