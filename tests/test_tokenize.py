@@ -11,8 +11,8 @@ from transforms.annotations import ANNOTATION_DTYPES, PART_CODES, part_names
 from transforms.grid_encoders import create_grid_encoder
 from transforms.prompts import build_prompt
 from transforms.tokenize import (
-    PromptTooLong, TokenizeSamples, encode_text, tokenize_arc_sample, tokenize_arc_sample_with_count,
-    tokenize_text_sample,
+    PromptTooLong, TokenizeSamples, encode_text, encode_texts, tokenize_arc_sample, tokenize_arc_sample_with_count,
+    tokenize_arc_samples, tokenize_text_sample,
 )
 
 RNG = np.random.default_rng(0)
@@ -218,3 +218,42 @@ def test_tokenizer_source_follows_the_model_spec(tokenizer_dir):
     assert cached_tokenizer("random:qwen2.5-0.5b?layers=2").convert_tokens_to_ids("<|im_start|>") == 151644
     with pytest.raises(Exception, match="does not exist"):
         cached_tokenizer("/nonexistent/checkpoint")
+
+
+def test_batched_tokenization_equals_one_sample_at_a_time(qwen_tokenizer):
+    """What TokenizeSamples runs (a batch of prompts in one tokenizer call) gives each sample exactly what the
+    one-sample path gives, errors included, in order."""
+    encoder = create_grid_encoder()
+    long = arc_sample("d:long/t0/a0", train_shapes=((9, 9), (8, 9), (9, 8), (7, 9)), test_shape=(9, 9))
+    broken = dict(arc_sample("d:broken/t0/a0"))
+    del broken["test_input"]
+    samples = [arc_sample(f"d:t{i}/t0/a0", test_shape=(i + 1, 3)) for i in range(5)] + [long, broken, "not a dict"]
+    one_train = len(tokenize_arc_sample_with_count(long, qwen_tokenizer, encoder, max_seq_len=10**6)[0]["token_ids"])
+    seen = set()
+    for max_seq_len in (10**6, one_train - 150, 40):
+        outcomes = tokenize_arc_samples(samples, qwen_tokenizer, encoder, max_seq_len=max_seq_len)
+        seen.update(type(error).__name__ for _, error in outcomes if error is not None)
+        seen.update("dropped" for result, _ in outcomes if result is not None and result[1] < 4 and
+                    result[0]["sample_id"] == long["sample_id"])
+        assert len(outcomes) == len(samples)
+        for sample, (result, error) in zip(samples, outcomes):
+            try:
+                want, want_error = tokenize_arc_sample_with_count(sample, qwen_tokenizer, encoder,
+                                                                  max_seq_len=max_seq_len), None
+            except (KeyError, TypeError, ValueError, IndexError) as caught:
+                want, want_error = None, caught
+            if want_error is not None:
+                assert result is None and type(error) is type(want_error) and str(error) == str(want_error)
+                continue
+            assert error is None and result[1] == want[1]
+            assert result[0]["prompt"] == want[0]["prompt"]
+            np.testing.assert_array_equal(result[0]["token_ids"], want[0]["token_ids"])
+            for key, values in want[0]["annotations"].items():
+                np.testing.assert_array_equal(result[0]["annotations"][key], values)
+    assert seen == {"dropped", "PromptTooLong", "KeyError", "TypeError"}, seen
+    assert tokenize_arc_samples([], qwen_tokenizer, encoder) == []
+    texts = ["a b c", "", "<|im_start|>user\n12 34"]
+    for (ids, offsets), text in zip(encode_texts(qwen_tokenizer, texts), texts):
+        want_ids, want_offsets = encode_text(qwen_tokenizer, text)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(offsets, want_offsets)

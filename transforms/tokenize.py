@@ -26,6 +26,8 @@ from transforms.prompts import (
 )
 
 TOKENIZED_TAG = "samples"
+# Samples whose prompts are tokenized in one call (on all cores); a few MB of prompt text.
+TOKENIZE_BATCH = 64
 DEFAULT_MAX_SEQ_LEN = 8192
 
 
@@ -59,7 +61,15 @@ def _backend(tokenizer):
 def encode_text(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
     """Token ids (int32 [n]) and character offsets (int32 [n, 2]) of ``text``, without added special tokens
     (special tokens written in the text, such as the chat template's, are recognised)."""
-    encoding = _backend(tokenizer).encode(text, add_special_tokens=False)
+    return _arrays(_backend(tokenizer).encode(text, add_special_tokens=False))
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``encode_text`` of each text, in one call: the Rust tokenizer encodes them on all cores, without the GIL."""
+    return [_arrays(encoding) for encoding in _backend(tokenizer).encode_batch(texts, add_special_tokens=False)]
+
+
+def _arrays(encoding) -> tuple[np.ndarray, np.ndarray]:
     ids = np.asarray(encoding.ids, dtype=np.int32)
     # fromiter over the flattened pairs is ~2.5x faster than asarray on a list of tuples (hot path).
     offsets = np.fromiter(itertools.chain.from_iterable(encoding.offsets), dtype=np.int32,
@@ -102,19 +112,59 @@ def tokenize_arc_sample_with_count(
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
 ) -> tuple[dict[str, Any], int]:
     """``tokenize_arc_sample`` and how many train examples the prompt kept."""
+    encoded, prompt = _first_prompt(sample, tokenizer, encoder, prompt_version, prompt_mode)
+    ids, offsets = encode_text(tokenizer, prompt.text)
+    return _fit_arc_sample(sample, encoded, prompt, ids, offsets, tokenizer, prompt_version, prompt_mode,
+                           max_seq_len)
+
+
+def tokenize_arc_samples(
+    samples: list[dict[str, Any]], tokenizer, encoder: GridEncoder,
+    prompt_version: str = DEFAULT_PROMPT_VERSION, prompt_mode: str = DEFAULT_PROMPT_MODE,
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+) -> list[tuple[tuple[dict[str, Any], int] | None, Exception | None]]:
+    """``tokenize_arc_sample_with_count`` of each sample, the same results, with the prompts of all samples
+    tokenized in one ``encode_texts`` call (all cores). Returns (result, None) or (None, error) per sample, in
+    order: a malformed sample fails alone."""
+    outcomes: list = [None] * len(samples)
+    firsts = {}
+    for index, sample in enumerate(samples):
+        try:
+            firsts[index] = _first_prompt(sample, tokenizer, encoder, prompt_version, prompt_mode)
+        except SAMPLE_ERRORS as error:
+            outcomes[index] = (None, error)
+    encodings = encode_texts(tokenizer, [prompt.text for _, prompt in firsts.values()])
+    for (index, (encoded, prompt)), (ids, offsets) in zip(firsts.items(), encodings):
+        try:
+            outcomes[index] = (_fit_arc_sample(samples[index], encoded, prompt, ids, offsets, tokenizer,
+                                               prompt_version, prompt_mode, max_seq_len), None)
+        except SAMPLE_ERRORS as error:
+            outcomes[index] = (None, error)
+    return outcomes
+
+
+# What a malformed or too-long sample raises; it must reject that sample, not stop the run.
+SAMPLE_ERRORS = (KeyError, TypeError, ValueError, IndexError)
+
+
+def _first_prompt(sample, tokenizer, encoder, prompt_version, prompt_mode):
+    """The encoded grids and the prompt with every train example."""
     encoded = encode_sample(encoder, sample["train"], sample["test_input"], sample.get("test_output"))
+    return encoded, render_prompt(tokenizer, encoded, prompt_version, prompt_mode, len(encoded.train))
+
+
+def _fit_arc_sample(sample, encoded, prompt, ids, offsets, tokenizer, prompt_version, prompt_mode, max_seq_len):
+    """From the first prompt's tokens: drops train examples from the end until the prompt fits, then annotates."""
     num_train = len(encoded.train)
-    while True:
-        prompt = render_prompt(tokenizer, encoded, prompt_version, prompt_mode, num_train)
-        ids, offsets = encode_text(tokenizer, prompt.text)
-        if len(ids) <= max_seq_len:
-            break
+    while len(ids) > max_seq_len:
         if num_train <= 1:
             raise PromptTooLong(
                 f"prompt has {len(ids)} tokens with {num_train} train example(s) "
                 f"(of {len(encoded.train)}), more than --max_seq_len={max_seq_len}; raise --max_seq_len "
                 "or use a more compact --grid_encoder")
         num_train = _fewer_examples(prompt, offsets, len(ids), max_seq_len)
+        prompt = render_prompt(tokenizer, encoded, prompt_version, prompt_mode, num_train)
+        ids, offsets = encode_text(tokenizer, prompt.text)
     labels = label_characters(len(prompt.text), prompt.spans, prompt.cells)
     return ({
         "sample_id": sample["sample_id"],
@@ -170,34 +220,51 @@ class _TokenizeDoFn(beam.DoFn):
         self.train_examples_dropped = counter("train_examples_dropped")
         self.chat_template_checked = False
 
-    def process(self, sample):
-        is_text = isinstance(sample, dict) and "text" in sample
-        if not is_text and not self.chat_template_checked:
+    def process(self, samples):
+        """`samples`: a list (from BatchElements), so that the prompts of many ARC samples are tokenized in one
+        call on all cores."""
+        arc = []
+        for sample in samples:
+            if isinstance(sample, dict) and "text" in sample:
+                try:
+                    outputs = tokenize_text_sample(sample, self.tokenizer, self.max_seq_len)
+                except SAMPLE_ERRORS as error:
+                    yield self._reject(sample, error)
+                    continue
+                yield from self._emit(outputs)
+            else:
+                arc.append(sample)
+        if not arc:
+            return
+        if not self.chat_template_checked:
             # Checked on the first ARC sample, not in setup: text corpora need no chat template.
             check_chat_template(self.tokenizer, self.prompt_version)
             self.chat_template_checked = True
-        try:
-            if is_text:
-                outputs = tokenize_text_sample(sample, self.tokenizer, self.max_seq_len)
-            else:
-                tokenized, kept = tokenize_arc_sample_with_count(
-                    sample, self.tokenizer, self.encoder, self.prompt_version, self.prompt_mode, self.max_seq_len)
-                dropped = len(sample["train"]) - kept
-                if dropped:
-                    self.train_examples_dropped.inc(dropped)
-                outputs = [tokenized]
-        except (KeyError, TypeError, ValueError, IndexError) as error:
-            # PromptTooLong is a ValueError; KeyError & co. mean a malformed sample, which must not stop the run.
-            self.samples_rejected.inc()
-            source = sample.get("source", "<unknown>") if isinstance(sample, dict) else "<unknown>"
-            reason = str(error) if isinstance(error, PromptTooLong) else f"{type(error).__name__}: {error}"
-            sample_id = sample.get("sample_id", "?") if isinstance(sample, dict) else "?"
-            yield reject(source, "tokenize", f"sample {sample_id}: {reason}", sample)
-            return
+        outcomes = tokenize_arc_samples(arc, self.tokenizer, self.encoder, self.prompt_version, self.prompt_mode,
+                                        self.max_seq_len)
+        for sample, (result, error) in zip(arc, outcomes):
+            if error is not None:
+                yield self._reject(sample, error)
+                continue
+            tokenized, kept = result
+            dropped = len(sample["train"]) - kept
+            if dropped:
+                self.train_examples_dropped.inc(dropped)
+            yield from self._emit([tokenized])
+
+    def _emit(self, outputs):
         for output in outputs:
             self.samples_tokenized.inc()
             self.tokens.inc(len(output["token_ids"]))
             yield output
+
+    def _reject(self, sample, error):
+        # PromptTooLong is a ValueError; KeyError & co. mean a malformed sample, which must not stop the run.
+        self.samples_rejected.inc()
+        source = sample.get("source", "<unknown>") if isinstance(sample, dict) else "<unknown>"
+        reason = str(error) if isinstance(error, PromptTooLong) else f"{type(error).__name__}: {error}"
+        sample_id = sample.get("sample_id", "?") if isinstance(sample, dict) else "?"
+        return reject(source, "tokenize", f"sample {sample_id}: {reason}", sample)
 
 
 class TokenizeSamples(beam.PTransform):
@@ -224,4 +291,6 @@ class TokenizeSamples(beam.PTransform):
                                  prompt_version, prompt_mode, max_seq_len)
 
     def expand(self, samples):
-        return samples | "Tokenize" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTER_TAG, main=TOKENIZED_TAG)
+        return (samples
+                | "Group" >> beam.BatchElements(min_batch_size=TOKENIZE_BATCH, max_batch_size=TOKENIZE_BATCH)
+                | "Tokenize" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTER_TAG, main=TOKENIZED_TAG))
