@@ -433,3 +433,19 @@ def test_writer_resume_and_verify_on_gcs_emulator(gcs_emulator):
     table = ds.dataset(f"{gcs_emulator.bucket}/writer/run/activations", format="parquet", partitioning="hive",
                        filesystem=gcs).to_table()
     assert table.num_rows == 2 * 17
+
+
+def test_extractor_storage_conversion():
+    import warnings
+
+    from transforms.extract import to_storage
+
+    values = bf16_activations(5)
+    assert to_storage(values, "bfloat16") is values  # the default: what left the device is what is stored
+    widened = to_storage(values, "float32")
+    np.testing.assert_array_equal(widened.astype(ml_dtypes.bfloat16).view(np.uint16), values.view(np.uint16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isinf(to_storage(np.array([[1e6]], np.float32), "float16")).all()  # counted by the writer
+    with pytest.raises(ValueError, match="unknown storage dtype 'int8'"):
+        to_storage(values, "int8")

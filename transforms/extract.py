@@ -16,6 +16,7 @@ from apache_beam.utils import shared
 
 from model.hooks import hook_name
 from transforms.metrics import NAMESPACE
+from transforms.write import storage_numpy_dtype
 
 _LOG = logging.getLogger(__name__)
 
@@ -56,16 +57,8 @@ def real_token_index(placements, batch_shape) -> tuple[np.ndarray, np.ndarray]:
 
 def to_storage(values: np.ndarray, storage_dtype: str) -> np.ndarray:
     """Host-side conversion to the storage representation; float32 widening of bf16/f16 is exact."""
-    if storage_dtype == "float32":
-        return values.astype(np.float32, copy=False)
-    if storage_dtype == "float16":
-        with np.errstate(over="ignore"):  # the writer counts every value that became inf
-            return values.astype(np.float16, copy=False)
-    if storage_dtype == "bfloat16":
-        import ml_dtypes
-
-        return values.astype(ml_dtypes.bfloat16, copy=False)
-    raise ValueError(f"unknown storage dtype {storage_dtype!r}")
+    with np.errstate(over="ignore"):  # float16: the writer counts every value that became inf
+        return values.astype(storage_numpy_dtype(storage_dtype), copy=False)
 
 
 class _ModelHandle:

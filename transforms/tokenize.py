@@ -35,6 +35,10 @@ class PromptTooLong(ValueError):
     pass
 
 
+# What a malformed or too-long sample raises; it must reject that sample, not stop the run.
+SAMPLE_ERRORS = (KeyError, TypeError, ValueError, IndexError)
+
+
 @functools.lru_cache(maxsize=4)
 def cached_tokenizer(tokenizer_source: str | None):
     """One tokenizer per worker process and source: DoFn.setup runs per DoFn instance, this runs once."""
@@ -141,10 +145,6 @@ def tokenize_arc_samples(
         except SAMPLE_ERRORS as error:
             outcomes[index] = (None, error)
     return outcomes
-
-
-# What a malformed or too-long sample raises; it must reject that sample, not stop the run.
-SAMPLE_ERRORS = (KeyError, TypeError, ValueError, IndexError)
 
 
 def _first_prompt(sample, tokenizer, encoder, prompt_version, prompt_mode):
