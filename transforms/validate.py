@@ -102,14 +102,17 @@ def _validate_pairs(pairs: Any, field: str, output_required: bool) -> list[str]:
     return reasons
 
 
+def _missing_strings(record: dict, keys) -> list[str]:
+    """A reason for each of `keys` whose value is not a non-empty str."""
+    return [f"{key} is {_describe(record.get(key))}, expected a non-empty str"
+            for key in keys if not isinstance(record.get(key), str) or not record.get(key)]
+
+
 def validate_task(task: Any) -> list[str]:
     """Reasons why ``task`` is not a valid ``ArcTask``; an empty list means valid."""
     if not isinstance(task, dict):
         return [f"task is {_describe(task)}, expected a dict"]
-    reasons = []
-    for key in ("record_id", "dataset", "task_id", "source"):
-        if not isinstance(task.get(key), str) or not task.get(key):
-            reasons.append(f"{key} is {_describe(task.get(key))}, expected a non-empty str")
+    reasons = _missing_strings(task, ("record_id", "dataset", "task_id", "source"))
     reasons += _validate_pairs(task.get("train"), "train", output_required=True)
     reasons += _validate_pairs(task.get("test"), "test", output_required=False)
     return reasons
@@ -119,10 +122,7 @@ def validate_text_sample(sample: Any) -> list[str]:
     """Reasons why ``sample`` is not a valid ``TextSample``; an empty list means valid."""
     if not isinstance(sample, dict):
         return [f"sample is {_describe(sample)}, expected a dict"]
-    reasons = []
-    for key in ("sample_id", "dataset", "task_id", "source"):
-        if not isinstance(sample.get(key), str) or not sample.get(key):
-            reasons.append(f"{key} is {_describe(sample.get(key))}, expected a non-empty str")
+    reasons = _missing_strings(sample, ("sample_id", "dataset", "task_id", "source"))
     text = sample.get("text")
     if not isinstance(text, str):
         reasons.append(f"text is {_describe(text)}, expected a str")
