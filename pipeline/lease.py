@@ -4,7 +4,8 @@
 (local disk: a hard link of a fully written temporary file, which fails when the name exists; gs://: an upload
 with the precondition `if_generation_match=0`). The holder rewrites it every `timeout / 4` seconds and deletes it
 at the end. A second run on the same share refuses at once and names the holder. A lease whose holder stopped
-renewing for longer than its timeout, or whose holder process is gone from this machine, is taken over (logged):
+renewing for longer than its timeout, or whose holder process is gone from this machine (or whose machine has
+restarted, as a preempted VM recreated under its name has), is taken over (logged):
 local disk renames the stale file away first (only one contender's rename succeeds); gs:// deletes it with a
 generation precondition. Different host indices hold different leases and run side by side.
 """
@@ -165,12 +166,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def boot_id() -> str | None:
+    """This machine's boot id (Linux): a VM recreated under the same name has a new one."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
+
+
 def stale_reason(holder: dict, timeout_s: float, now: float | None = None) -> str | None:
     """Why a recorded holder no longer holds its lease, or None while it does."""
     now = time.time() if now is None else now
-    if holder.get("hostname") == socket.gethostname() and isinstance(holder.get("pid"), int) \
-            and not _pid_alive(holder["pid"]):
-        return f"its process {holder['pid']} on this machine is gone"
+    if holder.get("hostname") == socket.gethostname():
+        if holder.get("boot_id") and boot_id() and holder["boot_id"] != boot_id():
+            return "its machine has restarted since"
+        if isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
+            return f"its process {holder['pid']} on this machine is gone"
     age = now - float(holder.get("renewed_unix", 0))
     if age > float(holder.get("timeout_s", timeout_s)):
         return f"it was last renewed {age:.0f} s ago, past its {float(holder.get('timeout_s', timeout_s)):.0f} s timeout"
@@ -201,6 +213,7 @@ class Lease:
     def _record(self) -> bytes:
         return json.dumps({
             "share": self.share, "run_id": self.run_id, "hostname": socket.gethostname(), "pid": os.getpid(),
+            "boot_id": boot_id(),
             "started": self.started, "renewed": _now_iso(), "renewed_unix": time.time(),
             "timeout_s": self.timeout_s}, sort_keys=True).encode()
 
