@@ -620,7 +620,7 @@ class ActivationBatches:
                 raise ValueError(f"load_state_dict: {self._units[unit].file.path} lacks rows the state buffered")
             self._vectors[wanted] = values[found]
             for name, column in (columns or {}).items():
-                self._columns[name][wanted] = column[found]
+                self._column(name, column.dtype)[wanted] = column[found]
         self._unit_of[:len(units)], self._row_of[:len(units)] = units, rows
         self._count = len(units)
 
@@ -634,6 +634,11 @@ class ActivationBatches:
             self._vectors = np.empty((self._capacity, self._ds.d_model), self._storage)
             self._unit_of = np.empty(self._capacity, np.int64)
             self._row_of = np.empty(self._capacity, np.int64)
+
+    def _column(self, name: str, dtype) -> np.ndarray:
+        if name not in self._columns:
+            self._columns[name] = np.empty(self._capacity, dtype)
+        return self._columns[name]
 
     def _decode(self, unit: int):
         return self._ds._read_unit(self._units[unit], self._where, self._join, self.with_metadata)
@@ -672,11 +677,8 @@ class ActivationBatches:
         self._vectors[self._count:end] = values
         self._unit_of[self._count:end] = unit
         self._row_of[self._count:end] = rows
-        if columns:
-            for name, column in columns.items():
-                if name not in self._columns:
-                    self._columns[name] = np.empty(self._capacity, column.dtype)
-                self._columns[name][self._count:end] = column
+        for name, column in (columns or {}).items():
+            self._column(name, column.dtype)[self._count:end] = column
         self._count = end
 
     def _emit(self, n: int):
