@@ -99,7 +99,7 @@ class _GcsStore:
         if not bucket:
             raise ValueError(f"{root}: a gs:// output needs a bucket, e.g. gs://bucket/prefix")
         self.root, self.bucket_name, self.prefix = root.rstrip("/"), bucket, prefix.strip("/")
-        self._local = threading.local()
+        self._local, self._lock, self._auth = threading.local(), threading.Lock(), None
 
     def __str__(self):
         return self.root
@@ -109,7 +109,7 @@ class _GcsStore:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._local = threading.local()
+        self._local, self._lock, self._auth = threading.local(), threading.Lock(), None
 
     def _bucket(self):
         # A client per thread: the readahead threads download in parallel.
@@ -117,12 +117,19 @@ class _GcsStore:
         if bucket is None:
             from google.cloud import storage
 
-            if os.environ.get("STORAGE_EMULATOR_HOST"):
-                from google.auth.credentials import AnonymousCredentials
+            with self._lock:
+                if self._auth is None:
+                    # Looked up once per store, shared by the threads' clients.
+                    if os.environ.get("STORAGE_EMULATOR_HOST"):
+                        from google.auth.credentials import AnonymousCredentials
 
-                client = storage.Client(project="emulator", credentials=AnonymousCredentials())
-            else:
-                client = storage.Client()
+                        self._auth = (AnonymousCredentials(), "emulator")
+                    else:
+                        import google.auth
+
+                        self._auth = google.auth.default()
+            credentials, project = self._auth
+            client = storage.Client(project=project, credentials=credentials)
             bucket = self._local.bucket = client.bucket(self.bucket_name)
         return bucket
 
@@ -257,8 +264,7 @@ class ActivationDataset:
                                  "truncated or rewritten, refused; run python -m pipeline.verify on it")
             files.append(file)
         if check_sha256:
-            for file, digest in zip(files, _parallel(lambda f: hashlib.sha256(store.read_bytes(f.path)).hexdigest(),
-                                                     files)):
+            for file, digest in zip(files, _parallel(lambda f: self._sha256(f.path), files)):
                 if digest != file.sha256:
                     raise ValueError(f"{store.path(file.path)}: sha256 {digest} differs from the {self.source}' "
                                      f"{file.sha256}: the file is corrupt, refused")
@@ -269,6 +275,13 @@ class ActivationDataset:
         self.hooks = tuple(sorted({h for h, _ in pairs}, key=lambda h: (_HOOK_ORDER + (h,)).index(h)))
         self.layers = tuple(sorted({layer for _, layer in pairs}))
         self._pairs = pairs
+
+    def _sha256(self, relpath: str) -> str:
+        sha = hashlib.sha256()
+        with self._store.open(relpath) as handle:
+            while chunk := handle.read(8 << 20):
+                sha.update(chunk)
+        return sha.hexdigest()
 
     def _marker(self, relpath: str) -> dict:
         with self._store.open(relpath) as handle:
@@ -723,6 +736,12 @@ class ActivationBatches:
             self._reset(self._epoch + 1)
         self.close()
         raise StopIteration
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def close(self) -> None:
         """Stops the readahead threads (also done at the end of the last epoch)."""
