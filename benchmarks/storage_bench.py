@@ -29,7 +29,8 @@ import ml_dtypes  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from transforms.write import ROW_GROUP_BYTES, _parquet_bytes, activation_table, activations_to_numpy  # noqa: E402
+from transforms.output_format import activations_to_numpy, parquet_bytes, row_group_rows  # noqa: E402
+from transforms.write import activation_table  # noqa: E402
 
 SAMPLE_TOKENS = 2048
 
@@ -65,16 +66,11 @@ def make_values(kind: str, tokens: int, d_model: int, rng, compute: str = "bfloa
     return values.astype(ml_dtypes.bfloat16) if compute == "bfloat16" else values
 
 
-def row_group_rows(d_model: int, storage_dtype: str) -> int:
-    itemsize = 4 if storage_dtype == "float32" else 2
-    return max(1024, ROW_GROUP_BYTES // (d_model * itemsize))
-
-
 def encode(table, storage_dtype, level):
     """Format 2, exactly as the shard writer encodes it."""
     d_model = int(table.schema.metadata[b"d_model"])
-    return _parquet_bytes(table, vector_columns=("activation",), row_group_size=row_group_rows(d_model, storage_dtype),
-                          compression_level=level)
+    return parquet_bytes(table, vector_columns=("activation",), row_group_size=row_group_rows(d_model, storage_dtype),
+                         compression_level=level)
 
 
 def encode_format1(table, storage_dtype, level):

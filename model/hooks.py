@@ -4,8 +4,12 @@ from __future__ import annotations
 import dataclasses
 import re
 
-# Short names, in the order they occur inside a block.
+# Short names, in the order they occur inside a block. The writer, the options, the reader and the bench take
+# the vocabulary from here.
 HOOKS: tuple[str, ...] = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+BLOCK_HOOKS = HOOKS
+# The final RMSNorm's normalised input: short name (an output directory `hook=ln_final`) and TransformerLens name.
+FINAL_NORM_HOOK = "ln_final"
 FINAL_NORM_NAME = "ln_final.hook_normalized"
 LOGITS_NAME = "logits"
 OUT_DTYPES = ("float32", "bfloat16", "float16")
@@ -16,6 +20,16 @@ _HOOK_NAME = re.compile(r"^blocks\.(\d+)\.hook_(\w+)$")
 def hook_name(layer: int, hook: str) -> str:
     """The TransformerLens name of a block hook, e.g. `blocks.12.hook_resid_post`."""
     return f"blocks.{layer}.hook_{hook}"
+
+
+def transformer_lens_name(hook: str, layer: int) -> str:
+    """The TransformerLens name of a short hook name at a layer: `blocks.{layer}.hook_{hook}` for block hooks,
+    `ln_final.hook_normalized` for the final norm (whatever the layer)."""
+    if hook in BLOCK_HOOKS:
+        return hook_name(int(layer), hook)
+    if hook == FINAL_NORM_HOOK:
+        return FINAL_NORM_NAME
+    raise ValueError(f"unknown hook {hook!r}: expected one of {', '.join(BLOCK_HOOKS + (FINAL_NORM_HOOK,))}")
 
 
 def split_hook_name(name: str) -> tuple[str, int]:

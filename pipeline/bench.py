@@ -653,6 +653,7 @@ def ours_copy(model, batches, warmup: int, layers, dtype: str, profile=None) -> 
     import numpy as np
 
     from model import CaptureSpec
+    from model.hooks import hook_name
     from transforms.extract import transfer_dtype
 
     spec = CaptureSpec(hooks=(HOOK,), layers=tuple(layers), out_dtype=transfer_dtype(dtype, dtype))
@@ -661,7 +662,7 @@ def ours_copy(model, batches, warmup: int, layers, dtype: str, profile=None) -> 
     first = {name: np.asarray(value) for name, value in model.capture(*batches[0], spec).items()}
     compile_s = time.perf_counter() - started
     host_bytes = sum(v.nbytes for v in first.values())
-    first_rows = {layer: first[f"blocks.{layer}.hook_{HOOK}"][0].copy() for layer in layers}
+    first_rows = {layer: first[hook_name(layer, HOOK)][0].copy() for layer in layers}
     del first
 
     def run(selected):

@@ -87,7 +87,7 @@ def mismatch_message(where: str, recorded: dict[str, str], wanted: dict[str, str
 def group_by_identity(markers: dict[str, dict]) -> dict[str | None, list[str]]:
     """Commit markers (shard -> metadata) grouped by the identity they record (None: written before identities
     were recorded)."""
-    from transforms.write import KEY_IDENTITY
+    from transforms.output_format import KEY_IDENTITY
 
     groups: dict[str | None, list[str]] = {}
     for shard in sorted(markers):

@@ -16,24 +16,21 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import identity as identity_lib
-from transforms.write import (
+from transforms.output_format import (
     ACTIVATIONS_DIR,
     DEAD_LETTER_DIR,
     FORMAT_VERSION,
     KEY_OVERFLOW,
+    MANIFEST_NAME,
+    RUNS_DIR,
     TEMP_PREFIX,
-    _name,
-    _parallel,
-    _put,
-    committed_shards,
-    join,
+    basename,
     relative_to,
 )
+from transforms.write import committed_shards, join, parallel_map, put_atomic
 
-MANIFEST_NAME = "manifest.json"
-# One record per host of what its last run was (options, times, Beam counters). pyarrow.dataset skips names that
-# start with "_", and the manifest merges them, so with several hosts the manifest counts every host's reads.
-RUNS_DIR = "_runs"
+# RUNS_DIR holds one record per host of what its last run was (options, times, Beam counters); the manifest merges
+# them, so with several hosts it counts every host's reads.
 _READ_CHUNK = 8 * 1024 * 1024
 
 
@@ -65,7 +62,7 @@ def scan_dead_letters(path: str) -> tuple[int, str, Counter]:
 
 def dead_letter_files(output_root: str) -> list[str]:
     paths = [m.path for m in FileSystems.match([join(output_root, f"{DEAD_LETTER_DIR}/*.jsonl")])[0].metadata_list]
-    return sorted(p for p in paths if not _name(p).startswith(TEMP_PREFIX))
+    return sorted(p for p in paths if not basename(p).startswith(TEMP_PREFIX))
 
 
 def build_manifest(output_root: str, run_info: dict[str, Any]) -> dict[str, Any]:
@@ -83,7 +80,7 @@ def build_manifest(output_root: str, run_info: dict[str, Any]) -> dict[str, Any]
     listed_activation_files = set()
 
     samples_paths = [join(output_root, meta["path"]) for meta in shards.values()]
-    digests = dict(zip(samples_paths, _parallel(file_digest, samples_paths)))
+    digests = dict(zip(samples_paths, parallel_map(file_digest, samples_paths)))
     for shard in sorted(shards):
         meta = shards[shard]
         size, sha = digests[join(output_root, meta["path"])]
@@ -105,7 +102,7 @@ def build_manifest(output_root: str, run_info: dict[str, Any]) -> dict[str, Any]
 
     rejected_by_stage: Counter = Counter()
     dead_paths = dead_letter_files(output_root)
-    for path, (size, sha, stages) in zip(dead_paths, _parallel(scan_dead_letters, dead_paths)):
+    for path, (size, sha, stages) in zip(dead_paths, parallel_map(scan_dead_letters, dead_paths)):
         rejected_by_stage.update(stages)
         files.append({"path": relative_to(output_root, path), "kind": "dead_letter", "rows": sum(stages.values()),
                       "bytes": size, "sha256": sha})
@@ -113,7 +110,7 @@ def build_manifest(output_root: str, run_info: dict[str, Any]) -> dict[str, Any]
     warnings = []
     for meta in FileSystems.match([join(output_root, f"{ACTIVATIONS_DIR}/**")])[0].metadata_list:
         relpath = relative_to(output_root, meta.path)
-        if _name(meta.path).startswith(TEMP_PREFIX):
+        if basename(meta.path).startswith(TEMP_PREFIX):
             warnings.append(f"temporary file {relpath} (a killed or running writer left it)")
         elif relpath not in listed_activation_files:
             warnings.append(f"uncommitted activation file {relpath}: no samples file lists it")
@@ -151,14 +148,14 @@ def write_manifest(output_root: str, manifest: dict[str, Any]) -> str:
     """Writes OUTPUT/manifest.json atomically (temporary name, then rename); returns its path."""
     path = join(output_root.rstrip("/"), MANIFEST_NAME)
     data = json.dumps(manifest, indent=1, ensure_ascii=False, default=str).encode("utf-8")
-    _put(data, path)
+    put_atomic(data, path)
     return path
 
 
 def write_host_run(output_root: str, host: str, run_info: dict[str, Any]) -> str:
     """Records what this host's run was, atomically, at OUTPUT/_runs/<host>.json."""
     path = join(output_root.rstrip("/"), f"{RUNS_DIR}/{host}.json")
-    _put(json.dumps(run_info, indent=1, ensure_ascii=False, default=str).encode("utf-8"), path)
+    put_atomic(json.dumps(run_info, indent=1, ensure_ascii=False, default=str).encode("utf-8"), path)
     return path
 
 
@@ -167,10 +164,10 @@ def host_runs(output_root: str) -> dict[str, dict[str, Any]]:
     pattern = join(output_root.rstrip("/"), f"{RUNS_DIR}/*.json")
     runs = {}
     for meta in FileSystems.match([pattern])[0].metadata_list:
-        if _name(meta.path).startswith(TEMP_PREFIX):
+        if basename(meta.path).startswith(TEMP_PREFIX):
             continue
         with FileSystems.open(meta.path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            runs[_name(meta.path)[:-len(".json")]] = json.loads(handle.read().decode("utf-8"))
+            runs[basename(meta.path)[:-len(".json")]] = json.loads(handle.read().decode("utf-8"))
     return dict(sorted(runs.items()))
 
 

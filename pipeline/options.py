@@ -6,10 +6,11 @@ import os
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from model.hooks import HOOKS
 from pipeline.lease import DEFAULT_TIMEOUT_S as DEFAULT_LEASE_TIMEOUT_S
 
 DEFAULT_DATASET = "barc0/200k_HEAVY_gpt4o-description-gpt4omini-code_generated_problems"
-HOOK_CHOICES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+HOOK_CHOICES = HOOKS
 STORAGE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 # Parquet encoding (ZSTD) and hashing are the host's heaviest work per token; leave cores for Beam and JAX.
 DEFAULT_WRITER_THREADS = min(16, max(2, (os.cpu_count() or 4) - 2))

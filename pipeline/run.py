@@ -66,7 +66,7 @@ def resolve_inputs(opts: ExtractOptions):
 def check_resume_matches(opts: ExtractOptions, shards: dict, hooks, layers) -> None:
     """A resumed run must write what the committed shards hold: one format, dtypes, hooks and layers per output
     (a dataset of mixed column types cannot be read as one table)."""
-    from transforms.write import FORMAT_VERSION, KEY_FORMAT_VERSION, KEY_STORAGE_DTYPE
+    from transforms.output_format import FORMAT_VERSION, KEY_FORMAT_VERSION, KEY_STORAGE_DTYPE
 
     want = {KEY_FORMAT_VERSION: str(FORMAT_VERSION), KEY_STORAGE_DTYPE: storage_dtype(opts), "dtype": opts.dtype}
     flags = {KEY_FORMAT_VERSION: "the writer's format version", KEY_STORAGE_DTYPE: "--activation_dtype",
@@ -131,8 +131,8 @@ def check_identity_file(opts: ExtractOptions, identity: dict, has_commits: bool)
 def prepare_output(opts: ExtractOptions, hooks=(), layers=(), identity: dict | None = None) -> set[str]:
     """Checks the output root (under this host's lease); with --resume returns the committed sample ids and
     removes this host's uncommitted files, without it refuses to mix two runs in one output."""
-    from transforms.write import (KEY_IDENTITY, clean_uncommitted, committed_sample_ids, committed_shards,
-                                  remove_dead_letters)
+    from transforms.output_format import KEY_IDENTITY
+    from transforms.write import clean_uncommitted, committed_sample_ids, committed_shards, remove_dead_letters
 
     prefix = worker_prefix(opts)
     done = committed_sample_ids(opts.output)
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from pipeline.lease import Lease, LeaseHeld
-    from transforms.write import FORMAT_VERSION
+    from transforms.output_format import FORMAT_VERSION
 
     started = _dt.datetime.now(_dt.timezone.utc)
     try:

@@ -26,19 +26,17 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import identity as identity_lib
 from pipeline.manifest import MANIFEST_NAME, dead_letter_files, file_digest, read_manifest, scan_dead_letters
-from transforms.write import (
+from transforms.output_format import (
     ACTIVATIONS_DIR,
     KEY_FILES,
     KEY_SHARD,
     TEMP_PREFIX,
-    _name,
-    _parallel,
     activations_to_numpy,
+    basename,
     decode_metadata,
-    join,
     relative_to,
-    samples_files,
 )
+from transforms.write import join, parallel_map, samples_files
 
 MAX_DETAILS = 5
 
@@ -213,7 +211,7 @@ def verify_output(output: str, deep: bool = False) -> VerifyReport:
     markers: dict[str, dict] = {}
     for path in samples_files(root):
         relpath = relative_to(root, path)
-        shard = _name(path)[:-len(".parquet")]
+        shard = basename(path)[:-len(".parquet")]
         try:
             metadata = decode_metadata(_footer(path))
         except Exception as error:
@@ -253,14 +251,14 @@ def verify_output(output: str, deep: bool = False) -> VerifyReport:
     else:
         listed = {entry["path"]: {**entry, "kind": "activations"} for marker in markers.values()
                   for entry in marker[KEY_FILES]}
-    for errors in _parallel(lambda entry: _check_file(root, entry), list(listed.values())):
+    for errors in parallel_map(lambda entry: _check_file(root, entry), list(listed.values())):
         report.errors += errors
 
     # Unlisted activation files and leftovers.
     in_markers = {entry["path"] for marker in markers.values() for entry in marker[KEY_FILES]}
     for meta in FileSystems.match([join(root, f"{ACTIVATIONS_DIR}/**")])[0].metadata_list:
         relpath = relative_to(root, meta.path)
-        if _name(meta.path).startswith(TEMP_PREFIX):
+        if basename(meta.path).startswith(TEMP_PREFIX):
             report.warnings.append(f"{relpath}: temporary file left by a killed writer (safe to delete once no "
                                    "run writes here)")
         elif relpath not in in_markers:
@@ -275,7 +273,7 @@ def verify_output(output: str, deep: bool = False) -> VerifyReport:
     owner: dict[str, str] = {}
     samples = tokens = non_finite = 0
     for shard, (errors, warnings, counts) in zip(
-            sorted(markers), _parallel(lambda s: _check_shard(root, s, markers[s], expected_keys, deep),
+            sorted(markers), parallel_map(lambda s: _check_shard(root, s, markers[s], expected_keys, deep),
                                        sorted(markers))):
         report.errors += errors
         report.warnings += warnings

@@ -146,3 +146,27 @@ def test_multi_process_local_run_writes_every_sample_once(tiny_checkpoint, tmp_p
                             env=dict(os.environ, NO_GCE_CHECK="true", PYTHONPATH=str(ROOT)),
                             capture_output=True, text=True, timeout=300)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_pipeline_dataset_reads_the_output(float32_run):
+    from collections import Counter
+
+    from pipeline.dataset import open_activations
+
+    output, _, _ = float32_run
+    reader = open_activations(str(output))
+    assert reader.source == "manifest" and reader.storage_dtype == "float32" and reader.skipped == ()
+    assert set(reader.hooks) == set(HOOKS) and reader.layers == (0, 1)
+    acts = ds.dataset(output / "activations", format="parquet", partitioning="hive").to_table()
+    for hook in ("resid_pre", "mlp_out"):
+        for layer in (0, 1):
+            table = acts.filter((ds.field("hook") == hook) & (ds.field("layer") == layer))
+            expected = dict(zip(zip(table.column("sample_id").to_pylist(), table.column("position").to_pylist()),
+                                activations_to_numpy(table)))
+            values, columns = reader.to_numpy(hook, layer, with_metadata=True)
+            keys = list(zip(columns["sample_id"].tolist(), columns["position"].tolist()))
+            assert Counter(keys) == Counter(expected) and reader.num_tokens(hook, layer) == len(keys)
+            np.testing.assert_array_equal(values, np.stack([expected[k] for k in keys]))
+    seen = [k for _, cols in reader.batches("resid_post", 1, 64, drop_last=False, with_metadata=True)
+            for k in zip(cols["sample_id"].tolist(), cols["position"].tolist())]
+    assert len(seen) == len(set(seen)) == reader.num_tokens("resid_post", 1)

@@ -16,7 +16,7 @@ from apache_beam.utils import shared
 
 from model.hooks import hook_name
 from transforms.metrics import NAMESPACE
-from transforms.write import storage_numpy_dtype
+from transforms.output_format import storage_numpy_dtype
 
 _LOG = logging.getLogger(__name__)
 

@@ -15,9 +15,7 @@ import concurrent.futures
 import hashlib
 import json
 import os
-import re
-import uuid
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -26,108 +24,61 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from model.hooks import hook_name
+from model.hooks import BLOCK_HOOKS, FINAL_NORM_HOOK, transformer_lens_name  # noqa: F401 - re-exported
 from transforms.annotations import PART_NAMES
 from transforms.batching import stable_group
 from transforms.metrics import NAMESPACE
+from transforms.output_format import (  # noqa: F401 - the format's names, re-exported for the writer's callers
+    ACTIVATIONS_DIR,
+    ANNOTATION_DTYPES,
+    DEAD_LETTER_DIR,
+    DEAD_LETTER_FIELDS,
+    ENCODINGS,
+    FORMAT_VERSION,
+    KEY_ENCODING,
+    KEY_FILES,
+    KEY_FORMAT_VERSION,
+    KEY_HOOK_NAME,
+    KEY_IDENTITY,
+    KEY_OVERFLOW,
+    KEY_SHARD,
+    KEY_STORAGE_DTYPE,
+    ROW_GROUP_BYTES,
+    SAMPLES_DIR,
+    STORAGE_DTYPES,
+    TEMP_PREFIX,
+    V1_BFLOAT16_ENCODING,
+    ZSTD_LEVEL,
+    activation_relpath,
+    activations_to_numpy,
+    basename,
+    check_worker_prefix,
+    dead_letter_relpath,
+    decode_metadata,
+    parquet_bytes,
+    relative_to,
+    row_group_rows,
+    samples_relpath,
+    shard_name,
+    shard_worker,
+    storage_numpy_dtype,
+    temp_name,
+    temp_target_name,
+    vectors_to_column,
+)
 
-FORMAT_VERSION = 2
-STORAGE_DTYPES = ("float32", "float16", "bfloat16")
-BLOCK_HOOKS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
-FINAL_NORM_HOOK = "ln_final"
-
-ACTIVATIONS_DIR = "activations"
-SAMPLES_DIR = "samples"
-DEAD_LETTER_DIR = "dead_letter"
-TEMP_PREFIX = ".tmp-"
-
-# Key-value metadata keys (bytes in the Parquet footer, str here).
-KEY_FORMAT_VERSION = "format_version"
-KEY_SHARD = "shard"
-KEY_FILES = "files"
-KEY_HOOK_NAME = "hook_name"
-KEY_STORAGE_DTYPE = "storage_dtype"
-KEY_ENCODING = "activation_encoding"
-KEY_OVERFLOW = "float16_overflow"
-KEY_IDENTITY = "run_identity"
-
-# Format 2: each token's vector is one fixed_size_binary[d_model x itemsize] value holding its values
-# little-endian in the storage dtype, named by this encoding. One value per row instead of d_model list elements
-# spares Parquet a repetition and definition level per number: measured on one core at d_model 896, bf16 encodes
-# about 3.4x and decodes about 2.7x faster than in format 1's fixed_size_list (docs/format.md).
-ENCODINGS = {"float32": "float32-le", "float16": "float16-le", "bfloat16": "bfloat16-le"}
-# Format 1 stored a fixed_size_list of the values; bfloat16 bits went in a uint16 list.
-V1_BFLOAT16_ENCODING = "bfloat16-bits-in-uint16"
-
-# Row groups of about this many bytes of uncompressed activations: big enough for sequential throughput,
-# small enough that a reader (e.g. an SAE data loader) does not hold gigabytes per group.
-ROW_GROUP_BYTES = 64 * 1024 * 1024
-ZSTD_LEVEL = 1
 _LISTING_THREADS = 16
-
-_WORKER_PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=]*$")
-_SHARD_NAME = re.compile(r"^(?P<worker>[A-Za-z0-9][A-Za-z0-9_.=]*)-(?P<batch>[0-9a-f]+)$")
 
 
 # ----------------------------------------------------------------------------------------------- naming
-
-def transformer_lens_name(hook: str, layer: int) -> str:
-    if hook in BLOCK_HOOKS:
-        return hook_name(int(layer), hook)
-    if hook == FINAL_NORM_HOOK:
-        return "ln_final.hook_normalized"
-    raise ValueError(f"unknown hook {hook!r}: expected one of {', '.join(BLOCK_HOOKS + (FINAL_NORM_HOOK,))}")
-
-
-def check_worker_prefix(worker_prefix: str) -> str:
-    # A leading '.' or '_' would hide the files from pyarrow.dataset; '-' would make shard names ambiguous.
-    if not isinstance(worker_prefix, str) or not _WORKER_PREFIX.match(worker_prefix):
-        raise ValueError(
-            f"worker prefix {worker_prefix!r} must start with a letter or digit and contain only letters, digits, "
-            "'_', '.', '=' (no '-', no '/'); it must also stay the same across retries of a worker")
-    return worker_prefix
-
-
-def shard_name(worker_prefix: str, batch_id: str) -> str:
-    return f"{check_worker_prefix(worker_prefix)}-{batch_id}"
-
-
-def shard_worker(shard: str) -> str | None:
-    match = _SHARD_NAME.match(shard)
-    return match.group("worker") if match else None
-
-
-def activation_relpath(hook: str, layer: int, shard: str) -> str:
-    return f"{ACTIVATIONS_DIR}/hook={hook}/layer={int(layer)}/{shard}.parquet"
-
-
-def samples_relpath(shard: str) -> str:
-    return f"{SAMPLES_DIR}/{shard}.parquet"
-
 
 def join(root: str, relpath: str) -> str:
     return FileSystems.join(root, *relpath.split("/"))
 
 
-def relative_to(root: str, path: str) -> str:
-    root = root.rstrip("/")
-    if not path.startswith(root + "/"):
-        raise ValueError(f"{path} is not under {root}")
-    return path[len(root) + 1:]
-
-
 def _temp_path(final_path: str) -> str:
     directory, name = FileSystems.split(final_path)
-    return FileSystems.join(directory, f"{TEMP_PREFIX}{uuid.uuid4().hex}-{name}")
-
-
-def temp_target_name(name: str) -> str | None:
-    """The final file name a temporary file was headed for, or None if `name` is not a temporary file."""
-    if not name.startswith(TEMP_PREFIX):
-        return None
-    rest = name[len(TEMP_PREFIX):]
-    _, _, target = rest.partition("-")
-    return target or None
+    return FileSystems.join(directory, temp_name(name))
 
 
 # ------------------------------------------------------------------------------------------- tables
@@ -217,21 +168,15 @@ def activation_table(samples: Sequence[dict], placements: Sequence[Sequence[int]
         positions = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])
         token_ids = np.concatenate([np.asarray(s["token_ids"], np.int32) for s in samples])
         columns = {key: np.concatenate([_annotation(s, key, dtype, n) for s, n in zip(samples, lengths)])
-                   for key, dtype in (("part", np.int8), ("example_index", np.int16), ("row", np.int16),
-                                      ("col", np.int16), ("color", np.int8))}
+                   for key, dtype in ANNOTATION_DTYPES.items()}
     else:
         positions = token_ids = np.zeros(0, np.int32)
-        columns = {key: np.zeros(0, dtype) for key, dtype in (("part", np.int8), ("example_index", np.int16),
-                                                              ("row", np.int16), ("col", np.int16),
-                                                              ("color", np.int8))}
+        columns = {key: np.zeros(0, dtype) for key, dtype in ANNOTATION_DTYPES.items()}
     part = columns["part"]
     if part.size and (part.min() < 0 or part.max() >= len(PART_NAMES)):
         bad = int(part[(part < 0) | (part >= len(PART_NAMES))][0])
         raise ValueError(f"annotation part code {bad} is not one of transforms.annotations.PART_CODES")
-    itemsize = stored.dtype.itemsize
-    little_endian = np.ascontiguousarray(stored).view(f"u{itemsize}").astype(f"<u{itemsize}", copy=False)
-    vectors = pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(d_model * itemsize), total, [None, pa.py_buffer(little_endian)])
+    vectors = vectors_to_column(stored)
     table = pa.table({
         "sample_id": pa.DictionaryArray.from_arrays(
             pa.array(sample_index, pa.int32()), pa.array([s["sample_id"] for s in samples], pa.string())),
@@ -256,69 +201,6 @@ def activation_table(samples: Sequence[dict], placements: Sequence[Sequence[int]
     })
 
 
-def storage_numpy_dtype(storage_dtype: str) -> np.dtype:
-    """The numpy dtype of stored values (bfloat16: ml_dtypes.bfloat16)."""
-    import ml_dtypes
-
-    dtypes = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
-              "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-    if storage_dtype not in dtypes:
-        raise ValueError(f"unknown storage dtype {storage_dtype!r}: expected one of {', '.join(STORAGE_DTYPES)}")
-    return dtypes[storage_dtype]
-
-
-def _value_dtype(metadata: dict, column: str) -> np.dtype:
-    encoding = metadata.get(KEY_ENCODING.encode(), b"").decode()
-    for storage_dtype, name in ENCODINGS.items():
-        if encoding == name:
-            return storage_numpy_dtype(storage_dtype)
-    storage = metadata.get(KEY_STORAGE_DTYPE.encode(), b"").decode()
-    if storage in STORAGE_DTYPES:
-        return storage_numpy_dtype(storage)
-    raise ValueError(
-        f"column {column!r} is fixed_size_binary but the table's metadata names no storage dtype "
-        f"({KEY_ENCODING}={encoding!r}); pass dtype= (float32, float16 or bfloat16)")
-
-
-def activations_to_numpy(table: pa.Table, column: str = "activation", dtype: str | None = None) -> np.ndarray:
-    """The activation column as a [rows, d_model] array in its stored dtype (bfloat16 comes back as
-    ml_dtypes.bfloat16), without copying more than once. Works on a file's table or a pyarrow.dataset table of
-    one storage dtype (the dtype comes from the schema metadata, or from `dtype`), in format 2
-    (fixed_size_binary vectors) and format 1 (fixed_size_list values)."""
-    import ml_dtypes
-
-    chunked = table.column(column)
-    column_type = chunked.type
-    metadata = table.schema.metadata or {}
-    if pa.types.is_fixed_size_binary(column_type):
-        value_dtype = storage_numpy_dtype(dtype) if dtype else _value_dtype(metadata, column)
-        width = column_type.byte_width
-        if width % value_dtype.itemsize:
-            raise ValueError(f"column {column!r}: {width} bytes per row is not a whole number of "
-                             f"{value_dtype} values")
-        d_model = width // value_dtype.itemsize
-        pieces = []
-        for chunk in chunked.chunks:
-            if not len(chunk):
-                continue
-            if chunk.null_count:
-                raise ValueError(f"column {column!r} holds {chunk.null_count} null vectors")
-            data = chunk.buffers()[1]
-            pieces.append(np.frombuffer(data, np.uint8, count=len(chunk) * width, offset=chunk.offset * width))
-        raw = pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
-        bits = raw.view(f"<u{value_dtype.itemsize}").astype(f"u{value_dtype.itemsize}", copy=False)
-        return bits.view(value_dtype).reshape(-1, d_model)
-    if not pa.types.is_fixed_size_list(column_type):
-        raise ValueError(f"column {column!r} is {column_type}, neither fixed_size_binary (format 2) nor "
-                         "fixed_size_list (format 1)")
-    d_model = column_type.list_size
-    pieces = [chunk.flatten().to_numpy(zero_copy_only=False) for chunk in chunked.chunks]
-    values = np.concatenate(pieces) if pieces else np.zeros(0, column_type.value_type.to_pandas_dtype())
-    if metadata.get(KEY_ENCODING.encode()) == V1_BFLOAT16_ENCODING.encode() or dtype == "bfloat16":
-        values = values.view(ml_dtypes.bfloat16)
-    return values.reshape(-1, d_model)
-
-
 def samples_table(samples: Sequence[dict]) -> pa.Table:
     """One row per sample: sample_id, dataset, task_id, test_index, augmentation, num_tokens, token_ids, prompt."""
     token_ids = [np.asarray(s["token_ids"], np.int32) for s in samples]
@@ -339,25 +221,12 @@ def samples_table(samples: Sequence[dict]) -> pa.Table:
 
 # -------------------------------------------------------------------------------------- file writing
 
-def _parquet_bytes(table: pa.Table, vector_columns: Sequence[str] = (), row_group_size: int | None = None,
-                   compression_level: int = ZSTD_LEVEL) -> pa.Buffer:
-    """`vector_columns` (the activation vectors) are written PLAIN + ZSTD: dictionary encoding and statistics
-    only cost time on them; the small integer and id columns get both. BYTE_STREAM_SPLIT on the vectors made
-    no smaller files for 2-byte values and, for float32, decoded 4x slower (benchmarks/storage_bench.py)."""
-    sink = pa.BufferOutputStream()
-    others = [name for name in table.column_names if name not in vector_columns]
-    pq.write_table(
-        table, sink, compression="zstd", compression_level=compression_level, use_dictionary=others,
-        write_statistics=others, row_group_size=row_group_size)
-    return sink.getvalue()
-
-
 def _upload(data: pa.Buffer | bytes, path: str) -> None:
     with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
         handle.write(memoryview(data))
 
 
-def _put(data: pa.Buffer | bytes, final_path: str) -> None:
+def put_atomic(data: pa.Buffer | bytes, final_path: str) -> None:
     """Writes `data` to a temporary name next to `final_path` and renames it into place."""
     temp = _temp_path(final_path)
     try:
@@ -434,10 +303,9 @@ class ShardWriter:
         metadata.update(self._common_metadata(shard))
         table = table.replace_schema_metadata(metadata)
         d_model = int(metadata["d_model"])
-        itemsize = 2 if self.storage_dtype != "float32" else 4
-        data = _parquet_bytes(table, vector_columns=("activation",),
-                              row_group_size=max(1024, ROW_GROUP_BYTES // max(1, d_model * itemsize)),
-                              compression_level=self.compression_level)
+        data = parquet_bytes(table, vector_columns=("activation",),
+                             row_group_size=row_group_rows(d_model, self.storage_dtype),
+                             compression_level=self.compression_level)
         relpath = activation_relpath(hook, layer, shard)
         final = join(self.output_root, relpath)
         temp = _temp_path(final)
@@ -500,8 +368,8 @@ class ShardWriter:
         })
         if self.identity is not None:
             metadata[KEY_IDENTITY] = self.identity
-        data = _parquet_bytes(table.replace_schema_metadata(metadata))
-        _put(data, join(self.output_root, samples_relpath(shard)))
+        data = parquet_bytes(table.replace_schema_metadata(metadata))
+        put_atomic(data, join(self.output_root, samples_relpath(shard)))
         return {
             "shard": shard, "batch_id": batch_id, "samples": table.num_rows,
             "tokens": int(metadata["num_tokens"]), "rows": sum(f["rows"] for f in files),
@@ -633,24 +501,12 @@ def _match(pattern: str) -> list:
     return FileSystems.match([pattern])[0].metadata_list
 
 
-def _name(path: str) -> str:
-    return FileSystems.split(path)[1]
-
-
 def _read_footer(path: str) -> pq.FileMetaData:
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
         return pq.ParquetFile(handle).metadata
 
 
-def decode_metadata(footer: pq.FileMetaData) -> dict[str, Any]:
-    raw = footer.metadata or {}
-    metadata = {k.decode(): v.decode() for k, v in raw.items() if k != b"ARROW:schema"}
-    if KEY_FILES in metadata:
-        metadata[KEY_FILES] = json.loads(metadata[KEY_FILES])
-    return metadata
-
-
-def _parallel(function, items):
+def parallel_map(function, items):
     items = list(items)
     if len(items) <= 1:
         return [function(item) for item in items]
@@ -661,7 +517,7 @@ def _parallel(function, items):
 def samples_files(output_root: str) -> list[str]:
     """Committed samples files (one per shard), sorted; temporary files excluded."""
     paths = [m.path for m in _match(join(output_root, f"{SAMPLES_DIR}/*.parquet"))]
-    return sorted(p for p in paths if not _name(p).startswith(TEMP_PREFIX))
+    return sorted(p for p in paths if not basename(p).startswith(TEMP_PREFIX))
 
 
 def committed_shards(output_root: str) -> dict[str, dict]:
@@ -672,8 +528,8 @@ def committed_shards(output_root: str) -> dict[str, dict]:
         return path, decode_metadata(_read_footer(path))
 
     shards = {}
-    for path, metadata in _parallel(read, paths):
-        shard = _name(path)[:-len(".parquet")]
+    for path, metadata in parallel_map(read, paths):
+        shard = basename(path)[:-len(".parquet")]
         if metadata.get(KEY_SHARD) != shard or KEY_FILES not in metadata:
             raise ValueError(f"{path} is not a commit marker of this format (shard metadata "
                              f"{metadata.get(KEY_SHARD)!r}, files listed: {KEY_FILES in metadata})")
@@ -690,7 +546,7 @@ def committed_sample_ids(output_root: str) -> set[str]:
             return pq.read_table(handle, columns=["sample_id"]).column("sample_id").to_pylist()
 
     ids: set[str] = set()
-    for chunk in _parallel(read, samples_files(output_root)):
+    for chunk in parallel_map(read, samples_files(output_root)):
         ids.update(chunk)
     return ids
 
@@ -703,7 +559,7 @@ def clean_uncommitted(output_root: str, worker_prefix: str) -> list[str]:
     doomed = []
     for directory in (ACTIVATIONS_DIR, SAMPLES_DIR, DEAD_LETTER_DIR):
         for meta in _match(join(output_root, f"{directory}/**")):
-            name = _name(meta.path)
+            name = basename(meta.path)
             target = temp_target_name(name)
             if target is not None:
                 if shard_worker(target.rsplit(".", 1)[0]) == worker_prefix:
@@ -722,7 +578,7 @@ def stray_temp_files(output_root: str) -> list[str]:
     found = []
     for directory in (ACTIVATIONS_DIR, SAMPLES_DIR, DEAD_LETTER_DIR):
         found += [m.path for m in _match(join(output_root, f"{directory}/**"))
-                  if _name(m.path).startswith(TEMP_PREFIX)]
+                  if basename(m.path).startswith(TEMP_PREFIX)]
     return sorted(found)
 
 
@@ -735,7 +591,6 @@ def remove_stray_temp_files(output_root: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------- dead letters
 
-DEAD_LETTER_FIELDS = ("source", "stage", "reason", "record")
 DEFAULT_DEAD_LETTER_SHARDS = 4
 
 
@@ -748,17 +603,13 @@ def dead_letter_line(letter: dict) -> str:
     return json.dumps(ordered, ensure_ascii=False, default=repr)
 
 
-def dead_letter_relpath(worker_prefix: str, index: int) -> str:
-    return f"{DEAD_LETTER_DIR}/{check_worker_prefix(worker_prefix)}-{int(index):05d}.jsonl"
-
-
 def write_dead_letters(output_root: str, worker_prefix: str, index: int, letters: Iterable[dict]) -> dict:
     """Writes dead_letter/<worker_prefix>-<index>.jsonl atomically, lines sorted so a rewrite is identical.
     Returns {"path", "rows", "bytes", "sha256"}."""
     lines = sorted(dead_letter_line(letter) for letter in letters)
     data = "".join(line + "\n" for line in lines).encode("utf-8")
     relpath = dead_letter_relpath(worker_prefix, index)
-    _put(data, join(output_root, relpath))
+    put_atomic(data, join(output_root, relpath))
     return {"path": relpath, "rows": len(lines), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -768,7 +619,7 @@ def remove_dead_letters(output_root: str, worker_prefix: str) -> list[str]:
     check_worker_prefix(worker_prefix)
     doomed = []
     for meta in _match(join(output_root, f"{DEAD_LETTER_DIR}/*")):
-        name = _name(meta.path)
+        name = basename(meta.path)
         target = temp_target_name(name) or name
         if target.endswith(".jsonl") and shard_worker(target[:-len(".jsonl")]) == worker_prefix:
             doomed.append(meta.path)

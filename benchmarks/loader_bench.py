@@ -1,0 +1,108 @@
+"""pipeline.dataset loader: tokens per second and peak memory over one epoch of a synthetic output.
+
+    python benchmarks/loader_bench.py write /tmp/loader-out --tokens 1400000   # shards written by ShardWriter
+    python benchmarks/loader_bench.py read /tmp/loader-out --batch_tokens 4096  # in a fresh process
+
+`read` reports the loader's rate (shuffled float32 batches from bfloat16 storage by default) and the process's
+peak resident memory over the epoch against its resident memory before the loader started, next to the shuffle
+buffer's size. The files were just written, so they are read from the page cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SAMPLE_TOKENS = 20_000
+
+
+def write(root: str, tokens: int, d_model: int, samples_per_shard: int) -> dict:
+    import ml_dtypes
+
+    from transforms.write import ShardWriter
+
+    writer = ShardWriter(root, "h000", "synthetic", "bfloat16", "bfloat16")
+    rng = np.random.default_rng(0)
+    written = shard = 0
+    started = time.perf_counter()
+    while written < tokens:
+        samples = []
+        for i in range(samples_per_shard):
+            n = min(SAMPLE_TOKENS, tokens - written - sum(len(s["token_ids"]) for s in samples))
+            if n <= 0:
+                break
+            samples.append({
+                "sample_id": f"s{shard}-{i}/t0/a0", "dataset": "synthetic", "task_id": f"s{shard}-{i}",
+                "test_index": 0, "augmentation": '{"index": 0}', "prompt": "",
+                "token_ids": rng.integers(0, 151_000, n).astype(np.int32),
+                "annotations": {"part": np.full(n, 7, np.int8), "example_index": np.full(n, -1, np.int16),
+                                "row": np.full(n, -1, np.int16), "col": np.full(n, -1, np.int16),
+                                "color": np.full(n, -1, np.int8)}})
+        count = sum(len(s["token_ids"]) for s in samples)
+        placements = [(i, i, 0, len(s["token_ids"])) for i, s in enumerate(samples)]
+        values = rng.standard_normal((count, d_model), np.float32).astype(ml_dtypes.bfloat16)
+        writer.write_shard(f"{shard:016x}", samples, placements, {("resid_post", 6): values})
+        written += count
+        shard += 1
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(root, "activations"))
+               for f in fs)
+    return {"tokens": written, "shards": shard, "activation_bytes": size, "write_s": time.perf_counter() - started}
+
+
+def read(root: str, batch_tokens: int, buffer_tokens: int | None, dtype: str, readahead: int) -> dict:
+    from pipeline.dataset import open_activations
+
+    ds = open_activations(root)
+    before = _rss_bytes()
+    loader = ds.batches("resid_post", 6, batch_tokens, dtype=dtype, buffer_tokens=buffer_tokens,
+                        readahead=readahead, drop_last=False)
+    started = time.perf_counter()
+    tokens = batches = 0
+    checksum = 0.0
+    for batch in loader:
+        tokens += len(batch)
+        batches += 1
+        checksum += float(batch[0, 0])
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    itemsize = 2
+    return {"tokens": tokens, "batches": batches, "seconds": round(seconds, 3), "tok_s": round(tokens / seconds),
+            "buffer_tokens": loader.buffer_tokens, "buffer_bytes": loader._capacity * ds.d_model * itemsize,
+            "rss_before_loader": before, "rss_peak": peak, "rss_growth": peak - before,
+            "num_tokens": ds.num_tokens("resid_post", 6), "row_groups": len(ds.units("resid_post", 6))}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=("write", "read"))
+    parser.add_argument("root")
+    parser.add_argument("--tokens", type=int, default=1_400_000)
+    parser.add_argument("--d_model", type=int, default=896)
+    parser.add_argument("--samples_per_shard", type=int, default=4)
+    parser.add_argument("--batch_tokens", type=int, default=4096)
+    parser.add_argument("--buffer_tokens", type=int, default=None)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--readahead", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.mode == "write":
+        result = write(args.root, args.tokens, args.d_model, args.samples_per_shard)
+    else:
+        result = read(args.root, args.batch_tokens, args.buffer_tokens, args.dtype, args.readahead)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""pipeline.dataset: open_activations, to_numpy with where, and the shuffled resumable loader, on small outputs
+written by the real shard writer (row groups shrunk so that each file holds several)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from types import SimpleNamespace
+
+import ml_dtypes
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from pipeline.dataset import open_activations
+from tests.test_write import D_MODEL, extracted, make_batch
+from transforms import output_format
+from transforms.write import ShardWriter
+
+HOOKS = (("resid_post", 1), ("mlp_out", 0))
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def write_output(root: str, shards: int = 6, storage="bfloat16", first=0) -> dict:
+    """Writes `shards` shards; returns {(hook, layer): {(sample_id, position): stored vector}}."""
+    truth = {key: {} for key in HOOKS}
+    writer = ShardWriter(root, "h000", "random:tiny", "bfloat16", storage)
+    for i in range(first, first + shards):
+        batch = make_batch(prefix=f"s{i}x", lengths=(5 + i % 8, 9, 3, 12), batch_size=4)
+        acts = extracted(batch, hooks=HOOKS, seed=i)
+        writer.write_shard(batch["batch_id"], batch["samples"], batch["placements"], acts)
+        keys = [(s["sample_id"], p) for s in batch["samples"] for p in range(len(s["token_ids"]))]
+        for key, values in acts.items():
+            stored = values.astype(output_format.storage_numpy_dtype(storage))
+            truth[key].update(zip(keys, stored))
+    return truth
+
+
+@pytest.fixture(scope="module")
+def small_row_groups():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(output_format, "ROW_GROUP_BYTES", 8 * D_MODEL * 2)
+        patch.setattr(output_format, "MIN_ROW_GROUP_ROWS", 8)
+        yield
+
+
+@pytest.fixture(scope="module")
+def output(tmp_path_factory, small_row_groups):
+    root = str(tmp_path_factory.mktemp("acts"))
+    return SimpleNamespace(root=root, truth=write_output(root))
+
+
+def keys_of(columns) -> list:
+    return list(zip(columns["sample_id"].tolist(), columns["position"].tolist()))
+
+
+def bits(array) -> np.ndarray:
+    return np.asarray(array).view(np.uint16)
+
+
+def test_importing_the_reader_imports_neither_beam_nor_jax_nor_torch():
+    code = ("import sys, pipeline.dataset, transforms.output_format; "
+            "print(sorted(m for m in ('apache_beam', 'jax', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == "[]"
+
+
+def test_open_describes_the_output(output):
+    ds = open_activations(output.root)
+    assert ds.hooks == ("mlp_out", "resid_post") and ds.layers == (0, 1)
+    assert ds.d_model == D_MODEL and ds.storage_dtype == "bfloat16" and ds.source == "commit markers"
+    assert ds.num_tokens("resid_post", 1) == len(output.truth[("resid_post", 1)])
+    samples = ds.samples()
+    assert samples.num_rows == 6 * 4 and set(samples.column_names) >= {"sample_id", "task_id", "token_ids"}
+    assert len(ds.units("resid_post", 1)) > 6  # several row groups per file
+
+
+def test_to_numpy_is_bit_exact_and_widens_exactly(output):
+    ds = open_activations(output.root)
+    for hook, layer in HOOKS:
+        x, columns = ds.to_numpy(hook, layer, with_metadata=True)
+        assert x.dtype == BF16 and x.shape == (ds.num_tokens(hook, layer), D_MODEL)
+        expected = np.stack([output.truth[(hook, layer)][key] for key in keys_of(columns)])
+        np.testing.assert_array_equal(bits(x), bits(expected))
+        wide = ds.to_numpy(hook, layer, dtype="float32")
+        assert wide.dtype == np.float32
+        np.testing.assert_array_equal(wide, expected.astype(np.float32))
+    with pytest.raises(ValueError, match="round"):
+        ds.to_numpy("resid_post", 1, dtype="float16")
+
+
+def test_where_filters_tokens_and_joins_sample_fields(output):
+    ds = open_activations(output.root)
+    _, everything = ds.to_numpy("resid_post", 1, with_metadata=True)
+    x, columns = ds.to_numpy("resid_post", 1, where=pc.field("part") == "test_input", with_metadata=True)
+    assert len(x) == int((everything["part"] == "test_input").sum()) > 0
+    assert set(columns["part"]) == {"test_input"}
+    truth = output.truth[("resid_post", 1)]
+    np.testing.assert_array_equal(bits(x), bits(np.stack([truth[k] for k in keys_of(columns)])))
+
+    where = (pc.field("task_id") == "s2x1") & (pc.field("position") < 4)
+    x, columns = ds.to_numpy("resid_post", 1, where=where, with_metadata=True)
+    assert keys_of(columns) == [("s2x1/t0/a0", p) for p in range(4)]
+    assert set(columns["dataset"]) == {"arc-agi-1/train"}
+    assert ds.to_numpy("resid_post", 1, where=pc.field("task_id") == "nope").shape == (0, D_MODEL)
+
+
+def test_where_on_a_missing_column_or_not_an_expression(output):
+    ds = open_activations(output.root)
+    with pytest.raises(ValueError, match="colour.*token columns.*sample_id.*sample fields.*task_id"):
+        ds.to_numpy("resid_post", 1, where=pc.field("colour") == 3)
+    with pytest.raises(TypeError, match="pyarrow.compute expression"):
+        ds.to_numpy("resid_post", 1, where="part == 'test_input'")
+
+
+def epoch_keys(ds, epochs=1, **options):
+    """Per rank: the list of batches' token keys."""
+    options.setdefault("drop_last", False)
+    return list(ds.batches("resid_post", 1, 7, with_metadata=True, epochs=epochs, **options))
+
+
+def test_every_token_once_per_epoch_across_disjoint_ranks(output):
+    ds = open_activations(output.root)
+    truth = output.truth[("resid_post", 1)]
+    world = 3
+    per_rank = []
+    for rank in range(world):
+        loader = ds.batches("resid_post", 1, 7, with_metadata=True, epochs=2, drop_last=False, rank=rank,
+                            world_size=world, buffer_tokens=20, dtype="bfloat16")
+        per_rank.append([(loader.epoch, x, cols) for x, cols in loader])
+    for epoch in range(2):
+        seen = Counter(k for batches in per_rank for e, _, cols in batches if e == epoch for k in keys_of(cols))
+        assert seen == Counter(truth.keys())  # every token exactly once, no rank overlapping another
+    for batches in per_rank:
+        for _, x, cols in batches:
+            assert x.dtype == BF16 and x.shape[1] == D_MODEL and 0 < len(x) <= 7
+            np.testing.assert_array_equal(bits(x), bits(np.stack([truth[k] for k in keys_of(cols)])))
+
+
+def test_drop_last_drops_only_the_final_partial_batch(output):
+    ds = open_activations(output.root)
+    total = ds.num_tokens("resid_post", 1)
+    assert total % 10
+    kept = list(ds.batches("resid_post", 1, 10, buffer_tokens=30))
+    assert all(b.shape == (10, D_MODEL) and b.dtype == np.float32 for b in kept)
+    assert len(kept) == total // 10
+    loose = list(ds.batches("resid_post", 1, 10, buffer_tokens=30, drop_last=False))
+    assert len(loose) == len(kept) + 1 and len(loose[-1]) == total % 10
+
+
+def test_same_seed_same_order_new_epoch_and_seed_reshuffle(output):
+    ds = open_activations(output.root)
+
+    def order(**options):
+        return [keys_of(cols) for _, cols in epoch_keys(ds, buffer_tokens=25, **options)]
+
+    first, again = order(seed=3), order(seed=3)
+    assert first == again
+    assert order(seed=4) != first
+    two = [keys_of(cols) for _, cols in epoch_keys(ds, epochs=2, seed=3, buffer_tokens=25)]
+    assert two[:len(first)] == first and two[len(first):] != first
+    # Global in effect: the first batch already mixes several shards, though the buffer holds few tokens.
+    shards = {sample.split("x")[0] for sample, _ in first[0]}
+    assert len(shards) >= 2
+    unshuffled = [keys_of(cols) for _, cols in epoch_keys(ds, shuffle=False)]
+    flat = [k for batch in unshuffled for k in batch]
+    _, columns = ds.to_numpy("resid_post", 1, with_metadata=True)
+    assert flat == keys_of(columns)  # no shuffle: path then row order
+
+
+@pytest.mark.parametrize("options", [dict(shuffle=True, buffer_tokens=30), dict(shuffle=False),
+                                     dict(shuffle=True, buffer_tokens=12, where=pc.field("row") >= 0,
+                                          world_size=2, rank=1)])
+def test_state_dict_resumes_with_exactly_the_batches_left(output, options):
+    ds = open_activations(output.root)
+    loader = ds.batches("resid_post", 1, 5, epochs=3, with_metadata=True, seed=11, **options)
+    for _ in range(13):
+        next(loader)
+    state = loader.state_dict()
+    rest = list(loader)
+    resumed = ds.batches("resid_post", 1, 5, epochs=3, with_metadata=True, seed=11, **options)
+    resumed.load_state_dict(state)
+    again = list(resumed)
+    assert len(again) == len(rest) > 0
+    for (x, cols), (y, cols2) in zip(rest, again):
+        np.testing.assert_array_equal(x, y)
+        assert keys_of(cols) == keys_of(cols2)
+
+
+def test_resume_refuses_a_different_loader(output):
+    ds = open_activations(output.root)
+    loader = ds.batches("resid_post", 1, 5)
+    next(loader)
+    with pytest.raises(ValueError, match="seed=0 when saved, 1 now"):
+        ds.batches("resid_post", 1, 5, seed=1).load_state_dict(loader.state_dict())
+
+
+def test_memory_is_the_buffer_plus_a_row_group(output):
+    ds = open_activations(output.root)
+    loader = ds.batches("resid_post", 1, 4, buffer_tokens=16, readahead=0)
+    next(loader)
+    largest = max(u.rows for u in ds.units("resid_post", 1))
+    assert loader._vectors.shape == (16 + largest, D_MODEL) and loader._vectors.dtype == BF16
+
+
+def test_bad_arguments_name_what_is_wrong(output):
+    ds = open_activations(output.root)
+    with pytest.raises(ValueError, match=r"hook='attn_out' layer=1; it has: mlp_out@\[0\], resid_post@\[1\]"):
+        ds.num_tokens("attn_out", 1)
+    with pytest.raises(ValueError, match="hook='resid_post' layer=0"):
+        ds.batches("resid_post", 0, 4)
+    units = len(ds.units("resid_post", 1))
+    with pytest.raises(ValueError, match=f"world_size={units + 1} is larger than the {units} row groups"):
+        ds.batches("resid_post", 1, 4, world_size=units + 1)
+    with pytest.raises(ValueError, match="rank must be"):
+        ds.batches("resid_post", 1, 4, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="batch_tokens must be a positive integer"):
+        ds.batches("resid_post", 1, 0)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        open_activations(output.root + "/nope")
+
+
+def copy_output(output, tmp_path) -> str:
+    root = str(tmp_path / "copy")
+    shutil.copytree(output.root, root)
+    return root
+
+
+def test_uncommitted_files_are_skipped_never_read(output, tmp_path):
+    root = copy_output(output, tmp_path)
+    folder = os.path.join(root, "activations", "hook=resid_post", "layer=1")
+    source = sorted(os.listdir(folder))[0]
+    shutil.copy(os.path.join(folder, source), os.path.join(folder, "h001-00000000000000aa.parquet"))
+    with open(os.path.join(folder, ".tmp-0123-h001-00000000000000bb.parquet"), "wb") as handle:
+        handle.write(b"partial")
+    ds = open_activations(root)
+    assert ds.skipped == ("activations/hook=resid_post/layer=1/.tmp-0123-h001-00000000000000bb.parquet",
+                          "activations/hook=resid_post/layer=1/h001-00000000000000aa.parquet")
+    assert ds.num_tokens("resid_post", 1) == len(output.truth[("resid_post", 1)])
+    assert len(ds.to_numpy("resid_post", 1)) == len(output.truth[("resid_post", 1)])
+
+
+def test_truncated_or_corrupt_committed_files_are_refused(output, tmp_path):
+    root = copy_output(output, tmp_path)
+    folder = os.path.join(root, "activations", "hook=mlp_out", "layer=0")
+    victim = os.path.join(folder, sorted(os.listdir(folder))[1])
+    data = open(victim, "rb").read()
+    with open(victim, "wb") as handle:
+        handle.write(data[:-100])
+    with pytest.raises(ValueError, match=f"{os.path.basename(victim)} is {len(data) - 100} bytes.*truncated"):
+        open_activations(root)
+    with open(victim, "wb") as handle:  # same size, one byte changed
+        handle.write(data[:50] + bytes([data[50] ^ 1]) + data[51:])
+    open_activations(root)  # sizes match: only a checksum tells
+    with pytest.raises(ValueError, match=f"{os.path.basename(victim)}: sha256 .* corrupt"):
+        open_activations(root, check_sha256=True)
+    os.remove(victim)
+    with pytest.raises(ValueError, match=f"{os.path.basename(victim)} is listed by the commit markers but missing"):
+        open_activations(root)
+
+
+def test_shards_that_disagree_on_storage_dtype_are_refused(output, tmp_path, small_row_groups):
+    root = copy_output(output, tmp_path)
+    write_output(root, shards=1, storage="float32", first=50)
+    with pytest.raises(ValueError, match=r"shards disagree on storage_dtype: .*samples/h000-.*'bfloat16', "
+                                         r".*samples/h000-.*'float32'"):
+        open_activations(root)
+
+
+def test_the_manifest_lists_what_is_read_once_the_run_finished(output, tmp_path, small_row_groups):
+    from pipeline.manifest import rebuild_manifest
+
+    root = copy_output(output, tmp_path)
+    rebuild_manifest(root)
+    write_output(root, shards=1, first=60)  # committed after the manifest: a later run's, not this one's
+    ds = open_activations(root)
+    assert ds.source == "manifest"
+    assert ds.num_tokens("resid_post", 1) == len(output.truth[("resid_post", 1)])
+    os.remove(os.path.join(root, "manifest.json"))
+    assert open_activations(root).num_tokens("resid_post", 1) > len(output.truth[("resid_post", 1)])
+
+
+def test_gcs_output_reads_like_a_local_one(output, gcs_emulator, small_row_groups):
+    root = f"{gcs_emulator.root}/dataset/out"
+    truth = write_output(root, shards=3)
+    ds = open_activations(root)
+    assert ds.hooks == ("mlp_out", "resid_post") and ds.num_tokens("mlp_out", 0) == len(truth[("mlp_out", 0)])
+    x, columns = ds.to_numpy("mlp_out", 0, with_metadata=True)
+    np.testing.assert_array_equal(bits(x), bits(np.stack([truth[("mlp_out", 0)][k] for k in keys_of(columns)])))
+    seen = [k for _, cols in ds.batches("mlp_out", 0, 6, drop_last=False, with_metadata=True, buffer_tokens=10)
+            for k in keys_of(cols)]
+    assert Counter(seen) == Counter(truth[("mlp_out", 0)].keys())
+    assert ds.samples().num_rows == 12
+
+
+def test_torch_iterable_splits_across_dataloader_workers_without_duplicates(output):
+    torch = pytest.importorskip("torch")
+    ds = open_activations(output.root)
+    dataset = ds.torch_iterable("resid_post", 1, 6, drop_last=False, with_metadata=True, buffer_tokens=12)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
+    seen = []
+    for tensor, columns in loader:
+        assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32 and tensor.shape[1] == D_MODEL
+        seen += list(zip(columns["sample_id"].tolist(), columns["position"].tolist()))
+    assert Counter(seen) == Counter(output.truth[("resid_post", 1)].keys())
+    bf16 = next(iter(ds.torch_iterable("resid_post", 1, 6, dtype="bfloat16")))
+    assert bf16.dtype == torch.bfloat16
+
+
+def test_jax_batches_are_placed_with_the_sharding(output):
+    jax = pytest.importorskip("jax")
+    ds = open_activations(output.root)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    batches = ds.jax_batches("resid_post", 1, 8, sharding=sharding, seed=5, dtype="bfloat16")
+    first = next(batches)
+    assert isinstance(first, jax.Array) and first.sharding == sharding and first.shape == (8, D_MODEL)
+    plain = next(ds.batches("resid_post", 1, 8, seed=5, dtype="bfloat16"))
+    np.testing.assert_array_equal(bits(np.asarray(first)), bits(plain))
+    state = batches.state_dict()
+    assert state["batches"] == 1
