@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-IDENTITY_FILE = "_identity.json"
+from transforms.output_format import IDENTITY_FILE  # noqa: F401 - the identity file's name, for callers
 
 # identity key -> the flag that sets it (what a refusal tells the user to pass)
 FLAGS = {

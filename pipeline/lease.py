@@ -20,9 +20,10 @@ import threading
 import time
 import uuid
 
+from transforms.output_format import LEASES_DIR
+
 _LOG = logging.getLogger("pipeline.lease")
 
-LEASE_DIR = "_leases"
 DEFAULT_TIMEOUT_S = 120.0
 
 
@@ -153,7 +154,7 @@ def exclusive_store(path: str):
 # ------------------------------------------------------------------------------------------- lease
 
 def lease_path(output_root: str, share: str) -> str:
-    return f"{output_root.rstrip('/')}/{LEASE_DIR}/{share}.json"
+    return f"{output_root.rstrip('/')}/{LEASES_DIR}/{share}.json"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -289,7 +290,7 @@ def live_leases(output_root: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[
 
     root = output_root.rstrip("/")
     try:
-        matches = FileSystems.match([f"{root}/{LEASE_DIR}/*.json"])[0].metadata_list
+        matches = FileSystems.match([f"{root}/{LEASES_DIR}/*.json"])[0].metadata_list
     except Exception:  # no lease folder yet
         return {}
     live = {}

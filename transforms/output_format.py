@@ -28,6 +28,9 @@ DEAD_LETTER_DIR = "dead_letter"
 MANIFEST_NAME = "manifest.json"
 # One record per host of its last run; the leading "_" keeps it out of pyarrow.dataset.
 RUNS_DIR = "_runs"
+# The run identity written once by the first run (pipeline.identity), and one lease per host share (pipeline.lease).
+IDENTITY_FILE = "_identity.json"
+LEASES_DIR = "_leases"
 PARQUET_SUFFIX = ".parquet"
 DEAD_LETTER_SUFFIX = ".jsonl"
 # Temporary files are `.tmp-<uuid hex>-<final name>`: the leading "." hides them from pyarrow.dataset.
