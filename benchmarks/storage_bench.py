@@ -96,7 +96,7 @@ def encode_format1(table, storage_dtype, level):
 
 
 def decode_format1(data, storage_dtype):
-    table = pq.read_table(pa.BufferReader(data))
+    table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
     return activations_to_numpy(table, dtype="bfloat16" if storage_dtype == "bfloat16" else None)
 
 
@@ -138,7 +138,8 @@ def run(tokens: int, d_model: int, repeats: int) -> list[dict]:
                                    repeats)
             if layout == 2:
                 encode_s, data = _best(lambda: encode(table, storage, level), repeats)
-                decode_s, back = _best(lambda: activations_to_numpy(pq.read_table(pa.BufferReader(data))), repeats)
+                decode_s, back = _best(lambda: activations_to_numpy(
+                    pq.read_table(pa.BufferReader(data), page_checksum_verification=True)), repeats)
             else:
                 encode_s, data = _best(lambda: encode_format1(table, storage, level), repeats)
                 decode_s, back = _best(lambda: decode_format1(data, storage), repeats)

@@ -347,7 +347,7 @@ def _parquet_bytes(table: pa.Table, vector_columns: Sequence[str] = (), row_grou
     others = [name for name in table.column_names if name not in vector_columns]
     pq.write_table(
         table, sink, compression="zstd", compression_level=compression_level, use_dictionary=others,
-        write_statistics=others, row_group_size=row_group_size)
+        write_statistics=others, row_group_size=row_group_size, write_page_checksum=True)
     return sink.getvalue()
 
 
@@ -629,7 +629,7 @@ def _name(path: str) -> str:
 
 def _read_footer(path: str) -> pq.FileMetaData:
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        return pq.ParquetFile(handle).metadata
+        return pq.ParquetFile(handle, page_checksum_verification=True).metadata
 
 
 def decode_metadata(footer: pq.FileMetaData) -> dict[str, Any]:
@@ -677,7 +677,8 @@ def committed_sample_ids(output_root: str) -> set[str]:
 
     def read(path):
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            return pq.read_table(handle, columns=["sample_id"]).column("sample_id").to_pylist()
+            return pq.read_table(handle, columns=["sample_id"],
+                                 page_checksum_verification=True).column("sample_id").to_pylist()
 
     ids: set[str] = set()
     for chunk in _parallel(read, samples_files(output_root)):
