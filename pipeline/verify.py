@@ -71,7 +71,7 @@ class Advice:
 
     def text(self, output: str) -> str:
         steps = " then ".join(f"`{command.format(output=output)}`" for command in self.commands)
-        return f"fix: {steps} ({self.why})"
+        return f"fix: {steps} ({self.why.format(output=output)})"
 
 
 RESUME_COMMAND = "python -m pipeline.run <the run's options> --resume"
@@ -469,7 +469,7 @@ def main(argv=None) -> int:
     from pipeline.storage import use_storage_emulator_if_configured
 
     use_storage_emulator_if_configured()
-    actions = []
+    actions, before = [], None
     if args.repair:
         actions, before = repair_output(args.output, deep=args.deep)
         if not args.json:
@@ -482,7 +482,7 @@ def main(argv=None) -> int:
                           "stats": report.stats, **({"repaired": actions} if args.repair else {})}, indent=1))
     else:
         print(report.format())
-        if args.repair and report.ok:
+        if args.repair and report.ok and any(f.advice in (UNCOMMIT, REWRITE_DEAD_LETTERS) for f in before.findings):
             print(f"now run `{RESUME_COMMAND}` to recompute the uncommitted samples and rewrite the dead letters")
     return 0 if report.ok else 1
 
