@@ -17,7 +17,14 @@ import pytest
 from pipeline import manifest as manifest_module
 from pipeline import verify as verify_module
 from pipeline.manifest import build_manifest, write_manifest
-from pipeline.verify import ADVICE, REBUILD_MANIFEST, REMOVE, REWRITE_DEAD_LETTERS, UNCOMMIT, verify_output
+from pipeline.verify import (
+    ADVICE,
+    REBUILD_MANIFEST,
+    REMOVE,
+    REWRITE_DEAD_LETTERS,
+    UNCOMMIT,
+    verify_output,
+)
 from tests.test_manifest import HOOKS, RUN_INFO, build_output
 from tests.test_write import extracted, make_batch
 from transforms.write import ShardWriter, committed_sample_ids, write_dead_letters
