@@ -319,3 +319,26 @@ def test_repair_then_resume_recomputes_the_damaged_shard(tmp_path, tiny_checkpoi
     keys, values = read_back(output)
     assert keys == clean_keys
     assert (values == clean_values).all()
+
+
+def test_repair_on_gcs(gcs_emulator):
+    from apache_beam.io.filesystems import FileSystems
+
+    root = f"{gcs_emulator.root}/repair/out"
+    build_output(root)
+    finish(root)
+    victim = sorted(m.path for m in FileSystems.match([f"{root}/activations/**"])[0].metadata_list)[3]
+    with FileSystems.open(victim) as handle:
+        data = bytearray(handle.read())
+    data[len(data) // 2] ^= 0x01
+    with FileSystems.create(victim) as handle:
+        handle.write(bytes(data))
+    with FileSystems.create(f"{root}/samples/stray.txt") as handle:
+        handle.write(b"x")
+    report = verify_output(root)
+    assert any(e.startswith(victim[len(root) + 1:]) and UNCOMMIT.text(root) in e for e in report.errors)
+    assert any(e.startswith("samples/stray.txt") and REMOVE.text(root) in e for e in report.errors)
+    actions, _ = verify_module.repair_output(root)
+    assert any(a.startswith("uncommitted shard") for a in actions) and any("stray.txt" in a for a in actions)
+    assert verify_output(root, deep=True).ok
+    assert len(committed_sample_ids(root)) == 6
