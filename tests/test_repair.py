@@ -87,27 +87,27 @@ def duplicate_sample(root, batches):
     return f"samples/h001-{duplicate['batch_id']}.parquet"
 
 
-def foreign_activation_file(root, batches):
-    relpath = "activations/hook=resid_post/layer=0/notes.txt"
-    Path(root, relpath).write_text("not ours")
-    return relpath
+def stray_file(name, relpath, data):
+    """A fault that leaves one file the writer did not make at `relpath`."""
+
+    def fault(root, batches):
+        Path(root, relpath).write_bytes(data)
+        return relpath
+
+    fault.__name__ = name
+    return fault
 
 
-def other_hosts_uncommitted_file(root, batches):
-    relpath = "activations/hook=resid_post/layer=0/h007-0123456789abcdef.parquet"
-    Path(root, relpath).write_bytes(b"x")
-    return relpath
+foreign_activation_file = stray_file("foreign_activation_file", "activations/hook=resid_post/layer=0/notes.txt",
+                                     b"not ours")
+other_hosts_uncommitted_file = stray_file(
+    "other_hosts_uncommitted_file", "activations/hook=resid_post/layer=0/h007-0123456789abcdef.parquet", b"x")
+temporary_file = stray_file("temporary_file", "samples/.tmp-0123abcd-h000-0000000000000000.parquet", b"half a file")
 
 
 def foreign_samples_file(root, batches):
     relpath = "samples/h000-00000000000000ff.parquet"
     pq.write_table(pa.table({"x": [1, 2]}), os.path.join(root, relpath))
-    return relpath
-
-
-def temporary_file(root, batches):
-    relpath = "samples/.tmp-0123abcd-h000-0000000000000000.parquet"
-    Path(root, relpath).write_bytes(b"half a file")
     return relpath
 
 
