@@ -92,13 +92,18 @@ def _download(source: str, target: Path, expected: dict) -> dict:
     from apache_beam.io.filesystems import FileSystems
 
     sha, crc, size = hashlib.sha256(), _crc32c(), 0
-    with FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED) as remote, \
-            open(target, "wb") as local:
-        while chunk := remote.read(_CHUNK):
-            local.write(chunk)
-            sha.update(chunk)
-            crc.update(chunk)
-            size += len(chunk)
+    try:
+        with FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED) as remote, \
+                open(target, "wb") as local:
+            while chunk := remote.read(_CHUNK):
+                local.write(chunk)
+                sha.update(chunk)
+                crc.update(chunk)
+                size += len(chunk)
+    except Exception as error:  # storage clients raise their own types; the object and the cause are what matter
+        raise RemoteCheckpointError(
+            f"{source}: the copy to {target} failed after {size:,} bytes ({type(error).__name__}: {error}); "
+            "nothing of it is used: check the bucket and the local disk's free space, then load it again") from error
     if size != expected["size"]:
         raise RemoteCheckpointError(
             f"{source}: copied {size:,} bytes but the bucket lists {expected['size']:,} (the object changed or "

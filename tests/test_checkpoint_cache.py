@@ -111,6 +111,12 @@ def test_a_copy_cut_short_is_refused_and_discarded(remote_checkpoint, tmp_path, 
     lying["config.json"]["crc32c"] = "AAAAAA=="
     with pytest.raises(RemoteCheckpointError, match="config.json: crc32c of the copied bytes"):
         local_checkpoint_dir(remote_checkpoint, tmp_path / "cache")
+    # An object that vanished between the listing and the copy.
+    lying = {**listing, "vanished.json": {"size": 5, "crc32c": None}}
+    with pytest.raises(RemoteCheckpointError, match=f"{remote_checkpoint}vanished.json: the copy to .* failed"):
+        local_checkpoint_dir(remote_checkpoint, tmp_path / "cache")
+    assert cached_dirs(tmp_path / "cache") == []
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_concurrent_loads_copy_once(remote_checkpoint, tmp_path, monkeypatch):
