@@ -92,7 +92,7 @@ def encode_format1(table, storage_dtype, level):
 
 
 def decode_format1(data, storage_dtype):
-    table = pq.read_table(pa.BufferReader(data))
+    table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
     return activations_to_numpy(table, dtype="bfloat16" if storage_dtype == "bfloat16" else None)
 
 
@@ -134,7 +134,8 @@ def run(tokens: int, d_model: int, repeats: int) -> list[dict]:
                                    repeats)
             if layout == 2:
                 encode_s, data = _best(lambda: encode(table, storage, level), repeats)
-                decode_s, back = _best(lambda: activations_to_numpy(pq.read_table(pa.BufferReader(data))), repeats)
+                decode_s, back = _best(lambda: activations_to_numpy(
+                    pq.read_table(pa.BufferReader(data), page_checksum_verification=True)), repeats)
             else:
                 encode_s, data = _best(lambda: encode_format1(table, storage, level), repeats)
                 decode_s, back = _best(lambda: decode_format1(data, storage), repeats)
@@ -174,13 +175,55 @@ def shard_writer_rate(tokens: int, d_model: int, repeats: int, storage_dtype: st
             "MB_per_s_written": round(stats["bytes"] / seconds / 1e6, 1), "bytes_per_value": round(stats["bytes"] / (tokens * d_model), 3)}
 
 
+def page_checksum_cost(tokens: int, d_model: int, repeats: int) -> list[dict]:
+    """Parquet page checksums (CRC32 written per page, verified on read) on and off, timed alternately in one
+    process so that both see the same load: bf16 storage of checkpoint-like values, the writer's settings."""
+    rng = np.random.default_rng(0)
+    samples, placements = make_samples(tokens, rng)
+    table = activation_table(samples, placements, make_values("checkpoint-like", tokens, d_model, rng, "bfloat16"),
+                             "resid_post", 12, "bfloat16")
+    others = [name for name in table.column_names if name != "activation"]
+
+    def encode_with(checksums):
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd", compression_level=ZSTD_LEVEL, use_dictionary=others,
+                       write_statistics=others, row_group_size=row_group_rows(d_model, "bfloat16"),
+                       write_page_checksum=checksums)
+        return sink.getvalue()
+
+    data = {checksums: encode_with(checksums) for checksums in (False, True)}
+    best = {}
+    for _ in range(repeats):
+        for checksums in (False, True):
+            for step, function in (("encode", lambda: encode_with(checksums)),
+                                   ("decode", lambda: activations_to_numpy(pq.read_table(
+                                       pa.BufferReader(data[checksums]), page_checksum_verification=checksums)))):
+                start = time.perf_counter()
+                function()
+                elapsed = time.perf_counter() - start
+                best[step, checksums] = min(best.get((step, checksums), elapsed), elapsed)
+    return [{"page_checksums": checksums, "bytes": data[checksums].size,
+             "encode_tokens_per_s": round(tokens / best["encode", checksums]),
+             "decode_tokens_per_s": round(tokens / best["decode", checksums])} for checksums in (False, True)]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--d_model", type=int, default=896)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--page_checksums", action="store_true",
+                        help="only compare Parquet encoding and decoding with page checksums on and off (best of "
+                             "--repeats, alternating); the table encoding excluded")
     args = parser.parse_args(argv)
+    if args.page_checksums:
+        rows = page_checksum_cost(args.tokens, args.d_model, args.repeats)
+        for row in rows:
+            print(json.dumps(row) if args.json else
+                  f"page checksums {'on ' if row['page_checksums'] else 'off'}: {row['bytes']:,} bytes, encode "
+                  f"{row['encode_tokens_per_s']:,} tok/s, decode {row['decode_tokens_per_s']:,} tok/s")
+        return 0
     results = run(args.tokens, args.d_model, args.repeats)
     writers = [shard_writer_rate(args.tokens, args.d_model, args.repeats, storage)
                for storage in ("bfloat16", "float32", "float16")]

@@ -174,7 +174,12 @@ def resolve_checkpoint_dir(spec: str | os.PathLike) -> tuple[Path, str | None]:
     """A local directory, or a hub id (`Qwen/Qwen2.5-0.5B`, optionally `@revision`) found in the Hugging Face cache.
 
     Returns the directory and, for hub snapshots, the commit it holds. Downloads only when the process is online
-    (HF_HUB_OFFLINE unset); offline, a missing model gives an error that says how to fetch it."""
+    (HF_HUB_OFFLINE unset); offline, a missing model gives an error that says how to fetch it. A gs:// folder is
+    copied once per machine into a local cache and checked (model/checkpoint_cache.py)."""
+    from model import checkpoint_cache
+
+    if checkpoint_cache.is_remote(spec):
+        return checkpoint_cache.local_checkpoint_dir(str(spec)), None
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():

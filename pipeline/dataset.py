@@ -343,7 +343,7 @@ class ActivationDataset:
         """The samples table of every committed shard (one row per sample), in shard order."""
         def read(relpath):
             with self._store.open(relpath) as handle:
-                return pq.read_table(handle, columns=columns)
+                return pq.read_table(handle, columns=columns, page_checksum_verification=True)
         tables = _parallel(read, self.samples_files)
         return pa.concat_tables(t.replace_schema_metadata(None) for t in tables)
 
@@ -408,7 +408,7 @@ class ActivationDataset:
         """(vectors in the storage dtype, the rows' indices in their row group, token columns or None)."""
         footer = self._footer(unit.file)
         with self._store.open(unit.file.path) as handle:
-            reader = pq.ParquetFile(handle, metadata=footer)
+            reader = pq.ParquetFile(handle, metadata=footer, page_checksum_verification=True)
             rows = np.arange(unit.rows, dtype=np.int64)
             tokens = None
             if where is not None or metadata:

@@ -95,17 +95,28 @@ def group_by_identity(markers: dict[str, dict]) -> dict[str | None, list[str]]:
     return groups
 
 
-def disagreements(markers: dict[str, dict]) -> list[str]:
-    """One line per group of shards whose identity differs from the largest group's (empty when they agree)."""
+def read_identity_file(output_root: str) -> dict[str, str] | None:
+    """The identity recorded in OUTPUT/_identity.json, or None when there is none (or it is unreadable)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        with FileSystems.open(f"{output_root.rstrip('/')}/{IDENTITY_FILE}") as handle:
+            return decode(handle.read().decode())
+    except Exception:  # absent or damaged: the shards' majority stands in for it
+        return None
+
+
+def mismatched_shards(markers: dict[str, dict], reference: dict[str, str] | None = None
+                      ) -> list[tuple[str, list[str]]]:
+    """(shard, differences) for every shard whose recorded identity differs from `reference` (by default the
+    identity most shards record). Shards that record none are not judged."""
     groups = {key: shards for key, shards in group_by_identity(markers).items() if key is not None}
-    if len(groups) < 2:
+    if not groups:
         return []
-    reference, *others = sorted(groups, key=lambda key: (-len(groups[key]), groups[key][0]))
-    lines = []
-    for key in others:
-        shards = groups[key]
-        diffs = differences(decode(reference), decode(key))
-        lines.append(f"samples/{shards[0]}.parquet and {len(shards) - 1} more shard(s) were written by another run "
-                     f"than samples/{groups[reference][0]}.parquet and {len(groups[reference]) - 1} more: "
-                     + "; ".join(diffs))
-    return lines
+    if reference is None:
+        reference = decode(max(groups, key=lambda key: (len(groups[key]), key)))
+    out = []
+    for key, shards in groups.items():
+        diffs = differences(reference, decode(key))
+        out += [(shard, diffs) for shard in shards if diffs]
+    return sorted(out)

@@ -118,7 +118,9 @@ def build_manifest(output_root: str, run_info: dict[str, Any]) -> dict[str, Any]
                           ("d_model values", d_models)):
         if len(values) > 1:
             warnings.append(f"shards disagree on {label}: {sorted(map(str, values))}")
-    warnings += [f"run identity: {line}" for line in identity_lib.disagreements(shards)]
+    mismatched = identity_lib.mismatched_shards(shards, identity_lib.read_identity_file(output_root))
+    warnings += [f"run identity: samples/{shard}.parquet was written by another run: {'; '.join(diffs)}"
+                 for shard, diffs in mismatched]
     recorded = [key for key in identity_lib.group_by_identity(shards) if key is not None]
 
     computed = {

@@ -63,7 +63,9 @@ class ExtractOptions(PipelineOptions):
             "--model", default="random:qwen2.5-0.5b",
             help="Model: a local checkpoint directory (config.json + *.safetensors + tokenizer files), a Hugging Face "
                  "hub id already in the local cache (e.g. Qwen/Qwen2.5-0.5B-Instruct), or random:<geometry> "
-                 "(e.g. random:qwen2.5-0.5b) for random weights of a real Qwen2.5 geometry with the real tokenizer.")
+                 "(e.g. random:qwen2.5-0.5b) for random weights of a real Qwen2.5 geometry with the real tokenizer, "
+                 "or a gs://bucket/path/ checkpoint folder (copied once per machine, checked, into "
+                 "$ARC_ACTIVATIONS_MODEL_CACHE or ~/.cache/arc-activations/models).")
         group.add_argument(
             "--dataset", default=DEFAULT_DATASET,
             help="Input: a hub dataset id, a local or gs:// path or glob (BARC JSONL/Parquet, ARC-AGI challenges "

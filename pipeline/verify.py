@@ -1,13 +1,22 @@
-"""`python -m pipeline.verify OUTPUT [--deep]`: checks an output against its manifest and commit markers.
+"""`python -m pipeline.verify OUTPUT [--deep] [--repair]`: checks an output against its manifest and commit markers.
 
-Checks, each failure naming the file:
-* manifest.json is present and parses; every file it lists exists, with its byte size, sha256 and row count;
-* every commit marker (samples file) is readable and agrees with the manifest; no activation file is unlisted;
+Checks, each failure naming the file and the command that fixes it (ADVICE):
+* manifest.json is present and parses; every samples and dead-letter file it lists exists, with its byte size,
+  sha256 and row count; it lists every committed shard and dead-letter file, and its counts are the files';
+* every commit marker (samples file) is readable; every activation file it lists exists with the size, sha256 and
+  row count the marker records; no other file lies under activations/ or samples/;
 * no sample id appears in two shards; each sample's num_tokens matches its token_ids;
 * every sample is complete: for each hook and layer of the run, positions 0..num_tokens-1 each exactly once, with
   the sample's token ids;
+* Parquet page checksums, where the writer stored them, are verified on every read;
 * --deep also decodes every activation value: width d_model, and non-finite values reported.
 Exit code 0 when everything holds, 1 otherwise.
+
+--repair makes the output whole again: it uncommits every damaged shard (its commit marker first, then its
+activation files), deletes foreign, uncommitted and temporary files under activations/ and samples/, temporary
+files under dead_letter/ and damaged dead-letter files, rebuilds manifest.json and prints what it did. A following
+`python -m pipeline.run ... --resume` recomputes exactly the uncommitted samples and rewrites the dead letters.
+Run it only while no run writes into the output.
 """
 from __future__ import annotations
 
@@ -25,18 +34,71 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import identity as identity_lib
-from pipeline.manifest import MANIFEST_NAME, dead_letter_files, file_digest, read_manifest, scan_dead_letters
+from pipeline.manifest import (
+    MANIFEST_NAME,
+    RUNS_DIR,
+    build_manifest,
+    dead_letter_files,
+    file_digest,
+    merged_run_info,
+    read_manifest,
+    scan_dead_letters,
+    write_manifest,
+)
 from transforms.output_format import (
     ACTIVATIONS_DIR,
+    DEAD_LETTER_DIR,
     KEY_FILES,
     KEY_SHARD,
+    SAMPLES_DIR,
     TEMP_PREFIX,
     activations_to_numpy,
     basename,
     decode_metadata,
     relative_to,
+    samples_relpath,
 )
-from transforms.write import join, parallel_map, samples_files
+from transforms.write import join, match_files, parallel_map
+
+
+@dataclass(frozen=True)
+class Advice:
+    """The commands that fix one kind of finding, in order; `{output}` stands for the output's path."""
+    key: str
+    commands: tuple[str, ...]
+    why: str
+
+    def text(self, output: str) -> str:
+        steps = " then ".join(f"`{command.format(output=output)}`" for command in self.commands)
+        return f"fix: {steps} ({self.why.format(output=output)})"
+
+
+RESUME_COMMAND = "python -m pipeline.run <the run's options> --resume"
+REPAIR_COMMAND = "python -m pipeline.verify {output} --repair"
+UNCOMMIT = Advice(
+    "uncommit", (REPAIR_COMMAND, RESUME_COMMAND),
+    f"--repair uncommits the shard and deletes its files; --resume recomputes its samples; the run's options are "
+    f"in {{output}}/{RUNS_DIR}/")
+REMOVE = Advice("remove", (REPAIR_COMMAND,), "the file is no part of the output: --repair deletes it")
+REBUILD_MANIFEST = Advice(
+    "rebuild_manifest", ("python -m pipeline.manifest {output}",),
+    "rebuilds the manifest from the commit markers; after a run that was stopped, finish it with --resume instead")
+REWRITE_DEAD_LETTERS = Advice(
+    "rewrite_dead_letters", (REPAIR_COMMAND, RESUME_COMMAND),
+    f"--repair deletes the damaged dead-letter file; --resume rewrites every dead letter of its host; the run's "
+    f"options are in {{output}}/{RUNS_DIR}/")
+# Every advice verify can print; tests make each one's fault and check that its commands fix it.
+ADVICE = {advice.key: advice for advice in (UNCOMMIT, REMOVE, REBUILD_MANIFEST, REWRITE_DEAD_LETTERS)}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One error or warning: the file it is about, what is wrong, how to fix it, and the shard it condemns
+    (for UNCOMMIT) so that --repair acts on exactly what verify found."""
+    path: str
+    message: str
+    advice: Advice
+    shard: str | None = None
 
 MAX_DETAILS = 5
 
@@ -47,10 +109,21 @@ class VerifyReport:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+    # Commit markers as read (shard -> metadata), for --repair to find a damaged shard's files.
+    markers: dict[str, dict] = field(default_factory=dict, repr=False)
 
     @property
     def ok(self) -> bool:
         return not self.errors
+
+    def fail(self, path: str, message: str, advice: Advice, shard: str | None = None) -> None:
+        self.findings.append(Finding(path, message, advice, shard))
+        self.errors.append(f"{path}: {message}; {advice.text(self.output)}")
+
+    def warn(self, path: str, message: str, advice: Advice) -> None:
+        self.findings.append(Finding(path, message, advice))
+        self.warnings.append(f"{path}: {message}; {advice.text(self.output)}")
 
     def format(self) -> str:
         lines = [f"verify {self.output}: {'OK' if self.ok else f'FAILED ({len(self.errors)} errors)'}"]
@@ -66,20 +139,24 @@ def _open(path):
 
 def _read_table(path: str, columns=None) -> pa.Table:
     with _open(path) as handle:
-        return pq.read_table(handle, columns=columns)
+        return pq.read_table(handle, columns=columns, page_checksum_verification=True)
 
 
 def _footer(path: str) -> pq.FileMetaData:
     with _open(path) as handle:
-        return pq.ParquetFile(handle).metadata
+        return pq.ParquetFile(handle, page_checksum_verification=True).metadata
+
+
+def _unreadable(error: Exception) -> str:
+    return f"unreadable ({type(error).__name__}: {error})"
 
 
 def _check_file(root: str, entry: dict) -> list[str]:
-    """Existence, size, sha256 and row count of one listed file."""
-    relpath, path = entry["path"], join(root, entry["path"])
+    """Problems with one listed file's existence, size, sha256 and row count (each without the path)."""
+    path = join(root, entry["path"])
     if not FileSystems.exists(path):
-        return [f"{relpath}: listed but missing"]
-    errors = []
+        return ["listed but missing"]
+    problems = []
     try:
         if entry.get("kind") == "dead_letter":
             size, sha, stages = scan_dead_letters(path)
@@ -88,14 +165,14 @@ def _check_file(root: str, entry: dict) -> list[str]:
             size, sha = file_digest(path)
             rows = _footer(path).num_rows
     except Exception as error:  # any unreadable file is a finding, not a crash of the checker
-        return [f"{relpath}: unreadable ({type(error).__name__}: {error})"]
+        return [_unreadable(error)]
     if size != entry.get("bytes"):
-        errors.append(f"{relpath}: {size} bytes on disk, {entry.get('bytes')} listed")
+        problems.append(f"{size} bytes on disk, {entry.get('bytes')} listed")
     if sha != entry.get("sha256"):
-        errors.append(f"{relpath}: sha256 {sha[:16]}... does not match the listed {str(entry.get('sha256'))[:16]}...")
+        problems.append(f"sha256 {sha[:16]}... does not match the listed {str(entry.get('sha256'))[:16]}...")
     if rows != entry.get("rows"):
-        errors.append(f"{relpath}: {rows} rows, {entry.get('rows')} listed")
-    return errors
+        problems.append(f"{rows} rows, {entry.get('rows')} listed")
+    return problems
 
 
 def _expected_rows(samples: pa.Table):
@@ -154,46 +231,83 @@ def check_rows(relpath: str, sample_ids: list[str], expected, table: pa.Table) -
 
 
 def _check_shard(root: str, shard: str, marker: dict, expected_keys: set, deep: bool) -> tuple[list, list, dict]:
-    """Errors, warnings and counts of one committed shard."""
+    """(path, problem) errors, warnings and counts of one committed shard: its activation files against the
+    sizes, sha256 and row counts its marker records, then every row against its samples."""
     errors, warnings = [], []
-    samples_rel = f"samples/{shard}.parquet"
+    samples_rel = samples_relpath(shard)
+    for entry in marker[KEY_FILES]:
+        errors += [(entry["path"], problem) for problem in _check_file(root, {**entry, "kind": "activations"})]
     try:
         samples = _read_table(join(root, samples_rel))
     except Exception as error:
-        return [f"{samples_rel}: unreadable ({type(error).__name__}: {error})"], [], {}
+        return errors + [(samples_rel, _unreadable(error))], [], {}
     lengths = pc.list_value_length(samples["token_ids"]).to_numpy()
     bad = np.flatnonzero(lengths != samples["num_tokens"].to_numpy())
     if bad.size:
-        errors.append(f"{samples_rel}: num_tokens differs from len(token_ids) for "
-                      f"{samples['sample_id'][int(bad[0])].as_py()!r} and {bad.size - 1} more")
+        errors.append((samples_rel, f"num_tokens differs from len(token_ids) for "
+                                    f"{samples['sample_id'][int(bad[0])].as_py()!r} and {bad.size - 1} more"))
     sample_ids = samples["sample_id"].to_pylist()
     expected = _expected_rows(samples)
     keys = {(entry["hook"], int(entry["layer"])) for entry in marker[KEY_FILES]}
     for hook, layer in sorted(expected_keys - keys):
-        errors.append(f"{samples_rel}: shard has no activation file for hook={hook} layer={layer}")
+        errors.append((samples_rel, f"shard has no activation file for hook={hook} layer={layer}"))
+    damaged = {path for path, _ in errors}
     non_finite = 0
     for entry in marker[KEY_FILES]:
         relpath = entry["path"]
+        if relpath in damaged:
+            continue
         path = join(root, relpath)
         columns = None if deep else ["sample_id", "position", "token_id"]
         try:
             table = _read_table(path, columns)
         except Exception as error:
-            errors.append(f"{relpath}: unreadable ({type(error).__name__}: {error})")
+            errors.append((relpath, _unreadable(error)))
             continue
-        errors += check_rows(relpath, sample_ids, expected, table)
+        errors += [(relpath, message[len(relpath) + 2:]) for message in check_rows(relpath, sample_ids, expected,
+                                                                                   table)]
         if deep:
             metadata = decode_metadata(_footer(path))
             values = activations_to_numpy(table)
             if str(values.shape[1]) != metadata.get("d_model"):
-                errors.append(f"{relpath}: activation width {values.shape[1]}, metadata d_model "
-                              f"{metadata.get('d_model')}")
+                errors.append((relpath, f"activation width {values.shape[1]}, metadata d_model "
+                                        f"{metadata.get('d_model')}"))
             count = int(values.size - np.isfinite(values.astype(np.float32)).sum())
             if count:
                 warnings.append(f"{relpath}: {count} non-finite activation values "
                                 f"(float16_overflow in metadata: {metadata.get('float16_overflow')})")
             non_finite += count
     return errors, warnings, {"sample_ids": sample_ids, "tokens": int(lengths.sum()), "non_finite": non_finite}
+
+
+def _data_files(root: str) -> list[str]:
+    """Every file under activations/ and samples/, temporary or not, as paths relative to the output."""
+    return sorted(relative_to(root, meta.path) for directory in (ACTIVATIONS_DIR, SAMPLES_DIR)
+                  for meta in match_files(join(root, f"{directory}/**")))
+
+
+def _dead_letter_temp_files(root: str) -> list[str]:
+    return sorted(relative_to(root, meta.path) for meta in match_files(join(root, f"{DEAD_LETTER_DIR}/*"))
+                  if basename(meta.path).startswith(TEMP_PREFIX))
+
+
+def _shard_of(relpath: str) -> str | None:
+    """The shard a samples or activation file name belongs to (None for a name no writer makes)."""
+    name = relpath.rsplit("/", 1)[-1]
+    return name[:-len(".parquet")] if name.endswith(".parquet") and not name.startswith(TEMP_PREFIX) else None
+
+
+def _check_identity(root: str, manifest: dict | None, report: VerifyReport) -> None:
+    """One output holds one run: a shard whose run identity differs from the output's (OUTPUT/_identity.json, or
+    the one most shards record) is condemned, and so is a manifest that records another identity."""
+    reference = identity_lib.read_identity_file(root)
+    for shard, diffs in identity_lib.mismatched_shards(report.markers, reference):
+        report.fail(samples_relpath(shard), "written by another run than the rest of the output: " + "; ".join(diffs),
+                    UNCOMMIT, shard)
+    recorded = manifest.get("identity") if manifest else None
+    if recorded and reference and identity_lib.differences(reference, recorded):
+        report.fail(MANIFEST_NAME, "its run identity differs from the output's: "
+                    + "; ".join(identity_lib.differences(reference, recorded)), REBUILD_MANIFEST)
 
 
 def verify_output(output: str, deep: bool = False) -> VerifyReport:
@@ -203,69 +317,70 @@ def verify_output(output: str, deep: bool = False) -> VerifyReport:
     try:
         manifest = read_manifest(root)
     except Exception as error:
-        report.errors.append(
-            f"{MANIFEST_NAME}: missing or unreadable ({type(error).__name__}: {error}); the driver writes it when "
-            "the run ends: finish the run (python -m pipeline.run ... --resume) before using the output")
+        report.fail(MANIFEST_NAME, f"missing or {_unreadable(error)}; the driver writes it when the run ends",
+                    REBUILD_MANIFEST)
 
-    # Commit markers.
-    markers: dict[str, dict] = {}
-    for path in samples_files(root):
-        relpath = relative_to(root, path)
-        shard = basename(path)[:-len(".parquet")]
+    # Commit markers, and every other file under the data folders.
+    data_files = _data_files(root)
+    markers: dict[str, dict] = report.markers
+    for relpath in data_files:
+        name = relpath.rsplit("/", 1)[-1]
+        if name.startswith(TEMP_PREFIX):
+            report.warn(relpath, "temporary file left by a killed writer", REMOVE)
+            continue
+        if not relpath.startswith(f"{SAMPLES_DIR}/"):
+            continue
+        shard = _shard_of(relpath)
+        if shard is None or relpath != samples_relpath(shard):
+            report.fail(relpath, "foreign file among the commit markers (no writer makes this name)", REMOVE)
+            continue
         try:
-            metadata = decode_metadata(_footer(path))
+            metadata = decode_metadata(_footer(join(root, relpath)))
         except Exception as error:
-            report.errors.append(f"{relpath}: unreadable commit marker ({type(error).__name__}: {error})")
+            report.fail(relpath, f"{_unreadable(error)} commit marker", UNCOMMIT, shard)
             continue
         if metadata.get(KEY_SHARD) != shard or KEY_FILES not in metadata:
-            report.errors.append(f"{relpath}: not a commit marker (no shard/files metadata)")
+            report.fail(relpath, "not a commit marker (no shard/files metadata): a foreign file", REMOVE)
             continue
         markers[shard] = metadata
+    in_markers = {entry["path"] for marker in markers.values() for entry in marker[KEY_FILES]}
+    for relpath in data_files:
+        name = relpath.rsplit("/", 1)[-1]
+        if relpath.startswith(f"{ACTIVATIONS_DIR}/") and not name.startswith(TEMP_PREFIX) \
+                and relpath not in in_markers:
+            report.fail(relpath, "activation file listed by no commit marker (an uncommitted shard or a foreign "
+                                 "file)", REMOVE)
+    for relpath in _dead_letter_temp_files(root):
+        report.warn(relpath, "temporary file left by a killed writer", REMOVE)
+    _check_identity(root, manifest, report)
 
-    for line in identity_lib.disagreements(markers):
-        report.errors.append(
-            f"{line}. One output holds one run: keep one run's shards (delete the other run's commit markers, "
-            "samples/<shard>.parquet), then python -m pipeline.verify OUTPUT --repair")
-    if manifest is not None and manifest.get("identity"):
-        recorded = {key for key in identity_lib.group_by_identity(markers) if key is not None}
-        for key in recorded:
-            diffs = identity_lib.differences(manifest["identity"], identity_lib.decode(key))
-            if diffs:
-                report.errors.append(f"{MANIFEST_NAME}: its run identity differs from the shards': " + "; ".join(diffs)
-                                     + ": rebuild it with python -m pipeline.manifest OUTPUT")
-
-    # Files against the manifest (and, without one, against the markers).
+    # Samples and dead-letter files against the manifest.
+    checked = 0
     if manifest is not None:
         listed = {entry["path"]: entry for entry in manifest.get("files", [])}
         for shard, marker in markers.items():
-            if f"samples/{shard}.parquet" not in listed:
-                report.errors.append(f"samples/{shard}.parquet: committed shard not in {MANIFEST_NAME} "
-                                     "(written after the manifest? rebuild it)")
+            if samples_relpath(shard) not in listed:
+                report.fail(samples_relpath(shard), f"committed shard not in {MANIFEST_NAME} (written after it)",
+                            REBUILD_MANIFEST)
             for entry in marker[KEY_FILES]:
-                if entry["path"] in listed and listed[entry["path"]]["sha256"] != entry["sha256"]:
-                    report.errors.append(f"{entry['path']}: sha256 in {MANIFEST_NAME} and in samples/{shard}.parquet "
-                                         "disagree")
+                if entry["path"] in listed and listed[entry["path"]].get("sha256") != entry["sha256"]:
+                    report.fail(entry["path"], f"sha256 in {MANIFEST_NAME} and in {samples_relpath(shard)} "
+                                               "disagree", REBUILD_MANIFEST)
         for path in dead_letter_files(root):
             if relative_to(root, path) not in listed:
-                report.errors.append(f"{relative_to(root, path)}: dead-letter file not in {MANIFEST_NAME}")
+                report.fail(relative_to(root, path), f"dead-letter file not in {MANIFEST_NAME}", REBUILD_MANIFEST)
+        entries = [entry for entry in listed.values() if entry.get("kind") in ("samples", "dead_letter")]
+        checked = len(listed)
+        for entry, problems in zip(entries, parallel_map(lambda entry: _check_file(root, entry), entries)):
+            for problem in problems:
+                if entry["kind"] == "samples":
+                    report.fail(entry["path"], problem, UNCOMMIT, entry.get("shard") or _shard_of(entry["path"]))
+                else:
+                    report.fail(entry["path"], problem, REWRITE_DEAD_LETTERS)
     else:
-        listed = {entry["path"]: {**entry, "kind": "activations"} for marker in markers.values()
-                  for entry in marker[KEY_FILES]}
-    for errors in parallel_map(lambda entry: _check_file(root, entry), list(listed.values())):
-        report.errors += errors
+        checked = sum(len(marker[KEY_FILES]) for marker in markers.values())
 
-    # Unlisted activation files and leftovers.
-    in_markers = {entry["path"] for marker in markers.values() for entry in marker[KEY_FILES]}
-    for meta in FileSystems.match([join(root, f"{ACTIVATIONS_DIR}/**")])[0].metadata_list:
-        relpath = relative_to(root, meta.path)
-        if basename(meta.path).startswith(TEMP_PREFIX):
-            report.warnings.append(f"{relpath}: temporary file left by a killed writer (safe to delete once no "
-                                   "run writes here)")
-        elif relpath not in in_markers:
-            report.errors.append(f"{relpath}: activation file listed by no commit marker (an uncommitted shard: "
-                                 "rerun with --resume, which deletes it and recomputes its samples)")
-
-    # Samples: uniqueness and completeness.
+    # Shards: their activation files, uniqueness and completeness of their samples.
     if manifest is not None and manifest.get("hooks") and manifest.get("layers") is not None:
         expected_keys = {(hook, int(layer)) for hook in manifest["hooks"] for layer in manifest["layers"]}
     else:
@@ -275,14 +390,16 @@ def verify_output(output: str, deep: bool = False) -> VerifyReport:
     for shard, (errors, warnings, counts) in zip(
             sorted(markers), parallel_map(lambda s: _check_shard(root, s, markers[s], expected_keys, deep),
                                        sorted(markers))):
-        report.errors += errors
+        for path, problem in errors:
+            report.fail(path, problem, UNCOMMIT, shard)
         report.warnings += warnings
+        duplicates = [sample_id for sample_id in counts.get("sample_ids", []) if sample_id in owner]
+        if duplicates:
+            # The later shard goes: --resume then finds the earlier shard's copy and recomputes only the rest.
+            report.fail(samples_relpath(shard), f"sample {duplicates[0]!r} (and {len(duplicates) - 1} more) also "
+                        f"in {samples_relpath(owner[duplicates[0]])} (duplicate sample id)", UNCOMMIT, shard)
         for sample_id in counts.get("sample_ids", []):
-            if sample_id in owner:
-                report.errors.append(f"samples/{shard}.parquet: sample {sample_id!r} also in "
-                                     f"samples/{owner[sample_id]}.parquet (duplicate sample id)")
-            else:
-                owner[sample_id] = shard
+            owner.setdefault(sample_id, shard)
         samples += len(counts.get("sample_ids", []))
         tokens += counts.get("tokens", 0)
         non_finite += counts.get("non_finite", 0)
@@ -291,12 +408,64 @@ def verify_output(output: str, deep: bool = False) -> VerifyReport:
         counts = manifest.get("counts", {})
         for key, value in (("samples", samples), ("tokens", tokens), ("shards", len(markers))):
             if key in counts and counts[key] != value:
-                report.errors.append(f"{MANIFEST_NAME}: counts.{key} is {counts[key]}, the files hold {value}")
+                report.fail(MANIFEST_NAME, f"counts.{key} is {counts[key]}, the files hold {value}",
+                            REBUILD_MANIFEST)
     report.stats.update({"shards": len(markers), "samples": samples, "tokens": tokens,
-                         "hooks_layers": len(expected_keys), "files_checked": len(listed)})
+                         "hooks_layers": len(expected_keys), "files_checked": checked})
     if deep:
         report.stats["non_finite_values"] = non_finite
     return report
+
+
+def _delete(root: str, relpaths) -> list[str]:
+    """Deletes the files that exist, one call each so that one vanished file does not stop the rest."""
+    deleted = []
+    for relpath in relpaths:
+        path = join(root, relpath)
+        if FileSystems.exists(path):
+            FileSystems.delete([path])
+            deleted.append(relpath)
+    return deleted
+
+
+def repair_output(output: str, deep: bool = False) -> tuple[list[str], VerifyReport]:
+    """Makes the output pass verify (see the module docstring); returns what it did, one line per action, and
+    the report of the verify run it acted on."""
+    root = output.rstrip("/")
+    report = verify_output(root, deep=deep)
+    actions = []
+    doomed = sorted({f.shard for f in report.findings if f.advice is UNCOMMIT and f.shard})
+    for shard in doomed:
+        # The marker goes first: once it is gone the shard is uncommitted, whatever happens to the rest.
+        files = [samples_relpath(shard)]
+        files += [entry["path"] for entry in report.markers.get(shard, {}).get(KEY_FILES, [])]
+        files += [path for path in _data_files(root) if _shard_of(path) == shard and path not in files]
+        deleted = _delete(root, files)
+        reasons = sorted({f"{f.path}: {f.message}" for f in report.findings if f.shard == shard})
+        actions.append(f"uncommitted shard {shard} (deleted {len(deleted)} files) because "
+                       + "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else ""))
+    keep = {samples_relpath(shard) for shard in report.markers if shard not in doomed}
+    keep |= {entry["path"] for shard, marker in report.markers.items() if shard not in doomed
+             for entry in marker[KEY_FILES]}
+    for relpath in _delete(root, [path for path in _data_files(root) if path not in keep]):
+        actions.append(f"deleted {relpath} (no committed shard holds it)")
+    dead = {f.path for f in report.findings if f.advice is REWRITE_DEAD_LETTERS}
+    dead |= set(_dead_letter_temp_files(root))
+    for relpath in _delete(root, sorted(dead)):
+        actions.append(f"deleted {relpath} (damaged or temporary dead-letter file; --resume rewrites it)")
+    run_info = merged_run_info(root)
+    if not run_info:
+        try:  # an output without host records keeps the run description of its old manifest
+            run_info = {key: value for key, value in read_manifest(root).items()
+                        if key not in ("format_version", "written", "files", "warnings")}
+        except Exception:  # no manifest either: the rebuilt one describes the files only
+            run_info = {}
+    manifest = build_manifest(root, run_info)
+    write_manifest(root, manifest)
+    counts = manifest["counts"]
+    actions.append(f"rebuilt {MANIFEST_NAME}: {counts['shards']} shards, {counts['samples']} samples, "
+                   f"{counts['tokens']} tokens")
+    return actions, report
 
 
 def main(argv=None) -> int:
@@ -305,16 +474,29 @@ def main(argv=None) -> int:
     parser.add_argument("--deep", action="store_true",
                         help="also decode every activation value (width, non-finite values); reads everything")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--repair", action="store_true",
+                        help="uncommit damaged shards, delete foreign, uncommitted and temporary files, rebuild the "
+                             "manifest, print what was done, then verify again; follow with pipeline.run --resume "
+                             "to recompute the uncommitted samples. Only while no run writes into the output.")
     args = parser.parse_args(argv)
     from pipeline.storage import use_storage_emulator_if_configured
 
     use_storage_emulator_if_configured()
+    actions, before = [], None
+    if args.repair:
+        actions, before = repair_output(args.output, deep=args.deep)
+        if not args.json:
+            print(f"repair {before.output}: {len(before.errors)} errors, {len(before.warnings)} warnings found")
+            for action in actions:
+                print(f"  {action}")
     report = verify_output(args.output, deep=args.deep)
     if args.json:
         print(json.dumps({"ok": report.ok, "errors": report.errors, "warnings": report.warnings,
-                          "stats": report.stats}, indent=1))
+                          "stats": report.stats, **({"repaired": actions} if args.repair else {})}, indent=1))
     else:
         print(report.format())
+        if args.repair and report.ok and any(f.advice in (UNCOMMIT, REWRITE_DEAD_LETTERS) for f in before.findings):
+            print(f"now run `{RESUME_COMMAND}` to recompute the uncommitted samples and rewrite the dead letters")
     return 0 if report.ok else 1
 
 

@@ -95,7 +95,7 @@ def test_resume_with_rows_options_changed_completes_the_run(half_run, tiny_check
 
 def test_verify_fails_when_shards_disagree_on_identity(tmp_path):
     from pipeline.manifest import rebuild_manifest
-    from pipeline.verify import verify_output
+    from pipeline.verify import repair_output, verify_output
     from tests.test_write import extracted, make_batch
     from transforms.write import ShardWriter
 
@@ -111,6 +111,9 @@ def test_verify_fails_when_shards_disagree_on_identity(tmp_path):
     report = verify_output(root)
     assert not report.ok
     assert any("model_weights: recorded 'sha256:aaa', this run 'sha256:bbb'" in e for e in report.errors)
+    actions, _ = repair_output(root)  # the odd shard is uncommitted; --resume would recompute its samples
+    assert any("uncommitted shard" in action for action in actions)
+    assert verify_output(root).ok
 
 
 # --------------------------------------------------------------------------------------------- lease

@@ -276,5 +276,5 @@ def parquet_bytes(table: pa.Table, vector_columns: Sequence[str] = (), row_group
     others = [name for name in table.column_names if name not in vector_columns]
     pq.write_table(
         table, sink, compression="zstd", compression_level=compression_level, use_dictionary=others,
-        write_statistics=others, row_group_size=row_group_size)
+        write_statistics=others, row_group_size=row_group_size, write_page_checksum=True)
     return sink.getvalue()

@@ -277,7 +277,7 @@ class ShardWriter:
 
     def _committed_summary(self, shard: str, batch_id: str) -> dict | None:
         path = join(self.output_root, samples_relpath(shard))
-        matches = _match(path)
+        matches = match_files(path)
         if not matches:
             return None
         metadata = decode_metadata(_read_footer(path))
@@ -497,13 +497,13 @@ class WriteShards(beam.PTransform):
 
 # ------------------------------------------------------------------------------------ reading back
 
-def _match(pattern: str) -> list:
+def match_files(pattern: str) -> list:
     return FileSystems.match([pattern])[0].metadata_list
 
 
 def _read_footer(path: str) -> pq.FileMetaData:
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        return pq.ParquetFile(handle).metadata
+        return pq.ParquetFile(handle, page_checksum_verification=True).metadata
 
 
 def parallel_map(function, items):
@@ -516,7 +516,7 @@ def parallel_map(function, items):
 
 def samples_files(output_root: str) -> list[str]:
     """Committed samples files (one per shard), sorted; temporary files excluded."""
-    paths = [m.path for m in _match(join(output_root, f"{SAMPLES_DIR}/*.parquet"))]
+    paths = [m.path for m in match_files(join(output_root, f"{SAMPLES_DIR}/*.parquet"))]
     return sorted(p for p in paths if not basename(p).startswith(TEMP_PREFIX))
 
 
@@ -543,7 +543,8 @@ def committed_sample_ids(output_root: str) -> set[str]:
 
     def read(path):
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            return pq.read_table(handle, columns=["sample_id"]).column("sample_id").to_pylist()
+            return pq.read_table(handle, columns=["sample_id"],
+                                 page_checksum_verification=True).column("sample_id").to_pylist()
 
     ids: set[str] = set()
     for chunk in parallel_map(read, samples_files(output_root)):
@@ -558,7 +559,7 @@ def clean_uncommitted(output_root: str, worker_prefix: str) -> list[str]:
     committed = set(committed_shards(output_root))
     doomed = []
     for directory in (ACTIVATIONS_DIR, SAMPLES_DIR, DEAD_LETTER_DIR):
-        for meta in _match(join(output_root, f"{directory}/**")):
+        for meta in match_files(join(output_root, f"{directory}/**")):
             name = basename(meta.path)
             target = temp_target_name(name)
             if target is not None:
@@ -577,7 +578,7 @@ def stray_temp_files(output_root: str) -> list[str]:
     """Temporary files left by killed writers (every worker); safe to delete only when no writer is running."""
     found = []
     for directory in (ACTIVATIONS_DIR, SAMPLES_DIR, DEAD_LETTER_DIR):
-        found += [m.path for m in _match(join(output_root, f"{directory}/**"))
+        found += [m.path for m in match_files(join(output_root, f"{directory}/**"))
                   if basename(m.path).startswith(TEMP_PREFIX)]
     return sorted(found)
 
@@ -618,7 +619,7 @@ def remove_dead_letters(output_root: str, worker_prefix: str) -> list[str]:
     attempt with more shards must not survive."""
     check_worker_prefix(worker_prefix)
     doomed = []
-    for meta in _match(join(output_root, f"{DEAD_LETTER_DIR}/*")):
+    for meta in match_files(join(output_root, f"{DEAD_LETTER_DIR}/*")):
         name = basename(meta.path)
         target = temp_target_name(name) or name
         if target.endswith(".jsonl") and shard_worker(target[:-len(".jsonl")]) == worker_prefix:
