@@ -155,8 +155,6 @@ def json_depth(data: bytes | str) -> int:
     strings do not count), so a hostile document cannot exhaust the decoder's recursion."""
     if isinstance(data, str):
         data = data.encode("utf-8", errors="surrogatepass")
-    if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
-        return MAX_JSON_DEPTH  # cannot nest deeper than it has openers; cheap common case for small lines
     if b'"' in data:
         data = _JSON_STRING.sub(b"", data)
     steps = _BRACKET_STEP[np.frombuffer(data, np.uint8)]
@@ -168,15 +166,15 @@ def decode_json_record(data: bytes | str, *, what: str = "line", max_bytes: int 
     ``max_bytes``, bad UTF-8, nesting deeper than MAX_JSON_DEPTH, numbers Python will not parse, bad JSON."""
     size = len(data.encode("utf-8", errors="surrogatepass")) if isinstance(data, str) else len(data)
     if size > max_bytes:
-        raise RecordError(f"{what} is larger than the {max_bytes:,}-byte record limit ({size:,} bytes read); "
-                          "split it or leave it out")
+        raise RecordError(f"{what} is larger than the {max_bytes:,}-byte record limit; split it or leave it out")
     if isinstance(data, (bytes, bytearray)):
         try:
             # utf-8-sig: a byte-order mark at the start of a file is not part of the first record.
             data = bytes(data).decode("utf-8-sig")
         except UnicodeDecodeError as error:
             raise RecordError(f"{what} is not UTF-8: {error}") from None
-    depth = json_depth(data)
+    # Text cannot nest deeper than it has opening brackets: a cheap pass for small records.
+    depth = json_depth(data) if data.count("[") + data.count("{") > MAX_JSON_DEPTH else 0
     if depth > MAX_JSON_DEPTH:
         raise RecordError(f"{what} nests arrays/objects {depth} deep, more than the {MAX_JSON_DEPTH} "
                           "levels a task or text record can need")
