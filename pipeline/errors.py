@@ -32,10 +32,10 @@ FAILED_EXIT = 1
 INTERRUPTED_EXIT = 128 + signal.SIGINT
 REINTERRUPT_DELAY_S = 0.05
 
-# "pkg.module.SomeError: message" as it ends a traceback printed into a message.
+# "pkg.module.SomeError: message" (or a bare "KeyboardInterrupt") as it ends a traceback printed into a message.
 _ERROR_LINE = re.compile(
     r"^(?:[A-Za-z_][\w]*\.)*(?P<type>[A-Za-z_]\w*(?:Error|Exception|Interrupt|Exhausted|NotFound|Warning))"
-    r": (?P<message>.+)$", re.M)
+    r"(?:: (?P<message>.*))?$", re.M)
 _STEP = re.compile(r" ?\[while running '(?P<step>[^']+)'\]")
 _QUOTED_PATH = re.compile(r"'(?P<path>(?:gs://|/)[^']+)'")
 _OOM = re.compile(r"RESOURCE_EXHAUSTED|[Oo]ut of memory|OOM when allocating")
@@ -83,13 +83,14 @@ def causes(error: BaseException) -> list[Cause]:
     its message quotes from a worker's traceback text (last quoted last)."""
     found = []
     for link in exception_chain(error):
-        message, step = _strip_step(str(link))
+        raw = str(link)
+        message, step = _strip_step(raw)
         first_line = message.splitlines()[0] if message else ""
         found.append(Cause(type(link).__name__, first_line if "Traceback" in message else message,
                            getattr(link, "errno", None), getattr(link, "filename", None), step))
-        if "\n" in message:
-            for match in _ERROR_LINE.finditer(message):
-                text, inner_step = _strip_step(match.group("message"))
+        if "\n" in raw:
+            for match in _ERROR_LINE.finditer(raw):
+                text, inner_step = _strip_step(match.group("message") or "")
                 found.append(Cause(match.group("type"), text, step=inner_step or step))
     return found
 
@@ -123,7 +124,8 @@ def explain(error: BaseException, context: RunContext = RunContext(), interrupte
     """The one line (without the log's name) and the exit status for a failed run."""
     found = causes(error)
     innermost = found[-1] if found else Cause(type(error).__name__, str(error))
-    if interrupted or any(c.type_name == "KeyboardInterrupt" for c in found):
+    quoted = any("\nKeyboardInterrupt" in str(link) for link in exception_chain(error))
+    if interrupted or quoted or any(cause.type_name == "KeyboardInterrupt" for cause in found):
         return ("interrupted (SIGINT): committed shards are kept; run the same command with --resume to "
                 "compute the rest", INTERRUPTED_EXIT)
     for cause in found:
@@ -141,8 +143,8 @@ def explain(error: BaseException, context: RunContext = RunContext(), interrupte
                     FAILED_EXIT)
         if code in (errno.EACCES, errno.EPERM, errno.EROFS):
             what = "read-only file system" if code == errno.EROFS else "permission denied"
-            return (f"{what} writing {_path_of(cause, context)}: make it writable by this user (or choose "
-                    "another --output), then run the same command with --resume", FAILED_EXIT)
+            return (f"{what} on {_path_of(cause, context)}: give this user access to it (or choose another "
+                    "--output), then run the same command with --resume", FAILED_EXIT)
     for cause in reversed(found):
         if cause.type_name in ("CheckpointError", "ConfigError", "TokenizerError", "TokenizerNotFound"):
             return f"{cause.message}", FAILED_EXIT
@@ -150,7 +152,8 @@ def explain(error: BaseException, context: RunContext = RunContext(), interrupte
         if cause.type_name == "SafetensorError":  # raised outside model.weights' own checks
             return (f"a safetensors file of --model is truncated or corrupt ({cause.message}): download or "
                     "copy the checkpoint again", FAILED_EXIT)
-    where = f" in pipeline step '{innermost.step}'" if innermost.step else ""
+    step = next((cause.step for cause in reversed(found) if cause.step), None)
+    where = f" in pipeline step '{step}'" if step else ""
     return f"{innermost.type_name}{where}: {innermost.message}", FAILED_EXIT
 
 

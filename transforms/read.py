@@ -413,7 +413,9 @@ def iter_arc_challenges(source_spec: DatasetSource, max_records: Optional[int] =
         if tasks.error and (max_records is None or emitted < max_records):
             emitted += 1
             where = f"{path}#{key_prefix.rstrip('/')}" if key_prefix else path
-            yield None, f"{path} is cut short or malformed after its last readable task: {tasks.error}", where, ""
+            what = "is cut short or malformed after its last readable task" if tasks.values else \
+                "is not a JSON object of tasks"
+            yield None, f"{path} {what}: {tasks.error}", where, ""
 
 
 def load_arc_task_file(path: str, dataset: str, max_record_bytes: int = MAX_RECORD_BYTES) -> dict:
