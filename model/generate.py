@@ -39,6 +39,7 @@ ANSWER_TOKEN_MARGIN = 16
 MAX_GRID_SHAPE = (30, 30)
 # Prompt buckets are multiples of this, so batches of similar lengths share one compiled program.
 BUCKET_MULTIPLE = 64
+STOP_TABLE_MULTIPLE = 4
 # The stop reason of a row that ran out of budget.
 NO_STOP = "max_new_tokens"
 
@@ -123,6 +124,21 @@ class GenerationResult:
         return [len(t) for t in self.tokens]
 
 
+def stop_table(stop_sequences: Sequence[StopSequence]) -> tuple[np.ndarray, np.ndarray]:
+    """Stop sequences as device data, right-aligned in a [S, W] table padded with -1 (no token id) and their
+    lengths; S and W are rounded up to multiples of STOP_TABLE_MULTIPLE so that changing the stops rarely
+    recompiles. Row s of the table with length 0 never matches."""
+    count = max(len(stop_sequences), 1)
+    width = max((len(s.token_ids) for s in stop_sequences), default=1)
+    count, width = (bucket_length(n, STOP_TABLE_MULTIPLE) for n in (count, width))
+    table = np.full((count, width), -1, np.int32)
+    lengths = np.zeros(count, np.int32)
+    for row, stop in enumerate(stop_sequences):
+        table[row, width - len(stop.token_ids):] = stop.token_ids
+        lengths[row] = len(stop.token_ids)
+    return table, lengths
+
+
 def left_pad(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     tokens = np.full((len(prompts), bucket), pad_id, np.int32)
     lengths = np.zeros(len(prompts), np.int32)
@@ -194,10 +210,10 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
     else:
         tokens, lengths, seeds = jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(seeds)
     prepared = time.perf_counter()
+    stops, stop_lengths = stop_table(stop_sequences)
     out = _generate_jit(
-        model.params, tokens, lengths, seeds, jnp.float32(max(temperature, 1e-6)),
-        config=config, dtype=model.dtype, max_new_tokens=int(max_new_tokens),
-        stop_sequences=tuple(s.token_ids for s in stop_sequences), sample=temperature > 0,
+        model.params, tokens, lengths, seeds, jnp.float32(max(temperature, 1e-6)), stops, stop_lengths,
+        config=config, dtype=model.dtype, max_new_tokens=int(max_new_tokens), sample=temperature > 0,
         return_logits=return_logits, pad_id=pad_id, cache_sharding=cache_sharding,
         activation_sharding=activation_sharding)
     jax.block_until_ready(out)
@@ -283,18 +299,18 @@ def _choose(logits, step, seeds, temperature, sample):
     return token, jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
 
 
-def _generate(params, tokens, prompt_lengths, seeds, temperature, *, config, dtype, max_new_tokens, stop_sequences,
-              sample, return_logits, pad_id, cache_sharding, activation_sharding):
+def _generate(params, tokens, prompt_lengths, seeds, temperature, stops, stop_lengths, *, config, dtype,
+              max_new_tokens, sample, return_logits, pad_id, cache_sharding, activation_sharding):
     compute = jnp.dtype(weights_lib.np_dtype(dtype))
     # float32 means float32, as in the forward: no TF32/bf16 matmul passes on GPUs and TPUs.
     precision = jax.default_matmul_precision("highest") if compute == jnp.float32 else contextlib.nullcontext()
     with precision:
-        return _generate_body(params, tokens, prompt_lengths, seeds, temperature, config, compute, max_new_tokens,
-                              stop_sequences, sample, return_logits, pad_id, cache_sharding, activation_sharding)
+        return _generate_body(params, tokens, prompt_lengths, seeds, temperature, stops, stop_lengths, config,
+                              compute, max_new_tokens, sample, return_logits, pad_id, cache_sharding, activation_sharding)
 
 
-def _generate_body(params, tokens, prompt_lengths, seeds, temperature, config, compute, max_new_tokens,
-                   stop_sequences, sample, return_logits, pad_id, cache_sharding, activation_sharding):
+def _generate_body(params, tokens, prompt_lengths, seeds, temperature, stops, stop_lengths, config, compute,
+                   max_new_tokens, sample, return_logits, pad_id, cache_sharding, activation_sharding):
     batch, bucket = tokens.shape
     slots = bucket + max_new_tokens
 
@@ -320,21 +336,21 @@ def _generate_body(params, tokens, prompt_lengths, seeds, temperature, config, c
                                       config, constrain)
     logits = _last_logits(params, x, config)
 
-    width = max(len(s) for s in stop_sequences) if stop_sequences else 1
-    stops = [jnp.asarray(s, jnp.int32) for s in stop_sequences]
+    width = stops.shape[1]
+    # Only the last `length` columns of a stop's row are compared; the others are -1 and count as matching.
+    compared = jnp.arange(width)[None, :] >= (width - stop_lengths)[:, None]
 
     def record(state, step, logits):
         token, logprob = _choose(logits, step, seeds, temperature, sample)
         was_done = state["done"]
         history = jnp.concatenate([state["history"][:, 1:], token[:, None]], axis=1)
-        reasons = state["reasons"]
-        done = was_done
-        # Earlier stop sequences win when several end at the same token.
-        for number in range(len(stops), 0, -1):
-            stop = stops[number - 1]
-            hit = jnp.all(history[:, width - stop.shape[0]:] == stop[None], axis=1) & (step + 1 >= stop.shape[0])
-            reasons = jnp.where(hit & ~was_done, number, reasons)
-            done = done | hit
+        # hits[b, s]: row b's generated tokens end with stop s (the stop fits in what was generated).
+        equal = (history[:, None, :] == stops[None]) | ~compared[None]
+        hits = jnp.all(equal, axis=2) & (stop_lengths > 0)[None] & (stop_lengths <= step + 1)[None]
+        hit = jnp.any(hits, axis=1)
+        # Earlier stop sequences win when several end at the same token; reasons count from 1.
+        reasons = jnp.where(hit & ~was_done, jnp.argmax(hits, axis=1) + 1, state["reasons"])
+        done = was_done | hit
         new = dict(state)
         new.update(
             token=token, history=history, done=done, reasons=reasons,
@@ -386,5 +402,5 @@ def _generate_body(params, tokens, prompt_lengths, seeds, temperature, config, c
 
 
 _generate_jit = jax.jit(_generate, static_argnames=(
-    "config", "dtype", "max_new_tokens", "stop_sequences", "sample", "return_logits", "pad_id", "cache_sharding",
+    "config", "dtype", "max_new_tokens", "sample", "return_logits", "pad_id", "cache_sharding",
     "activation_sharding"))
