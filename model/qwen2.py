@@ -23,7 +23,7 @@ from jax import lax
 from model import sharding as sharding_lib
 from model import weights as weights_lib
 from model.config import QwenConfig, parse_random_spec
-from model.flash_attention import flash_attention
+from model.flash_attention import DEFAULT_BLOCK, flash_attention
 from model.hooks import FINAL_NORM_NAME, LOGITS_NAME, CaptureSpec, hook_name
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # "xla" is the blockwise flash recurrence in plain JAX (model/flash_attention.py); "xla_dense" is
 # jax.nn.dot_product_attention with a materialised [B, 1, L, L] mask, kept for comparison.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "xla_dense")
+# Tile of the xla (flash) path; read when the forward is traced, so tests can set a small one.
+FLASH_BLOCK = DEFAULT_BLOCK
 # Splash attention tiles the sequence; lengths that no tile divides fall back to the XLA path.
 SPLASH_BLOCKS = (512, 256, 128)
 # "segments": the general same-sequence causal mask (packed rows); "right_padded": one sequence per row starting at
@@ -129,7 +131,8 @@ def attention(q, k, v, segment_ids, *, implementation: str, mask_kind: str, mesh
             implementation="cudnn",
         )
     if implementation not in ("cudnn", "xla_dense"):  # xla, and splash at a length no splash tile divides
-        return per_shard(flash_attention, q, k, v, segment_ids, mesh, head_axis=2)
+        flash = functools.partial(flash_attention, block=FLASH_BLOCK)
+        return per_shard(flash, q, k, v, segment_ids, mesh, head_axis=2)
     # Padding (segment 0) attends to padding, so no row is fully masked; real tokens never see it.
     same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
     if implementation == "cudnn":
