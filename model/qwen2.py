@@ -23,11 +23,16 @@ from jax import lax
 from model import sharding as sharding_lib
 from model import weights as weights_lib
 from model.config import QwenConfig, parse_random_spec
+from model.flash_attention import DEFAULT_BLOCK, flash_attention
 from model.hooks import FINAL_NORM_NAME, LOGITS_NAME, CaptureSpec, hook_name
 
 log = logging.getLogger(__name__)
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+# "xla" is the blockwise flash recurrence in plain JAX (model/flash_attention.py); "xla_dense" is
+# jax.nn.dot_product_attention with a materialised [B, 1, L, L] mask, kept for comparison.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "xla_dense")
+# Tile of the xla (flash) path; read when the forward is traced, so tests can set a small one.
+FLASH_BLOCK = DEFAULT_BLOCK
 # Splash attention tiles the sequence; lengths that no tile divides fall back to the XLA path.
 SPLASH_BLOCKS = (512, 256, 128)
 # "segments": the general same-sequence causal mask (packed rows); "right_padded": one sequence per row starting at
@@ -82,7 +87,6 @@ def splash_attention(q, k, v, segment_ids, mesh=None) -> jax.Array:
     Under a mesh it runs per shard (shard_map): rows over "data", and heads over "model" when both the query
     and the KV heads divide (so each shard keeps whole GQA groups)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
-    from jax.sharding import PartitionSpec as P
 
     head_dim = q.shape[-1]
     # The kernel does not scale the logits; scaling q in float32 then rounding mirrors a scaled QK^T.
@@ -96,17 +100,24 @@ def splash_attention(q, k, v, segment_ids, mesh=None) -> jax.Array:
         return jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=splash.SegmentIds(q=s1, kv=s1)))(
             q, k, v, segment_ids)
 
+    return per_shard(local, q, k, v, segment_ids, mesh, head_axis=1).transpose(0, 2, 1, 3)
+
+
+def per_shard(local, q, k, v, segment_ids, mesh, head_axis: int) -> jax.Array:
+    """`local(q, k, v, segment_ids)` run per shard under a mesh (shard_map), directly without one: rows over
+    "data", and heads over "model" when both the query and the KV heads divide (so each shard keeps whole GQA
+    groups). Attention never mixes rows or KV groups, so the shards need no communication."""
+    from jax.sharding import PartitionSpec as P
+
     if mesh is None:
-        out = local(q, k, v, segment_ids)
-    else:
-        data = sharding_lib.DATA_AXIS if q.shape[0] % mesh.shape[sharding_lib.DATA_AXIS] == 0 else None
-        model_size = mesh.shape[sharding_lib.MODEL_AXIS]
-        heads = sharding_lib.MODEL_AXIS if (model_size > 1 and q.shape[1] % model_size == 0
-                                            and k.shape[1] % model_size == 0) else None
-        spec = P(data, heads)
-        out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(data)), out_specs=spec,
-                            check_vma=False)(q, k, v, segment_ids)
-    return out.transpose(0, 2, 1, 3)
+        return local(q, k, v, segment_ids)
+    data = sharding_lib.DATA_AXIS if q.shape[0] % mesh.shape[sharding_lib.DATA_AXIS] == 0 else None
+    model_size = mesh.shape[sharding_lib.MODEL_AXIS]
+    heads = sharding_lib.MODEL_AXIS if (model_size > 1 and q.shape[head_axis] % model_size == 0
+                                        and k.shape[head_axis] % model_size == 0) else None
+    spec = P(data, *([None] * (head_axis - 1)), heads)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(data)), out_specs=spec,
+                         check_vma=False)(q, k, v, segment_ids)
 
 
 def attention(q, k, v, segment_ids, *, implementation: str, mask_kind: str, mesh=None) -> jax.Array:
@@ -119,6 +130,9 @@ def attention(q, k, v, segment_ids, *, implementation: str, mask_kind: str, mesh
             q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
             implementation="cudnn",
         )
+    if implementation not in ("cudnn", "xla_dense"):  # xla, and splash at a length no splash tile divides
+        flash = functools.partial(flash_attention, block=FLASH_BLOCK)
+        return per_shard(flash, q, k, v, segment_ids, mesh, head_axis=2)
     # Padding (segment 0) attends to padding, so no row is fully masked; real tokens never see it.
     same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
     if implementation == "cudnn":
@@ -375,7 +389,8 @@ def describe_spec(spec: str) -> dict:
 def load_model(spec: str, dtype: str = "bfloat16", mesh=None, attention: str = "auto") -> HookedQwen:
     """`spec`: a local checkpoint directory, a hub id (from the Hugging Face cache; `id@revision` allowed), or
     `random:<geometry>[?layers=N&seed=S]`. `dtype`: compute dtype, bfloat16 or float32. `mesh`: a
-    (data, model) mesh from model.sharding.make_mesh, or None for one device. `attention`: auto, xla or cudnn."""
+    (data, model) mesh from model.sharding.make_mesh, or None for one device. `attention`: one of
+    ATTENTION_IMPLEMENTATIONS."""
     from model.tokenizer import load_tokenizer
 
     weights_lib.np_dtype(dtype)

@@ -114,8 +114,10 @@ class ExtractOptions(PipelineOptions):
                            help="Packing groups (deterministic shuffle keys); default derived from the batch size.")
         group.add_argument("--model_parallelism", type=_positive_int("model_parallelism"), default=1,
                            help="Devices per model replica (the mesh's model axis); the rest go to the data axis.")
-        group.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn", "splash"),
-                           help="Attention kernel. auto: splash (Pallas) on TPU, cuDNN on GPU for bf16, XLA elsewhere.")
+        group.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn", "splash", "xla_dense"),
+                           help="Attention kernel. auto: splash (Pallas) on TPU, cuDNN on GPU for bf16, xla "
+                                "elsewhere. xla: blockwise (flash) attention in plain JAX, memory linear in the "
+                                "length; xla_dense: the full L x L mask and logits, for comparison.")
         group.add_argument("--writer_threads", type=_positive_int("writer_threads"), default=DEFAULT_WRITER_THREADS,
                            help="Threads per worker process encoding and writing shards while the next batch "
                                 "computes (default: the host's cores less two, 2 to 16).")

@@ -44,6 +44,19 @@ def resolve_capture(opts: ExtractOptions):
     return config, hooks, layers
 
 
+def check_memory(options: PipelineOptions, opts: ExtractOptions, config, hooks, layers) -> None:
+    """The largest bucket against this host's device memory, before any data is read. Local runners only: a
+    launcher's memory says nothing of a Dataflow worker's."""
+    if options.view_as(StandardOptions).runner not in LOCAL_RUNNERS:
+        return
+    from model.memory import check_run_memory
+    from transforms.extract import transfer_dtype
+
+    check_run_memory(config, hooks, layers, batch_size=opts.batch_size, max_seq_len=opts.max_seq_len,
+                     dtype=opts.dtype, out_dtype=transfer_dtype(opts.dtype, storage_dtype(opts)),
+                     attention=opts.attention, model_parallelism=opts.model_parallelism)
+
+
 def resolve_inputs(opts: ExtractOptions):
     """The dataset, grid encoder and prompt version, checked before any graph is built, so a mistake is one clear
     line rather than a traceback from inside a transform."""
@@ -319,6 +332,7 @@ def check_before_graph(options: PipelineOptions) -> RunPlan:
     opts.validate_extract()
     check_output_location(opts)
     model_config, hooks, layers = resolve_capture(opts)
+    check_memory(options, opts, model_config, hooks, layers)
     dataset = resolve_inputs(opts)
     dry_run = options.view_as(beam.options.pipeline_options.TestOptions).dry_run
     return RunPlan(opts, model_config, tuple(hooks), tuple(layers), dataset, dry_run)

@@ -1,0 +1,90 @@
+"""The pre-flight memory check: its estimate against the peak RSS growth of a fresh process running one forward
+on CPU, its one-line refusal and advice, and the pipeline refusing before it reads any data."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model.config import parse_random_spec
+from model.hooks import HOOKS, CaptureSpec
+from model.memory import DeviceMemoryError, check_forward_memory, estimate_forward_memory
+
+REPO = Path(__file__).resolve().parents[1]
+# The estimate may exceed the measured peak by up to 40% (it counts the previous batch's outputs, which a single
+# forward does not hold, and float32 transients everywhere) and fall short of it by at most 15%.
+LOW, HIGH = 0.85, 1.40
+
+_PROBE = """
+import json, resource, sys
+import jax, jax.numpy as jnp, numpy as np
+from model import load_model
+from model.hooks import CaptureSpec
+jnp.zeros(1).block_until_ready()
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+spec, rows, length, hooks, layers, dtype, attention = json.loads(sys.argv[1])
+before = rss()
+model = load_model(spec, dtype=dtype, attention=attention)
+segment_ids = np.ones((rows, length), np.int32)
+positions = np.tile(np.arange(length, dtype=np.int32), (rows, 1))
+out = model.capture(np.full((rows, length), 100, np.int32), segment_ids, positions,
+                    CaptureSpec(hooks=tuple(hooks), layers=tuple(layers)))
+jax.block_until_ready(out)
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before))
+"""
+
+
+@pytest.mark.parametrize("case", [
+    # dense attention dominates: [2, 4, 4096, 4096] float32 logits and their softmax
+    ("random:tiny?layers=2", 2, 4096, ["resid_post"], [1], "float32", "xla_dense"),
+    # flash attention: every hook of every layer dominates
+    ("random:tiny", 8, 4096, list(HOOKS), [0, 1, 2, 3], "float32", "xla"),
+], ids=["dense", "flash-all-hooks"])
+def test_estimate_is_close_to_the_measured_peak_of_one_forward_on_cpu(case):
+    spec, rows, length, hooks, layers, dtype, attention = case
+    estimate = estimate_forward_memory(parse_random_spec(spec).config, rows, length,
+                                       CaptureSpec(hooks=tuple(hooks), layers=tuple(layers)), dtype, attention)
+    result = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(case)], capture_output=True, text=True,
+                            cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = int(result.stdout.strip().splitlines()[-1])
+    assert LOW * measured <= estimate.total <= HIGH * measured, (estimate.describe(), estimate.total, measured)
+
+
+def test_refusal_is_one_line_with_the_numbers_and_advice_that_fits():
+    config = parse_random_spec("random:qwen2.5-0.5b?layers=2").config
+    spec = CaptureSpec(hooks=("resid_post",), layers=(1,))
+    limit = 24 << 30
+    with pytest.raises(DeviceMemoryError) as caught:
+        check_forward_memory(config, 8, 8192, spec, "bfloat16", "xla_dense", limit=limit, limit_source="test")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("one batch of 8 x 8192 tokens (xla_dense attention, bfloat16) needs about ")
+    assert "but the device has 24.00 GiB (test, 90% usable)" in message
+    assert "--batch_size=1 or --max_seq_len=2048 would fit" in message and "--attention=xla" in message
+    for batch, length in ((1, 8192), (8, 2048)):
+        check_forward_memory(config, batch, length, spec, "bfloat16", "xla_dense", limit=limit, limit_source="test")
+    # The flash path fits the default bucket on the same memory.
+    check_forward_memory(config, 8, 8192, spec, "bfloat16", "xla", limit=limit, limit_source="test")
+    # Data parallelism splits the rows: advice is in whole --batch_size terms.
+    with pytest.raises(DeviceMemoryError, match=r"--batch_size=2 or --max_seq_len=2048 would fit"):
+        check_forward_memory(config, 16, 8192, spec, "bfloat16", "xla_dense", limit=limit, limit_source="test",
+                             data_parallelism=2)
+    with pytest.raises(DeviceMemoryError, match=r"no smaller batch or length fits: the weights alone need"):
+        check_forward_memory(config, 1, 16, spec, "float32", "xla", limit=1 << 20, limit_source="test")
+
+
+def test_the_pipeline_refuses_before_reading_any_data(tmp_path, capsys):
+    from pipeline.run import main
+
+    missing = tmp_path / "no-such-dataset.json"
+    code = main(["--runner=DirectRunner", "--model=random:qwen2.5-0.5b?layers=2", f"--dataset={missing}",
+                 "--layers=1", "--attention=xla_dense", f"--output={tmp_path / 'out'}", "--max_seq_len=65536"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: one batch of 8 x 65536 tokens (xla_dense attention, bfloat16) needs about ")
+    assert str(missing) not in err and not (tmp_path / "out").exists()
