@@ -428,10 +428,21 @@ def _delete(root: str, relpaths) -> list[str]:
     return deleted
 
 
+class RepairRefused(RuntimeError):
+    """A run holds a lease on the output: repairing now would delete files it is writing."""
+
+
 def repair_output(output: str, deep: bool = False) -> tuple[list[str], VerifyReport]:
     """Makes the output pass verify (see the module docstring); returns what it did, one line per action, and
     the report of the verify run it acted on."""
+    from pipeline.lease import describe_holder, live_leases
+
     root = output.rstrip("/")
+    running = live_leases(root)
+    if running:
+        raise RepairRefused(
+            f"{root} is being written ({'; '.join(f'{share}: {describe_holder(h)}' for share, h in running.items())})"
+            ": --repair deletes files a running writer needs; wait for it or stop it first")
     report = verify_output(root, deep=deep)
     actions = []
     doomed = sorted({f.shard for f in report.findings if f.advice is UNCOMMIT and f.shard})
@@ -477,14 +488,18 @@ def main(argv=None) -> int:
     parser.add_argument("--repair", action="store_true",
                         help="uncommit damaged shards, delete foreign, uncommitted and temporary files, rebuild the "
                              "manifest, print what was done, then verify again; follow with pipeline.run --resume "
-                             "to recompute the uncommitted samples. Only while no run writes into the output.")
+                             "to recompute the uncommitted samples. Refused while a run holds a lease on the output.")
     args = parser.parse_args(argv)
     from pipeline.storage import use_storage_emulator_if_configured
 
     use_storage_emulator_if_configured()
     actions, before = [], None
     if args.repair:
-        actions, before = repair_output(args.output, deep=args.deep)
+        try:
+            actions, before = repair_output(args.output, deep=args.deep)
+        except RepairRefused as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         if not args.json:
             print(f"repair {before.output}: {len(before.errors)} errors, {len(before.warnings)} warnings found")
             for action in actions:

@@ -205,3 +205,11 @@ def test_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path):
     target.write_text("x")
     done = run_pipeline("--model=random:qwen2.5-0.5b", "--dataset=arc-agi-1:eval", f"--output={target}", check=False)
     assert done.returncode == 2 and f"{target} is a file" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_repair_refuses_while_a_run_holds_a_lease(tmp_path):
+    from pipeline.verify import RepairRefused, repair_output
+
+    with Lease(str(tmp_path), "h001", timeout_s=60):
+        with pytest.raises(RepairRefused, match=r"h001: host .*wait for it or stop it first"):
+            repair_output(str(tmp_path))
