@@ -51,7 +51,8 @@ def _write_cache(cache: dict) -> None:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, remembered by (real path, size, mtime, ctime, inode) so unchanged files are read once."""
+    """sha256 of a file's bytes, remembered by (real path, size, mtime, ctime, inode): unchanged files are read
+    once per machine."""
     real = os.path.realpath(path)
     stat = os.stat(real)
     key = f"{real}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"

@@ -185,8 +185,9 @@ def stale_reason(holder: dict, timeout_s: float, now: float | None = None) -> st
         if isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
             return f"its process {holder['pid']} on this machine is gone"
     age = now - float(holder.get("renewed_unix", 0))
-    if age > float(holder.get("timeout_s", timeout_s)):
-        return f"it was last renewed {age:.0f} s ago, past its {float(holder.get('timeout_s', timeout_s)):.0f} s timeout"
+    limit = float(holder.get("timeout_s", timeout_s))
+    if age > limit:
+        return f"it was last renewed {age:.0f} s ago, past its {limit:.0f} s timeout"
     return None
 
 
