@@ -507,7 +507,10 @@ def main(argv=None) -> int:
     report = verify_output(args.output, deep=args.deep)
     if args.json:
         print(json.dumps({"ok": report.ok, "errors": report.errors, "warnings": report.warnings,
-                          "stats": report.stats, **({"repaired": actions} if args.repair else {})}, indent=1))
+                          "stats": report.stats,
+                          "findings": [{"path": f.path, "message": f.message, "advice": f.advice.key,
+                                        "shard": f.shard} for f in report.findings],
+                          **({"repaired": actions} if args.repair else {})}, indent=1))
     else:
         print(report.format())
         if args.repair and report.ok and any(f.advice in (UNCOMMIT, REWRITE_DEAD_LETTERS) for f in before.findings):

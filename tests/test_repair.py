@@ -254,15 +254,26 @@ def test_page_checksums_catch_a_flipped_byte_in_a_data_page(tmp_path):
 
 
 def test_cli_repair_in_a_subprocess(tmp_path):
+    import json
+
     root = str(tmp_path / "out")
     batches = build_output(root)
     finish(root)
-    delete_activation(root, batches)
+    deleted = delete_activation(root, batches)
     env = dict(os.environ, NO_GCE_CHECK="true", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-m", "pipeline.verify", root, "--repair", "--json"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+
+    def verify(*args):
+        return subprocess.run([sys.executable, "-m", "pipeline.verify", root, *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    failed = verify("--json")
+    assert failed.returncode == 1
+    findings = json.loads(failed.stdout)["findings"]
+    assert {(f["path"], f["advice"]) for f in findings} == {(deleted, "uncommit")}
+    done = verify("--repair", "--json")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert '"repaired"' in done.stdout and "uncommitted shard" in done.stdout
+    report = json.loads(done.stdout)
+    assert report["findings"] == [] and any("uncommitted shard" in action for action in report["repaired"])
 
 
 def run_module(*args, check=True):
