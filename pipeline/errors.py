@@ -2,7 +2,7 @@
 
 A DoFn's exception reaches the driver wrapped by Beam, as the same type with `[while running 'Step']` added and
 the original as its ``__context__`` (in-process runner), or as a RuntimeError whose message holds the worker's
-traceback as text (multi-process and remote runners). :func:`diagnose` walks both: the exception chain
+traceback as text (multi-process and remote runners). :func:`explain` walks both: the exception chain
 (``__cause__``/``__context__``) and every ``package.Type: message`` line in the messages, and recognises the
 causes a user can act on: out of device memory, disk full, permission denied, a truncated or corrupt checkpoint,
 an unloadable tokenizer, an interrupt. Anything else is named by its innermost type and message.

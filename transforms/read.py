@@ -167,6 +167,7 @@ def decode_json_record(data: bytes | str, *, what: str = "line", max_bytes: int 
     size = len(data.encode("utf-8", errors="surrogatepass")) if isinstance(data, str) else len(data)
     if size > max_bytes:
         raise RecordError(f"{what} is larger than the {max_bytes:,}-byte record limit; split it or leave it out")
+    raw = data if isinstance(data, (bytes, bytearray)) else data.encode("utf-8", errors="surrogatepass")
     if isinstance(data, (bytes, bytearray)):
         try:
             # utf-8-sig: a byte-order mark at the start of a file is not part of the first record.
@@ -174,7 +175,7 @@ def decode_json_record(data: bytes | str, *, what: str = "line", max_bytes: int 
         except UnicodeDecodeError as error:
             raise RecordError(f"{what} is not UTF-8: {error}") from None
     # Text cannot nest deeper than it has opening brackets: a cheap pass for small records.
-    depth = json_depth(data) if data.count("[") + data.count("{") > MAX_JSON_DEPTH else 0
+    depth = json_depth(raw) if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH else 0
     if depth > MAX_JSON_DEPTH:
         raise RecordError(f"{what} nests arrays/objects {depth} deep, more than the {MAX_JSON_DEPTH} "
                           "levels a task or text record can need")
