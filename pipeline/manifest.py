@@ -15,6 +15,7 @@ from typing import Any
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline import identity as identity_lib
 from transforms.output_format import (
     ACTIVATIONS_DIR,
     DEAD_LETTER_DIR,
@@ -117,6 +118,8 @@ def build_manifest(output_root: str, run_info: dict[str, Any]) -> dict[str, Any]
                           ("d_model values", d_models)):
         if len(values) > 1:
             warnings.append(f"shards disagree on {label}: {sorted(map(str, values))}")
+    warnings += [f"run identity: {line}" for line in identity_lib.disagreements(shards)]
+    recorded = [key for key in identity_lib.group_by_identity(shards) if key is not None]
 
     computed = {
         "shards": len(shards),
@@ -132,6 +135,8 @@ def build_manifest(output_root: str, run_info: dict[str, Any]) -> dict[str, Any]
     }
     manifest = dict(run_info)
     manifest["format_version"] = FORMAT_VERSION
+    if len(recorded) == 1:
+        manifest["identity"] = identity_lib.decode(recorded[0])
     manifest["written"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
     manifest["counts"] = {**dict(run_info.get("counts", {})), **computed}
     manifest["files"] = files

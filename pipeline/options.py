@@ -7,6 +7,7 @@ import os
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from model.hooks import HOOKS
+from pipeline.lease import DEFAULT_TIMEOUT_S as DEFAULT_LEASE_TIMEOUT_S
 
 DEFAULT_DATASET = "barc0/200k_HEAVY_gpt4o-description-gpt4omini-code_generated_problems"
 HOOK_CHOICES = HOOKS
@@ -120,6 +121,9 @@ class ExtractOptions(PipelineOptions):
                            help="GiB of extracted activations that may wait for the writers before extraction "
                                 "waits for them (at least one batch always fits; default: a quarter of the "
                                 "host's memory, at most 16).")
+        group.add_argument("--lease_timeout", type=positive_number("lease_timeout"), default=DEFAULT_LEASE_TIMEOUT_S,
+                           help="Seconds after which another run may take over this host's share of --output "
+                                "when this run stops renewing its lease (it renews every quarter of this).")
         group.add_argument("--progress_interval", type=float, default=10.0,
                            help="Seconds between progress lines on the local runner (0: none).")
 

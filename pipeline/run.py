@@ -6,16 +6,21 @@ Graph: read -> [host share] -> validate (dead letter) -> expand samples -> [firs
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
+import os
 import platform
 import sys
+import tempfile
 import time
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
+from pipeline import identity as identity_lib
+from pipeline.beam_compat import flag_parser, local_runner
 from pipeline.options import ExtractOptions, OptionError, storage_dtype
 from pipeline.storage import use_storage_emulator_if_configured
 
@@ -26,19 +31,6 @@ LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner")
 
 def worker_prefix(opts: ExtractOptions) -> str:
     return f"h{opts.host_index:03d}"
-
-
-def local_runner(options: PipelineOptions):
-    """The in-process portable runner behind --runner=DirectRunner, without Beam 2.77's first try of Prism
-    (which downloads a binary from GitHub and stalls offline). It honours --direct_num_workers and
-    --direct_running_mode like the DirectRunner does."""
-    from apache_beam.portability.api import beam_provision_api_pb2
-    from apache_beam.runners.portability.fn_api_runner import fn_runner
-    from apache_beam.runners.portability.portable_runner import JobServiceHandle
-
-    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
-    info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
-    return fn_runner.FnApiRunner(provision_info=info)
 
 
 def resolve_capture(opts: ExtractOptions):
@@ -96,10 +88,51 @@ def check_resume_matches(opts: ExtractOptions, shards: dict, hooks, layers) -> N
                 f"{sorted(captures)}: pass the earlier run's --hooks and --layers, or write to a new --output.")
 
 
-def prepare_output(opts: ExtractOptions, hooks=(), layers=()) -> set[str]:
-    """Checks the output root; with --resume returns the committed sample ids and removes this host's
-    uncommitted files, without it refuses to mix two runs in one output."""
-    from transforms.write import clean_uncommitted, committed_sample_ids, committed_shards, remove_dead_letters
+def check_output_location(opts: ExtractOptions) -> None:
+    """Refuses an --output that cannot hold a dataset before any model is loaded or data read."""
+    if opts.output.startswith("gs://"):
+        return  # taking the lease is the first write: it fails with the bucket's own error
+    path = os.path.abspath(os.path.expanduser(opts.output))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OptionError(f"--output={opts.output}: {path} is a file, not a directory: choose a directory (new or "
+                          "holding an earlier run of this pipeline).")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe-")
+        probe.close()
+    except OSError as err:
+        raise OptionError(f"--output={opts.output}: cannot write in {path} ({err.strerror or err}): fix its "
+                          "permissions or free space, or choose another --output.") from None
+
+
+def check_identity_file(opts: ExtractOptions, identity: dict, has_commits: bool) -> None:
+    """OUTPUT/_identity.json is written once, by the first run; every later run (any host) must match it. A
+    differing one is replaced only when nothing was committed under it and no other host holds a lease."""
+    from pipeline.lease import exclusive_store, live_leases
+
+    path = f"{opts.output.rstrip('/')}/{identity_lib.IDENTITY_FILE}"
+    store = exclusive_store(path)
+    data = identity_lib.encode(identity).encode()
+    if store.create(data):
+        return
+    recorded, token = store.read()
+    recorded = identity_lib.decode(recorded.decode()) if recorded else None
+    message = identity_lib.mismatch_message(path, recorded or {}, identity)
+    if message is None:
+        return
+    others = {share: holder for share, holder in live_leases(opts.output).items() if share != worker_prefix(opts)}
+    if has_commits or others:
+        raise OptionError(message if has_commits else
+                          f"{message} (hosts {', '.join(sorted(others))} are running with it now)")
+    _LOG.warning("replacing %s: no shard was committed under it and no other host is running", path)
+    store.replace(data, token)
+
+
+def prepare_output(opts: ExtractOptions, hooks=(), layers=(), identity: dict | None = None) -> set[str]:
+    """Checks the output root (under this host's lease); with --resume returns the committed sample ids and
+    removes this host's uncommitted files, without it refuses to mix two runs in one output."""
+    from transforms.write import (KEY_IDENTITY, clean_uncommitted, committed_sample_ids, committed_shards,
+                                  remove_dead_letters)
 
     prefix = worker_prefix(opts)
     done = committed_sample_ids(opts.output)
@@ -107,8 +140,23 @@ def prepare_output(opts: ExtractOptions, hooks=(), layers=()) -> set[str]:
         raise OptionError(
             f"--output={opts.output} already holds {len(done):,} committed samples from an earlier run: pass "
             "--resume to complete that run, or choose a new --output.")
-    if done:
-        check_resume_matches(opts, committed_shards(opts.output), hooks, layers)
+    shards = committed_shards(opts.output) if done else {}
+    if identity is not None:
+        legacy = {shard: meta for shard, meta in shards.items() if not meta.get(KEY_IDENTITY)}
+        for recorded, names in identity_lib.group_by_identity(shards).items():
+            if recorded is not None:
+                message = identity_lib.mismatch_message(
+                    f"{opts.output.rstrip('/')}/samples/{names[0]}.parquet (and {len(names) - 1} more)",
+                    identity_lib.decode(recorded), identity)
+                if message:
+                    raise OptionError(f"--resume: {message}")
+        if legacy:
+            _LOG.warning("%d committed shards predate run identities: only their format, dtypes, hooks and layers "
+                         "can be checked", len(legacy))
+            check_resume_matches(opts, legacy, hooks, layers)
+        check_identity_file(opts, identity, bool(shards))
+    elif shards:
+        check_resume_matches(opts, shards, hooks, layers)
     # This host's files without a commit marker are from a killed attempt: never part of the output.
     removed = clean_uncommitted(opts.output, prefix)
     if removed:
@@ -133,8 +181,10 @@ class _SkipCommitted(beam.DoFn):
         yield sample
 
 
-def build_pipeline(p: beam.Pipeline, opts: ExtractOptions, *, hooks, layers, committed=frozenset(), dataset=None):
-    """Adds the whole graph to `p`. Returns the PCollection of per-shard write summaries."""
+def build_pipeline(p: beam.Pipeline, opts: ExtractOptions, *, hooks, layers, committed=frozenset(), dataset=None,
+                   identity: dict | None = None):
+    """Adds the whole graph to `p`. Returns the PCollection of per-shard write summaries. `identity` (the run
+    identity) is recorded in every commit marker."""
     from transforms.batching import BatchSamples
     from transforms.extract import ExtractActivations, ExtractConfig
     from transforms.read import ReadTasks
@@ -177,7 +227,8 @@ def build_pipeline(p: beam.Pipeline, opts: ExtractOptions, *, hooks, layers, com
     summaries = extracted | "Write" >> WriteShards(
         output_root=opts.output, worker_prefix=worker_prefix(opts), model_name=opts.model,
         compute_dtype=opts.dtype, storage_dtype=storage_dtype(opts), threads=opts.writer_threads,
-        memory_bytes=None if opts.writer_memory_gib is None else max(1, int(opts.writer_memory_gib * (1 << 30))))
+        memory_bytes=None if opts.writer_memory_gib is None else max(1, int(opts.writer_memory_gib * (1 << 30))),
+        identity=None if identity is None else identity_lib.encode(identity))
     dead = (read.dead_letter, checked.dead_letter, tokenized.dead_letter) | "AllDeadLetters" >> beam.Flatten()
     dead | "WriteDeadLetters" >> WriteDeadLetters(opts.output, worker_prefix(opts))
     return summaries
@@ -213,18 +264,7 @@ def unknown_flags(argv: list[str]) -> list[str]:
     a typo such as --layer=3 silently fall back to a default."""
     import difflib
 
-    from apache_beam.options.pipeline_options import _BeamArgumentParser
-
-    class _RaisingParser(_BeamArgumentParser):
-        def error(self, message):
-            raise OptionError(message)
-
-    parser = _RaisingParser(allow_abbrev=False)
-    seen = {}
-    for cls in PipelineOptions.__subclasses__():
-        seen.setdefault(str(cls), cls)
-    for cls in seen.values():
-        cls._add_argparse_args(parser)
+    parser = flag_parser(OptionError)
     _, unknown = parser.parse_known_args(argv)
     known = [flag for action in parser._actions for flag in action.option_strings]
     problems = []
@@ -251,6 +291,101 @@ def print_help() -> None:
     parser.print_help()
 
 
+def parse_options(argv: list[str]) -> PipelineOptions:
+    """Beam options from the command line, refusing unknown flags (OptionError names each)."""
+    try:
+        problems = unknown_flags(argv)
+    except OptionError as err:
+        problems = [str(err)]
+    if problems:
+        raise OptionError("; ".join(problems) + " (see python -m pipeline.run --help)")
+    return PipelineOptions(argv)
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """What the checks before the graph resolved: the model's geometry, what to capture, the input."""
+    opts: ExtractOptions
+    model_config: object
+    hooks: tuple
+    layers: tuple
+    dataset: object
+    dry_run: bool
+
+
+def check_before_graph(options: PipelineOptions) -> RunPlan:
+    """Every check that needs no data and no model weights, so a mistake is one line before anything runs."""
+    opts = options.view_as(ExtractOptions)
+    opts.validate_extract()
+    check_output_location(opts)
+    model_config, hooks, layers = resolve_capture(opts)
+    dataset = resolve_inputs(opts)
+    dry_run = options.view_as(beam.options.pipeline_options.TestOptions).dry_run
+    return RunPlan(opts, model_config, tuple(hooks), tuple(layers), dataset, dry_run)
+
+
+def execute(options: PipelineOptions, plan: RunPlan, committed: set[str], identity: dict | None):
+    """Builds and runs the graph; returns (final state, Beam counters, seconds)."""
+    runner_name = options.view_as(StandardOptions).runner
+    runner = local_runner(options) if runner_name in LOCAL_RUNNERS else None
+    if runner is not None and options.view_as(DirectOptions).direct_num_workers == 0:
+        options.view_as(DirectOptions).direct_num_workers = 1
+    clock = time.perf_counter()
+    pipeline = beam.Pipeline(runner=runner, options=options)
+    build_pipeline(pipeline, plan.opts, hooks=plan.hooks, layers=plan.layers, committed=committed,
+                   dataset=plan.dataset, identity=identity)
+    result = pipeline.run()
+    state = result.wait_until_finish()
+    return state, counters(result), time.perf_counter() - clock
+
+
+def record_run(plan: RunPlan, state, run_counts: dict, started: _dt.datetime) -> dict:
+    """Writes this host's run record and rebuilds the manifest; returns the manifest."""
+    from model import describe_spec
+    from pipeline.manifest import rebuild_manifest, write_host_run
+    from transforms.write import remove_stray_temp_files
+
+    opts = plan.opts
+    if opts.num_hosts == 1:  # with several hosts another one may be mid-write
+        for path in remove_stray_temp_files(opts.output):
+            _LOG.warning("removed a temporary file left by a failed attempt: %s", path)
+    model_source = describe_spec(opts.model)
+    run_info = {
+        "model": {**model_source, "config": plan.model_config.to_dict()},
+        "tokenizer": model_source["tokenizer"],
+        "options": {k: v for k, v in opts.get_all_options(drop_default=False).items()
+                    if isinstance(v, (str, int, float, bool, type(None), list))},
+        "hooks": list(plan.hooks), "layers": list(plan.layers),
+        "compute_dtype": opts.dtype, "storage_dtype": storage_dtype(opts),
+        "run_counters": run_counts,
+        "software": software_versions(),
+        "started": started.isoformat(), "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "state": str(state), "host": worker_prefix(opts), "num_hosts": opts.num_hosts,
+    }
+    write_host_run(opts.output, worker_prefix(opts), run_info)
+    return rebuild_manifest(opts.output)
+
+
+def summary(opts: ExtractOptions, manifest: dict, run_counts: dict, seconds: float) -> dict:
+    counts = manifest.get("counts", {})
+    real, padding = run_counts.get("real_tokens", 0), run_counts.get("padding_tokens", 0)
+    return {
+        "output": opts.output,
+        "records_read": run_counts.get("records_read", 0),
+        "records_valid": run_counts.get("records_valid", 0),
+        "records_rejected": run_counts.get("records_rejected", 0),
+        "samples_written": counts.get("samples", 0),
+        "samples_rejected": run_counts.get("samples_rejected", 0),
+        "tokens": counts.get("tokens", run_counts.get("tokens_extracted", 0)),
+        "batches": run_counts.get("batches", 0),
+        "padding_fraction": round(padding / max(padding + real, 1), 4),
+        "float16_overflow": run_counts.get("float16_overflow", 0),
+        "bytes_written": run_counts.get("bytes_written", 0),
+        "seconds": round(seconds, 1),
+        "tokens_per_second": round(run_counts.get("tokens_extracted", 0) / max(seconds, 1e-9), 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("apache_beam", "absl", "jax", "urllib3"):
@@ -261,84 +396,43 @@ def main(argv: list[str] | None = None) -> int:
         print_help()
         return 0
     try:
-        problems = unknown_flags(argv)
-    except OptionError as err:
-        problems = [str(err)]
-    if problems:
-        for problem in problems:
-            print(f"error: {problem}", file=sys.stderr)
-        print("see python -m pipeline.run --help", file=sys.stderr)
-        return 2
-    options = PipelineOptions(argv)
-    opts = options.view_as(ExtractOptions)
-    try:
-        opts.validate_extract()
-        model_config, hooks, layers = resolve_capture(opts)
-        dataset = resolve_inputs(opts)
-        dry_run = options.view_as(beam.options.pipeline_options.TestOptions).dry_run
-        committed = set() if dry_run else prepare_output(opts, hooks, layers)
+        options = parse_options(argv)
+        plan = check_before_graph(options)
     except (OptionError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-
-    runner_name = options.view_as(StandardOptions).runner
-    runner = local_runner(options) if runner_name in LOCAL_RUNNERS else None
-    if runner is not None and options.view_as(DirectOptions).direct_num_workers == 0:
-        options.view_as(DirectOptions).direct_num_workers = 1
-    started = _dt.datetime.now(_dt.timezone.utc)
-    clock = time.perf_counter()
-    pipeline = beam.Pipeline(runner=runner, options=options)
-    build_pipeline(pipeline, opts, hooks=hooks, layers=layers, committed=committed, dataset=dataset)
-    result = pipeline.run()
-    state = result.wait_until_finish()
-    if dry_run:
+    opts = plan.opts
+    if plan.dry_run:
+        execute(options, plan, set(), None)
         print("dry run: the job was built and not submitted")
         return 0
-    seconds = time.perf_counter() - clock
-    run_counts = counters(result)
 
-    from pipeline.manifest import rebuild_manifest, write_host_run
-    from transforms.write import remove_stray_temp_files
+    from pipeline.lease import Lease, LeaseHeld
+    from transforms.write import FORMAT_VERSION
 
-    if opts.num_hosts == 1:  # with several hosts another one may be mid-write
-        for path in remove_stray_temp_files(opts.output):
-            _LOG.warning("removed a temporary file left by a failed attempt: %s", path)
-
-    from model import describe_spec
-
-    model_source = describe_spec(opts.model)
-    run_info = {
-        "model": {**model_source, "config": model_config.to_dict()},
-        "tokenizer": model_source["tokenizer"],
-        "options": {k: v for k, v in opts.get_all_options(drop_default=False).items()
-                    if isinstance(v, (str, int, float, bool, type(None), list))},
-        "hooks": list(hooks), "layers": list(layers),
-        "compute_dtype": opts.dtype, "storage_dtype": storage_dtype(opts),
-        "run_counters": run_counts,
-        "software": software_versions(),
-        "started": started.isoformat(), "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-        "state": str(state), "host": worker_prefix(opts), "num_hosts": opts.num_hosts,
-    }
-    write_host_run(opts.output, worker_prefix(opts), run_info)
-    manifest = rebuild_manifest(opts.output)
-    counts = manifest.get("counts", {})
-    tokens = counts.get("tokens", run_counts.get("tokens_extracted", 0))
-    print(json.dumps({
-        "output": opts.output,
-        "records_read": run_counts.get("records_read", 0),
-        "records_valid": run_counts.get("records_valid", 0),
-        "records_rejected": run_counts.get("records_rejected", 0),
-        "samples_written": counts.get("samples", 0),
-        "samples_rejected": run_counts.get("samples_rejected", 0),
-        "tokens": tokens,
-        "batches": run_counts.get("batches", 0),
-        "padding_fraction": round(run_counts.get("padding_tokens", 0) / max(
-            run_counts.get("padding_tokens", 0) + run_counts.get("real_tokens", 0), 1), 4),
-        "float16_overflow": run_counts.get("float16_overflow", 0),
-        "bytes_written": run_counts.get("bytes_written", 0),
-        "seconds": round(seconds, 1),
-        "tokens_per_second": round(run_counts.get("tokens_extracted", 0) / max(seconds, 1e-9), 1),
-    }, indent=1))
+    started = _dt.datetime.now(_dt.timezone.utc)
+    try:
+        lease = Lease(opts.output, worker_prefix(opts), opts.lease_timeout).acquire()
+    except LeaseHeld as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        try:
+            identity = identity_lib.run_identity(opts, plan.hooks, plan.layers, storage_dtype=storage_dtype(opts),
+                                                 format_version=FORMAT_VERSION)
+            committed = prepare_output(opts, plan.hooks, plan.layers, identity)
+        except (OptionError, ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        state, run_counts, seconds = execute(options, plan, committed, identity)
+        if lease.lost:
+            print(f"error: {lease.lost} while this run was writing: check the output with python -m "
+                  "pipeline.verify and finish it with --resume from one place", file=sys.stderr)
+            return 1
+        manifest = record_run(plan, state, run_counts, started)
+    finally:
+        lease.release()
+    print(json.dumps(summary(opts, manifest, run_counts, seconds), indent=1))
     if run_counts.get("float16_overflow"):
         _LOG.warning("%d activation values overflowed float16 and are stored as inf: use --activation_dtype=float32 "
                      "for exact values", run_counts["float16_overflow"])

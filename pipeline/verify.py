@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline import identity as identity_lib
 from pipeline.manifest import MANIFEST_NAME, dead_letter_files, file_digest, read_manifest, scan_dead_letters
 from transforms.output_format import (
     ACTIVATIONS_DIR,
@@ -220,6 +221,18 @@ def verify_output(output: str, deep: bool = False) -> VerifyReport:
             report.errors.append(f"{relpath}: not a commit marker (no shard/files metadata)")
             continue
         markers[shard] = metadata
+
+    for line in identity_lib.disagreements(markers):
+        report.errors.append(
+            f"{line}. One output holds one run: keep one run's shards (delete the other run's commit markers, "
+            "samples/<shard>.parquet), then python -m pipeline.verify OUTPUT --repair")
+    if manifest is not None and manifest.get("identity"):
+        recorded = {key for key in identity_lib.group_by_identity(markers) if key is not None}
+        for key in recorded:
+            diffs = identity_lib.differences(manifest["identity"], identity_lib.decode(key))
+            if diffs:
+                report.errors.append(f"{MANIFEST_NAME}: its run identity differs from the shards': " + "; ".join(diffs)
+                                     + ": rebuild it with python -m pipeline.manifest OUTPUT")
 
     # Files against the manifest (and, without one, against the markers).
     if manifest is not None:

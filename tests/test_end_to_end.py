@@ -104,9 +104,11 @@ def test_second_run_into_same_output_needs_resume(float32_run, tiny_checkpoint):
     common = [f"--model={tiny_checkpoint}", "--dataset=arc-agi-1:eval", f"--output={output}", "--resume",
               f"--hooks={','.join(HOOKS)}"]
     done = run_pipeline(*common, "--layers=0", "--dtype=float32", check=False)
-    assert done.returncode == 2 and "hooks and layers" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "samples/h000-" in done.stderr and "layers: recorded '0,1', this run '0' (pass --layers)" in done.stderr
     done = run_pipeline(*common, "--layers=all", "--dtype=bfloat16", check=False)  # auto storage: bfloat16
-    assert done.returncode == 2 and "storage_dtype='float32'" in done.stderr and "--activation_dtype" in done.stderr
+    assert done.returncode == 2 and "storage_dtype: recorded 'float32', this run 'bfloat16'" in done.stderr
+    assert "--activation_dtype" in done.stderr and "dtype: recorded 'float32'" in done.stderr
 
 
 def test_impossible_options_are_named(tiny_checkpoint, tmp_path):

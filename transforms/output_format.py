@@ -54,6 +54,8 @@ KEY_ENCODING = "activation_encoding"
 KEY_OVERFLOW = "float16_overflow"
 KEY_NUM_SAMPLES = "num_samples"
 KEY_NUM_TOKENS = "num_tokens"
+# The run identity (pipeline.identity, JSON) a commit marker records.
+KEY_IDENTITY = "run_identity"
 
 # ------------------------------------------------------------------------------------------ columns
 

@@ -46,7 +46,7 @@ def cached_tokenizer(tokenizer_source: str | None):
     from model.weights import resolve_checkpoint_dir
 
     if tokenizer_source in (None, "") or str(tokenizer_source).startswith("random:"):
-        # A random:<geometry> model spec brings the offline Qwen2.5 tokenizer (issue 2).
+        # A random:<geometry> model spec brings the offline Qwen2.5 tokenizer.
         return load_tokenizer(None)
     # The same resolution as the model's weights: a local directory, or a hub id found in the HF cache.
     directory, _ = resolve_checkpoint_dir(tokenizer_source)

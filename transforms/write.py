@@ -39,6 +39,7 @@ from transforms.output_format import (  # noqa: F401 - the format's names, re-ex
     KEY_FILES,
     KEY_FORMAT_VERSION,
     KEY_HOOK_NAME,
+    KEY_IDENTITY,
     KEY_OVERFLOW,
     KEY_SHARD,
     KEY_STORAGE_DTYPE,
@@ -257,8 +258,10 @@ class ShardWriter:
     """Writes one shard per extracted batch, exactly once per shard name (see module docstring)."""
 
     def __init__(self, output_root: str, worker_prefix: str, model_name: str, compute_dtype: str,
-                 storage_dtype: str = "float32", compression_level: int = ZSTD_LEVEL, skip_committed: bool = False):
-        """skip_committed: a shard whose commit marker exists is not written again (a Beam retry of a bundle
+                 storage_dtype: str = "float32", compression_level: int = ZSTD_LEVEL, skip_committed: bool = False,
+                 identity: str | None = None):
+        """identity: the run identity (pipeline.identity, JSON) recorded in every commit marker.
+        skip_committed: a shard whose commit marker exists is not written again (a Beam retry of a bundle
         that had already committed it). Recomputed activations need not be bit-identical on every
         accelerator; skipping keeps the committed files and their checksums as they are."""
         if storage_dtype not in STORAGE_DTYPES:
@@ -270,6 +273,7 @@ class ShardWriter:
         self.storage_dtype = storage_dtype
         self.compression_level = compression_level
         self.skip_committed = skip_committed
+        self.identity = identity
 
     def _committed_summary(self, shard: str, batch_id: str) -> dict | None:
         path = join(self.output_root, samples_relpath(shard))
@@ -362,6 +366,8 @@ class ShardWriter:
             "num_samples": str(table.num_rows), "num_tokens": str(int(np.sum(table["num_tokens"].to_numpy()))),
             KEY_OVERFLOW: str(overflow), KEY_FILES: json.dumps(files, sort_keys=True),
         })
+        if self.identity is not None:
+            metadata[KEY_IDENTITY] = self.identity
         data = parquet_bytes(table.replace_schema_metadata(metadata))
         put_atomic(data, join(self.output_root, samples_relpath(shard)))
         return {
@@ -396,8 +402,9 @@ class _WriteShardFn(beam.DoFn):
     bundle and Beam's retry rewrites it."""
 
     def __init__(self, output_root, worker_prefix, model_name, compute_dtype, storage_dtype, threads=4,
-                 memory_bytes=None):
+                 memory_bytes=None, identity=None):
         self._args = (output_root, worker_prefix, model_name, compute_dtype, storage_dtype)
+        self._identity = identity
         self._threads = threads
         self._memory_bytes = memory_bytes
         self._shards = beam.metrics.Metrics.counter(NAMESPACE, "shards_written")
@@ -409,7 +416,7 @@ class _WriteShardFn(beam.DoFn):
         self._waits = beam.metrics.Metrics.counter(NAMESPACE, "writer_backpressure_waits")
 
     def setup(self):
-        self._writer = ShardWriter(*self._args, skip_committed=True)
+        self._writer = ShardWriter(*self._args, skip_committed=True, identity=self._identity)
         self._files = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="shard-file")
         # Shard threads mostly wait for their files, then commit; a separate pool, so they never wait on
         # themselves.
@@ -467,10 +474,12 @@ class _WriteShardFn(beam.DoFn):
 class WriteShards(beam.PTransform):
     """ExtractedBatch dicts -> one committed shard each; emits the per-shard summary dicts of write_shard.
     A retried element whose shard is already committed is not rewritten (skip_committed). `memory_bytes`:
-    activation bytes that may wait for the writers (default: default_writer_memory_bytes())."""
+    activation bytes that may wait for the writers (default: default_writer_memory_bytes()). `identity`: the run
+    identity (JSON) recorded in every commit marker."""
 
     def __init__(self, output_root: str, worker_prefix: str, model_name: str, compute_dtype: str,
-                 storage_dtype: str = "float32", threads: int = 4, memory_bytes: int | None = None):
+                 storage_dtype: str = "float32", threads: int = 4, memory_bytes: int | None = None,
+                 identity: str | None = None):
         super().__init__()
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage dtype {storage_dtype!r}: expected one of {', '.join(STORAGE_DTYPES)}")
@@ -479,7 +488,8 @@ class WriteShards(beam.PTransform):
         if memory_bytes is not None and memory_bytes < 1:
             raise ValueError(f"writer memory must be at least 1 byte, got {memory_bytes}")
         check_worker_prefix(worker_prefix)
-        self._args = (output_root, worker_prefix, model_name, compute_dtype, storage_dtype, threads, memory_bytes)
+        self._args = (output_root, worker_prefix, model_name, compute_dtype, storage_dtype, threads, memory_bytes,
+                      identity)
 
     def expand(self, extracted):
         return extracted | "WriteShard" >> beam.ParDo(_WriteShardFn(*self._args))

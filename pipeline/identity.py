@@ -1,0 +1,111 @@
+"""The run identity: every setting that changes what a row of the output holds.
+
+It is recorded in every shard's commit marker (key `run_identity`), in `OUTPUT/_identity.json` (written once,
+create-exclusive, by the first run into an output) and in the manifest. `--resume`, a second host and
+`pipeline.verify` compare identities key by key. Settings that only change how rows are computed or written
+(batch size, packing, writer threads, attention kernel, hosts) are not part of it and may differ between
+attempts (docs/format.md lists both).
+"""
+from __future__ import annotations
+
+import json
+
+IDENTITY_FILE = "_identity.json"
+
+# identity key -> the flag that sets it (what a refusal tells the user to pass)
+FLAGS = {
+    "model_weights": "--model (the same checkpoint)",
+    "tokenizer": "--model (the same tokenizer files)",
+    "dataset": "--dataset",
+    "prompt_version": "--prompt_version",
+    "prompt_mode": "--prompt_mode",
+    "grid_encoder": "--grid_encoder",
+    "max_seq_len": "--max_seq_len",
+    "max_train_examples": "--max_train_examples",
+    "augmentations": "--augmentations",
+    "seed": "--seed",
+    "dtype": "--dtype",
+    "storage_dtype": "--activation_dtype",
+    "hooks": "--hooks",
+    "layers": "--layers",
+    "format_version": "(the writer's format version: use the release that wrote this output)",
+}
+# Recorded beside the identity for people; two specs naming the same weights are one identity.
+DESCRIPTIVE = ("model", "model_path", "model_revision")
+
+
+def run_identity(opts, hooks, layers, *, storage_dtype: str, format_version: int) -> dict[str, str]:
+    """The identity of the run `opts` describes (fingerprints hash the checkpoint once per machine)."""
+    from model import describe_spec
+    from model.fingerprint import tokenizer_fingerprint, weights_fingerprint
+
+    source = describe_spec(opts.model)
+    identity = {
+        "model": str(opts.model), "model_path": str(source.get("path")), "model_revision": str(source.get("revision")),
+        "model_weights": weights_fingerprint(opts.model), "tokenizer": tokenizer_fingerprint(opts.model),
+        "dataset": str(opts.dataset), "prompt_version": str(opts.prompt_version),
+        "prompt_mode": str(opts.prompt_mode), "grid_encoder": str(opts.grid_encoder),
+        "max_seq_len": str(opts.max_seq_len), "max_train_examples": str(opts.max_train_examples),
+        "augmentations": str(opts.augmentations), "seed": str(opts.seed), "dtype": str(opts.dtype),
+        "storage_dtype": str(storage_dtype), "hooks": ",".join(hooks),
+        "layers": ",".join(str(int(layer)) for layer in layers), "format_version": str(format_version),
+    }
+    return identity
+
+
+def encode(identity: dict[str, str]) -> str:
+    return json.dumps(identity, sort_keys=True)
+
+
+def decode(text: str | None) -> dict[str, str] | None:
+    if not text:
+        return None
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"a run identity must be a JSON object, got {type(value).__name__}")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def differences(recorded: dict[str, str], wanted: dict[str, str]) -> list[str]:
+    """Each compared key on which two identities differ, as `key: recorded 'a', this run 'b' (flag)`."""
+    out = []
+    for key in FLAGS:
+        if recorded.get(key) != wanted.get(key):
+            out.append(f"{key}: recorded {recorded.get(key)!r}, this run {wanted.get(key)!r} (pass {FLAGS[key]})")
+    return out
+
+
+def mismatch_message(where: str, recorded: dict[str, str], wanted: dict[str, str]) -> str | None:
+    """One line refusing to mix two identities in one output, or None when they agree."""
+    diffs = differences(recorded, wanted)
+    if not diffs:
+        return None
+    return (f"{where} was written by a run with other settings, and one output holds one run: "
+            + "; ".join(diffs) + ". Pass the recorded values, or write to a new --output.")
+
+
+def group_by_identity(markers: dict[str, dict]) -> dict[str | None, list[str]]:
+    """Commit markers (shard -> metadata) grouped by the identity they record (None: written before identities
+    were recorded)."""
+    from transforms.write import KEY_IDENTITY
+
+    groups: dict[str | None, list[str]] = {}
+    for shard in sorted(markers):
+        groups.setdefault(markers[shard].get(KEY_IDENTITY), []).append(shard)
+    return groups
+
+
+def disagreements(markers: dict[str, dict]) -> list[str]:
+    """One line per group of shards whose identity differs from the largest group's (empty when they agree)."""
+    groups = {key: shards for key, shards in group_by_identity(markers).items() if key is not None}
+    if len(groups) < 2:
+        return []
+    reference, *others = sorted(groups, key=lambda key: (-len(groups[key]), groups[key][0]))
+    lines = []
+    for key in others:
+        shards = groups[key]
+        diffs = differences(decode(reference), decode(key))
+        lines.append(f"samples/{shards[0]}.parquet and {len(shards) - 1} more shard(s) were written by another run "
+                     f"than samples/{groups[reference][0]}.parquet and {len(groups[reference]) - 1} more: "
+                     + "; ".join(diffs))
+    return lines
