@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_tokens", type=int, default=4096)
     parser.add_argument("--buffer_tokens", type=int, default=None)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--readahead", type=int, default=2)
+    parser.add_argument("--readahead", type=int, default=1)
     args = parser.parse_args(argv)
     if args.mode == "write":
         result = write(args.root, args.tokens, args.d_model, args.samples_per_shard)

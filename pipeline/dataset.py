@@ -44,6 +44,9 @@ __all__ = ["open_activations", "ActivationDataset", "ActivationBatches", "DEFAUL
 # Default shuffle buffer: this many bytes of vectors in the storage dtype (tokens = bytes / (d_model x itemsize)).
 DEFAULT_BUFFER_BYTES = 256 * 1024 * 1024
 _THREADS = 16
+# Column chunks are read through a buffer of this size, page by page, instead of whole: a row group in flight
+# then costs its decoded size, not twice that.
+_READ_BUFFER = 4 * 1024 * 1024
 _STATE_VERSION = 1
 
 # The types a `where` expression sees: token columns decoded from their dictionaries, then the joined sample fields.
@@ -408,7 +411,8 @@ class ActivationDataset:
         """(vectors in the storage dtype, the rows' indices in their row group, token columns or None)."""
         footer = self._footer(unit.file)
         with self._store.open(unit.file.path) as handle:
-            reader = pq.ParquetFile(handle, metadata=footer, page_checksum_verification=True)
+            reader = pq.ParquetFile(handle, metadata=footer, buffer_size=_READ_BUFFER,
+                                    page_checksum_verification=True)
             rows = np.arange(unit.rows, dtype=np.int64)
             tokens = None
             if where is not None or metadata:
@@ -538,7 +542,7 @@ class ActivationBatches:
     def __init__(self, dataset: ActivationDataset, hook: str, layer: int, batch_tokens: int, *, shuffle: bool = True,
                  seed: int = 0, dtype="float32", epochs: int | None = 1, rank: int = 0, world_size: int = 1,
                  where=None, buffer_tokens: int | None = None, with_metadata: bool = False, drop_last: bool = True,
-                 readahead: int = 2):
+                 readahead: int = 1):
         self._ds = dataset
         self.hook, self.layer = dataset._check_pair(hook, layer)
         self.batch_tokens = _positive("batch_tokens", batch_tokens)
@@ -693,6 +697,10 @@ class ActivationBatches:
         for name, column in (columns or {}).items():
             self._column(name, column.dtype)[self._count:end] = column
         self._count = end
+        del values, rows, columns
+        # Arrow's allocator keeps freed row groups for reuse; hand them back so memory stays at the buffer plus
+        # the row groups in flight.
+        pa.default_memory_pool().release_unused()
 
     def _emit(self, n: int):
         """Removes the next batch's n tokens from the buffer and returns them."""

@@ -165,7 +165,7 @@ def test_pipeline_dataset_reads_the_output(float32_run):
                                 activations_to_numpy(table)))
             values, columns = reader.to_numpy(hook, layer, with_metadata=True)
             keys = list(zip(columns["sample_id"].tolist(), columns["position"].tolist()))
-            assert Counter(keys) == Counter(expected) and reader.num_tokens(hook, layer) == len(keys)
+            assert Counter(keys) == Counter(list(expected)) and reader.num_tokens(hook, layer) == len(keys)
             np.testing.assert_array_equal(values, np.stack([expected[k] for k in keys]))
     seen = [k for _, cols in reader.batches("resid_post", 1, 64, drop_last=False, with_metadata=True)
             for k in zip(cols["sample_id"].tolist(), cols["position"].tolist())]

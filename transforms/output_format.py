@@ -58,6 +58,8 @@ KEY_OVERFLOW = "float16_overflow"
 KEY_IDENTITY = "run_identity"
 KEY_NUM_SAMPLES = "num_samples"
 KEY_NUM_TOKENS = "num_tokens"
+# The run identity (pipeline.identity, JSON) a commit marker records.
+KEY_IDENTITY = "run_identity"
 
 # ------------------------------------------------------------------------------------------ columns
 
