@@ -10,13 +10,8 @@ samples files' `files` metadata) list while a run is going. Activation files no 
 killed writer's) are skipped and named in `ds.skipped`; a listed file that is missing or whose size differs from
 its marker's is refused with an error naming it; `check_sha256=True` also hashes every listed file at open.
 
-The loader's unit of work is one row group of one file. An epoch is a seeded permutation of every (file, row
-group) of the hook and layer across the whole output; rank r of w takes the units at positions r, r+w, ... of
-it, so ranks are disjoint and together cover every token once. Each rank streams its units into a buffer of
-`buffer_tokens` and draws each batch uniformly at random from it (a shuffle buffer at batch granularity).
-The iterator's state is explicit (epoch, units consumed, the identity of every buffered token, the random
-generator's state), so `load_state_dict` rebuilds the buffer by rereading only the units it came from and yields
-exactly the batches that were left. Memory: the buffer plus the row groups being decoded (`readahead`).
+Batches come from pipeline.loader (the loader's guarantees and state are described there and in
+docs/format.md).
 
 Imports pyarrow, numpy and ml_dtypes only; google-cloud-storage for gs:// outputs; torch and JAX only inside
 `torch_iterable` and `jax_batches`.
@@ -37,17 +32,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from model.hooks import BLOCK_HOOKS, FINAL_NORM_HOOK
+from pipeline.loader import DEFAULT_BUFFER_BYTES, ActivationBatches, MappedBatches, torch_dataset_class
 from transforms import output_format as fmt
 
 __all__ = ["open_activations", "ActivationDataset", "ActivationBatches", "DEFAULT_BUFFER_BYTES"]
 
-# Default shuffle buffer: this many bytes of vectors in the storage dtype (tokens = bytes / (d_model x itemsize)).
-DEFAULT_BUFFER_BYTES = 256 * 1024 * 1024
 _THREADS = 16
 # Column chunks are read through a buffer of this size, page by page, instead of whole: a row group in flight
 # then costs its decoded size, not twice that.
 _READ_BUFFER = 4 * 1024 * 1024
-_STATE_VERSION = 1
 
 # The types a `where` expression sees: token columns decoded from their dictionaries, then the joined sample fields.
 _TOKEN_SCHEMA = pa.schema([("sample_id", pa.string()), ("position", pa.int32()), ("token_id", pa.int32()),
@@ -325,7 +318,7 @@ class ActivationDataset:
         return (f"ActivationDataset({self.output!r}, hooks={self.hooks}, layers={self.layers}, "
                 f"d_model={self.d_model}, storage_dtype={self.storage_dtype!r}, from the {self.source})")
 
-    def _check_pair(self, hook: str, layer: int) -> tuple[str, int]:
+    def check_pair(self, hook: str, layer: int) -> tuple[str, int]:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
             raise TypeError(f"layer must be an int, got {layer!r}")
         if (hook, int(layer)) not in self._pairs:
@@ -335,11 +328,11 @@ class ActivationDataset:
 
     def files(self, hook: str, layer: int) -> list[str]:
         """The committed activation files of a hook and layer (relative paths, sorted)."""
-        hook, layer = self._check_pair(hook, layer)
+        hook, layer = self.check_pair(hook, layer)
         return [f.path for f in self._files if f.hook == hook and f.layer == layer]
 
     def num_tokens(self, hook: str, layer: int) -> int:
-        hook, layer = self._check_pair(hook, layer)
+        hook, layer = self.check_pair(hook, layer)
         return sum(f.rows for f in self._files if f.hook == hook and f.layer == layer)
 
     def samples(self, columns: list[str] | None = None) -> pa.Table:
@@ -368,7 +361,7 @@ class ActivationDataset:
 
     def units(self, hook: str, layer: int) -> list[_Unit]:
         """Every (file, row group) of a hook and layer, in path then row-group order."""
-        hook, layer = self._check_pair(hook, layer)
+        hook, layer = self.check_pair(hook, layer)
         key = (hook, layer)
         if key not in self._units:
             files = [f for f in self._files if f.hook == hook and f.layer == layer]
@@ -380,7 +373,7 @@ class ActivationDataset:
 
     # ------------------------------------------------------------------------------------ scans
 
-    def _where(self, where) -> tuple[Any, bool]:
+    def check_where(self, where) -> tuple[Any, bool]:
         """Checks `where` against the columns it may name; returns it and whether it needs the sample fields."""
         if where is None:
             return None, False
@@ -406,7 +399,7 @@ class ActivationDataset:
             self._sample_fields = self.samples(columns=["sample_id"] + _SAMPLE_SCHEMA.names)
         return self._sample_fields
 
-    def _read_unit(self, unit: _Unit, where, join: bool, metadata: bool
+    def read_unit(self, unit: _Unit, where, join: bool, metadata: bool
                    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray] | None]:
         """(vectors in the storage dtype, the rows' indices in their row group, token columns or None)."""
         footer = self._footer(unit.file)
@@ -453,9 +446,9 @@ class ActivationDataset:
         order. dtype None keeps the storage dtype (bfloat16 as ml_dtypes.bfloat16), bit for bit; "float32" widens
         exactly. With with_metadata, also a dict of the token columns (and sample fields where `where` joined
         them) as numpy arrays."""
-        where, join = self._where(where)
-        dtype = _check_dtype(dtype, self.storage_dtype)
-        parts = _parallel(lambda unit: self._read_unit(unit, where, join, with_metadata), self.units(hook, layer))
+        where, join = self.check_where(where)
+        dtype = fmt.read_dtype(dtype, self.storage_dtype)
+        parts = _parallel(lambda unit: self.read_unit(unit, where, join, with_metadata), self.units(hook, layer))
         values = np.concatenate([p[0] for p in parts]) if parts else np.zeros(
             (0, self.d_model), fmt.storage_numpy_dtype(self.storage_dtype))
         values = fmt.widen(values, dtype)
@@ -473,7 +466,7 @@ class ActivationDataset:
         """A torch.utils.data.IterableDataset of [batch_tokens, d_model] tensors, for DataLoader(batch_size=None).
         Each DataLoader worker of each rank takes its own units (rank x num_workers + worker of
         world_size x num_workers), so no token is read twice; pin_memory pins each tensor (needs an accelerator)."""
-        return _torch_dataset_class()(self, hook, layer, batch_tokens, pin_memory, options)
+        return torch_dataset_class()(self, hook, layer, batch_tokens, pin_memory, options)
 
     def jax_batches(self, hook: str, layer: int, batch_tokens: int, *, sharding=None, **options):
         """ds.batches(...) with each batch placed by jax.device_put(batch, sharding) (default device when None);
@@ -485,7 +478,7 @@ class ActivationDataset:
                 return jax.device_put(item[0], sharding), item[1]
             return jax.device_put(item, sharding)
 
-        return _Mapped(self.batches(hook, layer, batch_tokens, **options), put)
+        return MappedBatches(self.batches(hook, layer, batch_tokens, **options), put)
 
 
 def _decoded(column: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -499,339 +492,3 @@ def _matching_rows(tokens: pa.Table, where) -> np.ndarray:
 
 def _columns(table: pa.Table) -> dict[str, np.ndarray]:
     return {name: table.column(name).to_numpy() for name in table.column_names}
-
-
-def _check_dtype(dtype, storage_dtype: str) -> np.dtype:
-    storage = fmt.storage_numpy_dtype(storage_dtype)
-    if dtype is None:
-        return storage
-    try:
-        target = fmt.storage_numpy_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
-    except (TypeError, ValueError):
-        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(fmt.STORAGE_DTYPES)}") from None
-    if target not in {fmt.storage_numpy_dtype(d) for d in fmt.STORAGE_DTYPES}:
-        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(fmt.STORAGE_DTYPES)}")
-    widening = {("bfloat16", "float32"), ("float16", "float32")}
-    if target != storage and (storage_dtype, str(target)) not in widening:
-        raise ValueError(f"dtype={dtype!r} would round the stored {storage_dtype} values; use {storage_dtype} "
-                         "(bit for bit) or float32 (exact)")
-    return target
-
-
-def _positive(name: str, value, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
-    return int(value)
-
-
-# ---------------------------------------------------------------------------------------- the loader
-
-class ActivationBatches:
-    """Iterator of shuffled [batch_tokens, d_model] batches of one hook and layer; `(batch, columns)` with
-    with_metadata (columns: dict of numpy arrays, one entry per token of the batch).
-
-    Guarantees: within an epoch every committed token (after `where`) is yielded once across all ranks, ranks are
-    disjoint, and the order is a function of (seed, epoch, rank, world_size, the output). Each epoch ends with the
-    rank's leftover tokens: fewer than batch_tokens of them, dropped with drop_last=True (the default; so at most
-    batch_tokens - 1 per rank and epoch, different ones each epoch) or yielded as one smaller batch. Ranks may
-    yield different numbers of batches (their units differ in size): a data-parallel trainer that needs equal
-    counts stops at the smallest. epochs=None repeats without end, reshuffling every epoch."""
-
-    def __init__(self, dataset: ActivationDataset, hook: str, layer: int, batch_tokens: int, *, shuffle: bool = True,
-                 seed: int = 0, dtype="float32", epochs: int | None = 1, rank: int = 0, world_size: int = 1,
-                 where=None, buffer_tokens: int | None = None, with_metadata: bool = False, drop_last: bool = True,
-                 readahead: int = 1):
-        self._ds = dataset
-        self.hook, self.layer = dataset._check_pair(hook, layer)
-        self.batch_tokens = _positive("batch_tokens", batch_tokens)
-        self.epochs = _positive("epochs", epochs, allow_none=True)
-        self.world_size = _positive("world_size", world_size)
-        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < self.world_size:
-            raise ValueError(f"rank must be an integer in 0..{self.world_size - 1} (world_size={world_size}), "
-                             f"got {rank!r}")
-        self.rank = int(rank)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.seed, self.shuffle, self.drop_last, self.with_metadata = int(seed), bool(shuffle), bool(drop_last), \
-            bool(with_metadata)
-        self.dtype = _check_dtype(dtype, dataset.storage_dtype)
-        self._storage = fmt.storage_numpy_dtype(dataset.storage_dtype)
-        if buffer_tokens is None:
-            buffer_tokens = max(self.batch_tokens, DEFAULT_BUFFER_BYTES // (dataset.d_model * self._storage.itemsize))
-        self.buffer_tokens = _positive("buffer_tokens", buffer_tokens)
-        self.readahead = max(0, int(readahead))
-        self._where, self._join = dataset._where(where)
-        self._units = dataset.units(self.hook, self.layer)
-        if self.world_size > len(self._units):
-            raise ValueError(
-                f"world_size={self.world_size} is larger than the {len(self._units)} row groups of "
-                f"hook={self.hook} layer={self.layer} in {dataset.output}: some ranks would get no data; use at "
-                f"most {len(self._units)} ranks (x DataLoader workers)")
-        self._fingerprint = hashlib.sha1(json.dumps(
-            [(u.file.path, u.file.sha256, u.row_group, u.rows) for u in self._units]).encode()).hexdigest()
-        # The buffer holds up to buffer_tokens plus one row group; allocated on first use.
-        self._capacity = (self.buffer_tokens if self.shuffle else self.batch_tokens) + max(u.rows for u in self._units)
-        self._vectors = None
-        self._columns: dict[str, np.ndarray] = {}
-        self._unit_of = np.zeros(0, np.int64)
-        self._row_of = np.zeros(0, np.int64)
-        self._pool = None
-        self._pending: dict[int, concurrent.futures.Future] = {}
-        self._reset(epoch=0)
-
-    # ------------------------------------------------------------------------------------ state
-
-    def _reset(self, epoch: int) -> None:
-        self._epoch = epoch
-        self._cursor = 0          # units of this epoch's order already in the buffer
-        self._head = self._count = 0  # buffered tokens are [head, count) of the buffer arrays
-        self._batches = 0
-        self._done = self.epochs is not None and epoch >= self.epochs
-        self._order = self._epoch_order(epoch)
-        self._rng = np.random.default_rng([self.seed, epoch, self.rank, self.world_size])
-        self._cancel_pending()
-
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        everything = (np.random.default_rng([self.seed, epoch]).permutation(len(self._units)) if self.shuffle
-                      else np.arange(len(self._units)))
-        return everything[self.rank::self.world_size]
-
-    def _config(self) -> dict:
-        return {"hook": self.hook, "layer": self.layer, "batch_tokens": self.batch_tokens, "shuffle": self.shuffle,
-                "seed": self.seed, "rank": self.rank, "world_size": self.world_size, "where": str(self._where),
-                "buffer_tokens": self.buffer_tokens, "with_metadata": self.with_metadata, "output": self._fingerprint}
-
-    def state_dict(self) -> dict:
-        """Where the iterator stands: plain ints and strings plus two int64 arrays naming every buffered token
-        (its unit and row), so saving it costs 16 bytes per buffered token. Save it with the model's checkpoint
-        (np.savez, torch.save, orbax)."""
-        return {"version": _STATE_VERSION, "config": self._config(), "epoch": self._epoch, "cursor": self._cursor,
-                "batches": self._batches, "done": self._done, "rng": self._rng.bit_generator.state,
-                "buffer_unit": self._unit_of[self._head:self._count].copy(),
-                "buffer_row": self._row_of[self._head:self._count].copy()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continues exactly where `state` was taken: the same remaining batches, in the same order. The iterator
-        must be built with the same arguments on the same output; every difference is named."""
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            raise ValueError(f"not a loader state of version {_STATE_VERSION}: {str(state)[:200]}")
-        mine = self._config()
-        for key, value in state["config"].items():
-            if mine.get(key) != value:
-                what = ("the output's committed files differ from when the state was saved" if key == "output"
-                        else f"{key}={value!r} when saved, {mine.get(key)!r} now")
-                raise ValueError(f"load_state_dict: {what}; build the loader as it was")
-        self._reset(int(state["epoch"]))
-        self._cursor, self._batches, self._done = int(state["cursor"]), int(state["batches"]), bool(state["done"])
-        self._rng.bit_generator.state = state["rng"]
-        units, rows = np.asarray(state["buffer_unit"], np.int64), np.asarray(state["buffer_row"], np.int64)
-        self._ensure_buffer()
-        for unit in np.unique(units):
-            wanted = np.flatnonzero(units == unit)
-            values, unit_rows, columns = self._decode(int(unit))
-            found = np.searchsorted(unit_rows, rows[wanted])
-            if (found >= len(unit_rows)).any() or (unit_rows[np.minimum(found, len(unit_rows) - 1)]
-                                                   != rows[wanted]).any():
-                raise ValueError(f"load_state_dict: {self._units[unit].file.path} lacks rows the state buffered")
-            self._vectors[wanted] = values[found]
-            for name, column in (columns or {}).items():
-                self._column(name, column.dtype)[wanted] = column[found]
-        self._unit_of[:len(units)], self._row_of[:len(units)] = units, rows
-        self._count = len(units)
-
-    # -------------------------------------------------------------------------------- iteration
-
-    def __iter__(self):
-        return self
-
-    def _ensure_buffer(self) -> None:
-        if self._vectors is None:
-            self._vectors = np.empty((self._capacity, self._ds.d_model), self._storage)
-            self._unit_of = np.empty(self._capacity, np.int64)
-            self._row_of = np.empty(self._capacity, np.int64)
-
-    def _column(self, name: str, dtype) -> np.ndarray:
-        if name not in self._columns:
-            self._columns[name] = np.empty(self._capacity, dtype)
-        return self._columns[name]
-
-    def _decode(self, unit: int):
-        return self._ds._read_unit(self._units[unit], self._where, self._join, self.with_metadata)
-
-    def _cancel_pending(self) -> None:
-        for future in self._pending.values():
-            future.cancel()
-        self._pending = {}
-
-    def _next_unit(self):
-        """Decodes the unit at the cursor, with the next `readahead` ones decoding on threads meanwhile."""
-        if self.readahead and self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(self.readahead, thread_name_prefix="activations")
-        wanted = [int(u) for u in self._order[self._cursor:self._cursor + 1 + self.readahead]]
-        if self._pool is not None:
-            for unit in wanted[1:]:
-                if unit not in self._pending:
-                    self._pending[unit] = self._pool.submit(self._decode, unit)
-        unit = wanted[0]
-        future = self._pending.pop(unit, None)
-        return unit, (future.result() if future is not None else self._decode(unit))
-
-    def _append(self) -> None:
-        unit, (values, rows, columns) = self._next_unit()
-        self._cursor += 1
-        n = len(rows)
-        if self._head:  # FIFO mode: move what is left to the front before appending
-            live = slice(self._head, self._count)
-            size = self._count - self._head
-            self._vectors[:size] = self._vectors[live]
-            self._unit_of[:size], self._row_of[:size] = self._unit_of[live], self._row_of[live]
-            for column in self._columns.values():
-                column[:size] = column[live]
-            self._head, self._count = 0, size
-        end = self._count + n
-        self._vectors[self._count:end] = values
-        self._unit_of[self._count:end] = unit
-        self._row_of[self._count:end] = rows
-        for name, column in (columns or {}).items():
-            self._column(name, column.dtype)[self._count:end] = column
-        self._count = end
-        del values, rows, columns
-        # Arrow's allocator keeps freed row groups for reuse; hand them back so memory stays at the buffer plus
-        # the row groups in flight.
-        pa.default_memory_pool().release_unused()
-
-    def _emit(self, n: int):
-        """Removes the next batch's n tokens from the buffer and returns them."""
-        if not self.shuffle:
-            picks = np.arange(self._head, self._head + n)
-            vectors, columns = self._vectors[picks], {k: v[picks] for k, v in self._columns.items()}
-            self._head += n
-            if self._head == self._count:
-                self._head = self._count = 0
-        else:
-            picks = self._rng.choice(self._count, size=n, replace=False)
-            vectors, columns = self._vectors[picks], {k: v[picks] for k, v in self._columns.items()}
-            # Refill the holes the picks leave below `tail` with the unpicked tokens above it: O(n), not O(buffer).
-            tail = self._count - n
-            in_tail = picks >= tail
-            taken = np.zeros(n, bool)
-            taken[picks[in_tail] - tail] = True
-            holes, sources = picks[~in_tail], tail + np.flatnonzero(~taken)
-            self._vectors[holes] = self._vectors[sources]
-            self._unit_of[holes], self._row_of[holes] = self._unit_of[sources], self._row_of[sources]
-            for column in self._columns.values():
-                column[holes] = column[sources]
-            self._count = tail
-        self._batches += 1
-        out = fmt.widen(vectors, self.dtype)
-        return (out, columns) if self.with_metadata else out
-
-    def __next__(self):
-        while not self._done:
-            self._ensure_buffer()
-            target = self.buffer_tokens if self.shuffle else self.batch_tokens
-            while self._count - self._head < target and self._cursor < len(self._order):
-                self._append()
-            available = self._count - self._head
-            if available >= self.batch_tokens:
-                return self._emit(self.batch_tokens)
-            if self._cursor < len(self._order):
-                continue
-            if available and not self.drop_last:
-                return self._emit(available)
-            self._reset(self._epoch + 1)
-        self.close()
-        raise StopIteration
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self) -> None:
-        """Stops the readahead threads (also done at the end of the last epoch)."""
-        self._cancel_pending()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-
-class _Mapped:
-    """An iterator of fn(item) over a loader, keeping the loader's state_dict/load_state_dict."""
-
-    def __init__(self, loader: ActivationBatches, fn):
-        self.loader, self._fn = loader, fn
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return self._fn(next(self.loader))
-
-    def state_dict(self) -> dict:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
-
-
-_TORCH_CLASS = None
-
-
-def _to_torch(torch, values: np.ndarray):
-    if values.dtype == fmt.storage_numpy_dtype("bfloat16"):  # torch does not read ml_dtypes arrays: same bits
-        return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(values)
-
-
-def _torch_dataset_class():
-    """torch.utils.data.IterableDataset over the loader, built on first use so that importing this module does
-    not import torch; published as the module attribute `TorchActivations` so DataLoader workers can unpickle it."""
-    global _TORCH_CLASS
-    if _TORCH_CLASS is None:
-        import torch
-
-        class TorchActivations(torch.utils.data.IterableDataset):
-            def __init__(self, dataset, hook, layer, batch_tokens, pin_memory, options):
-                super().__init__()
-                for key in ("rank", "world_size"):
-                    options.setdefault(key, {"rank": 0, "world_size": 1}[key])
-                self.dataset, self.hook, self.layer, self.batch_tokens = dataset, hook, layer, batch_tokens
-                self.pin_memory, self.options = pin_memory, dict(options)
-                # Checks the arguments now, in the caller's process, rather than in a worker.
-                ActivationBatches(dataset, hook, layer, batch_tokens, **self.options).close()
-
-            def __iter__(self):
-                info = torch.utils.data.get_worker_info()
-                workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-                options = dict(self.options)
-                options["rank"] = options["rank"] * workers + worker
-                options["world_size"] = options["world_size"] * workers
-                loader = ActivationBatches(self.dataset, self.hook, self.layer, self.batch_tokens, **options)
-                try:
-                    for item in loader:
-                        values, columns = item if isinstance(item, tuple) else (item, None)
-                        tensor = _to_torch(torch, values)
-                        if self.pin_memory:
-                            tensor = tensor.pin_memory()
-                        yield (tensor, columns) if columns is not None else tensor
-                finally:
-                    loader.close()
-
-        TorchActivations.__module__ = __name__
-        TorchActivations.__qualname__ = "TorchActivations"
-        _TORCH_CLASS = TorchActivations
-    return _TORCH_CLASS
-
-
-def __getattr__(name):
-    if name == "TorchActivations":
-        return _torch_dataset_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

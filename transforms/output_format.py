@@ -182,6 +182,25 @@ def row_group_rows(d_model: int, storage_dtype: str) -> int:
     return max(MIN_ROW_GROUP_ROWS, ROW_GROUP_BYTES // max(1, int(d_model) * storage_itemsize(storage_dtype)))
 
 
+def read_dtype(dtype, storage_dtype: str) -> np.dtype:
+    """The numpy dtype a reader returns for `dtype` (None: the storage dtype itself): the storage dtype (bit for
+    bit) or float32 (exact); a narrowing dtype is refused."""
+    storage = storage_numpy_dtype(storage_dtype)
+    if dtype is None:
+        return storage
+    try:
+        target = storage_numpy_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+    except (TypeError, ValueError):
+        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(STORAGE_DTYPES)}") from None
+    if target not in {storage_numpy_dtype(d) for d in STORAGE_DTYPES}:
+        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(STORAGE_DTYPES)}")
+    widening = {("bfloat16", "float32"), ("float16", "float32")}
+    if target != storage and (storage_dtype, str(target)) not in widening:
+        raise ValueError(f"dtype={dtype!r} would round the stored {storage_dtype} values; use {storage_dtype} "
+                         "(bit for bit) or float32 (exact)")
+    return target
+
+
 def widen(values: np.ndarray, dtype) -> np.ndarray:
     """`values` in `dtype`, exactly when it is at least as wide (bfloat16 or float16 -> float32 is exact).
 
