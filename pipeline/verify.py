@@ -25,6 +25,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.manifest import MANIFEST_NAME, dead_letter_files, file_digest, read_manifest, scan_dead_letters
+from transforms import activation_stats
 from transforms.write import (
     ACTIVATIONS_DIR,
     KEY_FILES,
@@ -40,6 +41,7 @@ from transforms.write import (
 )
 
 MAX_DETAILS = 5
+STATS_KINDS = (activation_stats.KIND, "merged_stats")
 
 
 @dataclass
@@ -85,6 +87,9 @@ def _check_file(root: str, entry: dict) -> list[str]:
         if entry.get("kind") == "dead_letter":
             size, sha, stages = scan_dead_letters(path)
             rows = sum(stages.values())
+        elif entry.get("kind") in STATS_KINDS:  # JSON: size and sha256 are the check
+            size, sha = file_digest(path)
+            rows = entry.get("rows")
         else:
             size, sha = file_digest(path)
             rows = _footer(path).num_rows
@@ -237,9 +242,16 @@ def verify_output(output: str, deep: bool = False) -> VerifyReport:
         for path in dead_letter_files(root):
             if relative_to(root, path) not in listed:
                 report.errors.append(f"{relative_to(root, path)}: dead-letter file not in {MANIFEST_NAME}")
+        merged_stats = manifest.get("stats") or {}
+        if merged_stats.get("path"):
+            listed[merged_stats["path"]] = {**merged_stats, "kind": "merged_stats", "rows": None}
     else:
         listed = {entry["path"]: {**entry, "kind": "activations"} for marker in markers.values()
                   for entry in marker[KEY_FILES]}
+        for marker in markers.values():
+            stats_entry = activation_stats.marker_entry(marker)
+            if stats_entry is not None:
+                listed[stats_entry["path"]] = stats_entry
     for errors in _parallel(lambda entry: _check_file(root, entry), list(listed.values())):
         report.errors += errors
 

@@ -497,3 +497,38 @@ def loads(data: bytes | str, where: str = "statistics file") -> tuple[dict[str, 
                          f"this version's ({HISTOGRAM_SPEC}, {TOP_K}); histograms of different bins do not add")
     layers = [LayerStats.from_json(record, f"{where} layer record {i}") for i, record in enumerate(doc["layers"])]
     return {k: v for k, v in doc.items() if k != "layers"}, layers
+
+
+# ---------------------------------------------------------------------------------------------- shard files
+
+STATS_DIR = "stats"
+KIND = "stats"
+# Key of the commit marker's metadata that lists the shard's stats file. Its own key, not an entry of `files`:
+# every reader of `files` takes its entries for activation files (hook, layer, rows).
+MARKER_KEY = "stats"
+
+
+def shard_relpath(shard: str) -> str:
+    return f"{STATS_DIR}/{shard}.json"
+
+
+def shard_file(shard: str, stats: Sequence[LayerStats]) -> tuple[bytes, dict[str, Any]]:
+    """The bytes of stats/<shard>.json and its entry for the commit marker ({path, kind, layers, bytes, sha256})."""
+    import hashlib
+
+    data = dumps(document(stats, shard=shard))
+    entry = {"path": shard_relpath(shard), "kind": KIND, "layers": len(stats), "bytes": len(data),
+             "sha256": hashlib.sha256(data).hexdigest()}
+    return data, entry
+
+
+def marker_entry(metadata: dict[str, Any]) -> dict[str, Any] | None:
+    """The stats-file entry of a commit marker's (decoded) metadata; None for shards written without one."""
+    raw = metadata.get(MARKER_KEY)
+    if raw is None:
+        return None
+    entry = json.loads(raw) if isinstance(raw, str) else raw
+    if not isinstance(entry, dict) or not {"path", "bytes", "sha256"} <= set(entry):
+        raise ValueError(f"commit marker of shard {metadata.get('shard')!r}: metadata {MARKER_KEY!r} is not a "
+                         "{path, bytes, sha256} object")
+    return entry
