@@ -415,6 +415,7 @@ class ShardWriter:
             "tokens": int(metadata["num_tokens"]), "rows": sum(int(f["rows"]) for f in files),
             "bytes": sum(int(f["bytes"]) for f in files) + int(matches[0].size_in_bytes),
             KEY_OVERFLOW: int(metadata.get(KEY_OVERFLOW, 0)), "files": len(files) + 1, "already_committed": True,
+            "stats_bytes": int((activation_stats.marker_entry(metadata) or {}).get("bytes", 0)),
         }
 
     def _common_metadata(self, shard: str) -> dict[str, str]:
@@ -505,8 +506,8 @@ class ShardWriter:
         return {
             "shard": shard, "batch_id": batch_id, "samples": table.num_rows,
             "tokens": int(metadata["num_tokens"]), "rows": sum(f["rows"] for f in files),
-            "bytes": sum(f["bytes"] for f in files) + data.size + stats_entry["bytes"], KEY_OVERFLOW: overflow,
-            "files": len(files) + 2,
+            "bytes": sum(f["bytes"] for f in files) + data.size, KEY_OVERFLOW: overflow, "files": len(files) + 1,
+            "stats_bytes": stats_entry["bytes"],
             "already_committed": False,
         }
 
