@@ -62,6 +62,25 @@ def _save(plt, fig, out_dir: str, name: str) -> str:
     return name
 
 
+def _layer_axis(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _norm_scale(ax, values, axis="y") -> None:
+    """Log scale when the values span more than a factor of 10, plain numbers on the ticks either way."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    finite = [v for v in values if v is not None and np.isfinite(v) and v > 0]
+    if not finite or max(finite) / min(finite) <= 10:
+        return
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    target.set_minor_formatter(NullFormatter())
+
+
 def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
@@ -95,10 +114,11 @@ def plot_norms_by_layer(plt, hooks, out_dir) -> str:
             ax.plot(x, [s.norm_percentile(q) or np.nan for s in layers], style, marker=".", label=f"p{q}")
         ax.set_title(hook)
         ax.set_xlabel("layer")
-        ax.set_yscale("log")
+        _layer_axis(ax)
+        _norm_scale(ax, [s.norm_percentile(q) for s in layers for q in PERCENTILES])
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel("token L2 norm")
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8, loc="best")
     fig.suptitle("Token norm against layer (percentiles from the histogram)")
     fig.tight_layout()
     return _save(plt, fig, out_dir, "norms_by_layer.png")
@@ -120,8 +140,15 @@ def plot_histograms(plt, hook, layers, out_dir) -> str:
         if outside:
             ax.text(0.01, 0.95, f"{outside} tokens outside the bins shown", transform=ax.transAxes, fontsize=8)
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    low, high = ax.get_xlim()
+    if high / low < 30:  # under a decade and a half the minor ticks need numbers too
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("token L2 norm")
-    ax.set_ylabel("tokens per bin (1/8 octave)")
+    ax.set_ylabel(f"tokens per bin (1/{S.BINS_PER_OCTAVE} octave)")
     ax.set_title(f"{hook}: norm histogram per layer")
     if len(layers) <= 12:
         ax.legend(fontsize=8)
@@ -160,7 +187,8 @@ def plot_parts(plt, hooks, out_dir) -> str:
                 ax.plot(x, y, "o-", ms=3, label=part)
         ax.set_title(hook)
         ax.set_xlabel("layer")
-        ax.set_yscale("log")
+        _layer_axis(ax)
+        _norm_scale(ax, [g.mean_norm for s in layers for g in s.by_part.values() if g.finite])
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel("mean token norm")
     axes[0][0].legend(fontsize=7)
@@ -182,6 +210,10 @@ def plot_cells(plt, stats: S.LayerStats, out_dir) -> str | None:
     ax = axes[0][0]
     image = ax.imshow(grid, cmap="magma", origin="upper", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="mean token norm")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("column")
     ax.set_ylabel("row")
     ax.set_title(f"{stats.hook} layer {stats.layer}: mean norm of grid-cell tokens")
@@ -328,8 +360,9 @@ def write_report(output: str, out_dir: str | None = None) -> str:
     body += ["<h2>Token norms</h2>", _img(plot_norms_by_layer(plt, hooks, out_dir), "norm against layer"),
              _table(summary, ["hook", "layer", "tokens", "mean", "std", "p1", "p50", "p99", "min", "max",
                               "SAELens scale", "non-finite", "f16 overflow"], set(range(1, 13))),
-             "<p class=note>SAELens scale = sqrt(d_model) / mean norm. Percentiles interpolate within 1/8-octave "
-             "histogram bins (within 9% of the exact value).</p>"]
+             "<p class=note>SAELens scale = sqrt(d_model) / mean norm. Percentiles interpolate geometrically "
+             f"within 1/{S.BINS_PER_OCTAVE}-octave histogram bins (within a factor "
+             f"{2 ** (1 / S.BINS_PER_OCTAVE):.3f} of the exact value).</p>"]
     body.append("<h2>Norm histograms</h2>")
     for hook, layers in hooks.items():
         body.append(_img(plot_histograms(plt, hook, layers, out_dir), f"{hook} norm histograms"))

@@ -30,7 +30,7 @@ TOP_K = 32
 # Norm histogram: bin edges 2**(e + j / BINS_PER_OCTAVE) for e in [MIN_OCTAVE, MAX_OCTAVE). Each edge is a power
 # of two times an iterated square root of a power of two, and IEEE square roots are correctly rounded, so every
 # machine computes the same edges bit for bit and histograms of different shards and hosts add.
-BINS_PER_OCTAVE = 8
+BINS_PER_OCTAVE = 16
 MIN_OCTAVE = -16
 MAX_OCTAVE = 24
 # Extra bins around the log-spaced ones: [0] zero norm, [1] 0 < norm < first edge, [-1] norm >= last edge.
