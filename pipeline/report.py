@@ -62,10 +62,21 @@ def _save(plt, fig, out_dir: str, name: str) -> str:
     return name
 
 
-def _layer_axis(ax) -> None:
+def _layer_axis(ax, layers) -> None:
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(layers) <= 16:
+        ax.set_xticks(sorted(layers))
+        if len(layers) == 1:
+            ax.set_xlim(layers[0] - 1, layers[0] + 1)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _some_minor(value, _=None) -> str:
+    """Labels the 2x and 5x minor ticks of a log axis, so a span of under two decades still reads."""
+    leading = f"{value:.0e}"[0]
+    return f"{value:g}" if leading in "25" else ""
 
 
 def _norm_scale(ax, values, axis="y") -> None:
@@ -78,7 +89,7 @@ def _norm_scale(ax, values, axis="y") -> None:
     (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
     target = ax.yaxis if axis == "y" else ax.xaxis
     target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    target.set_minor_formatter(NullFormatter())
+    target.set_minor_formatter(FuncFormatter(_some_minor) if max(finite) / min(finite) < 100 else NullFormatter())
 
 
 def _safe(text: str) -> str:
@@ -114,7 +125,7 @@ def plot_norms_by_layer(plt, hooks, out_dir) -> str:
             ax.plot(x, [s.norm_percentile(q) or np.nan for s in layers], style, marker=".", label=f"p{q}")
         ax.set_title(hook)
         ax.set_xlabel("layer")
-        _layer_axis(ax)
+        _layer_axis(ax, x)
         _norm_scale(ax, [s.norm_percentile(q) for s in layers for q in PERCENTILES])
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel("token L2 norm")
@@ -187,7 +198,7 @@ def plot_parts(plt, hooks, out_dir) -> str:
                 ax.plot(x, y, "o-", ms=3, label=part)
         ax.set_title(hook)
         ax.set_xlabel("layer")
-        _layer_axis(ax)
+        _layer_axis(ax, x)
         _norm_scale(ax, [g.mean_norm for s in layers for g in s.by_part.values() if g.finite])
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel("mean token norm")
