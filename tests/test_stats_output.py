@@ -59,7 +59,9 @@ def test_a_disagreement_is_named(output, capsys):
     path = os.path.join(output, "stats.json")
     doc = json.load(open(path))
     record = next(r for r in doc["layers"] if r["hook"] == "mlp_out")
-    record["dim"]["sum"][3] += 1.0
+    sums = S._array(record["dim"]["sum"], record["d_model"]).copy()
+    sums[3] += 1.0
+    record["dim"]["sum"] = S._floats(sums)
     record["tokens"] += 1
     open(path, "w").write(json.dumps(doc))
     assert pipeline_stats.main([output]) == 1
