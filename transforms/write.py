@@ -457,7 +457,8 @@ class ShardWriter:
         24 files); the commit stays in the calling thread.
 
         Returns {"shard", "batch_id", "samples", "tokens", "rows", "bytes", "float16_overflow", "files",
-        "already_committed"}."""
+        "already_committed", "stats_bytes"}; `bytes` and `files` count the activation and samples files, the
+        shard's statistics file (transforms.activation_stats) is `stats_bytes`."""
         if not activations:
             raise ValueError(f"batch {batch_id}: no activations to write (no hook and layer requested?)")
         shard = shard_name(self.worker_prefix, batch_id)
