@@ -200,6 +200,7 @@ def rebuild_manifest(output_root: str) -> dict[str, Any]:
 
     manifest = build_manifest(output_root, merged_run_info(output_root))
     manifest["stats"] = write_merged_stats(output_root, manifest)
+    manifest["warnings"] += manifest["stats"].pop("problems", [])
     if manifest["stats"].get("shards_without_stats"):
         manifest["warnings"].append(
             f"{manifest['stats']['shards_without_stats']} committed shards have no statistics file (written before "

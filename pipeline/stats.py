@@ -60,11 +60,19 @@ def read_shard_stats(output_root: str, entry: dict[str, Any]) -> list[S.LayerSta
     return S.loads(data, entry["path"])[1]
 
 
-def merged_from_shards(output_root: str, entries: dict[str, dict]) -> dict[tuple[str, int], S.LayerStats]:
-    """shard -> stats-file entry; merged in shard-name order."""
-    shards = sorted(entries)
-    per_shard = _parallel(lambda shard: read_shard_stats(output_root, entries[shard]), shards)
-    return S.merge_all(stats for layers in per_shard for stats in layers)
+def merged_from_shards(output_root: str, entries: dict[str, dict]) -> tuple[dict, list[str]]:
+    """(statistics merged in shard-name order, a message per stats file left out because it is unreadable or
+    changed since its shard committed); entries: shard -> stats-file entry."""
+
+    def read(shard):
+        try:
+            return read_shard_stats(output_root, entries[shard]), None
+        except (OSError, ValueError) as error:
+            return [], f"{entries[shard]['path']} left out of {STATS_NAME}: {error}"
+
+    results = _parallel(read, sorted(entries))
+    problems = [problem for _, problem in results if problem]
+    return S.merge_all(stats for layers, _ in results for stats in layers), problems
 
 
 def write_stats(output_root: str, merged: dict, **extra) -> dict[str, Any]:
@@ -87,9 +95,10 @@ def write_merged_stats(output_root: str, manifest: dict[str, Any]) -> dict[str, 
     missing = len(shards - set(entries))
     if not entries:
         return {"path": None, "shards": 0, "shards_without_stats": missing}
-    merged = merged_from_shards(output_root, entries)
-    return write_stats(output_root, merged, shards=len(entries), shards_without_stats=missing,
-                       source="shard stats files")
+    merged, problems = merged_from_shards(output_root, entries)
+    entry = write_stats(output_root, merged, shards=len(entries) - len(problems),
+                        shards_without_stats=missing + len(problems), source="shard stats files")
+    return {**entry, "problems": problems} if problems else entry
 
 
 def read_stats(output_root: str) -> dict[tuple[str, int], S.LayerStats] | None:

@@ -113,3 +113,14 @@ def test_resumed_run_counts_every_token_once(tiny_checkpoint, tmp_path):
     assert check_stats_against_numpy(str(output), stored) == sum(samples["num_tokens"].to_pylist())
     assert read_manifest(str(output))["stats"]["shards"] == len(os.listdir(output / "samples"))
     assert pipeline_stats.main([str(output)]) == 0
+
+
+def test_a_changed_shard_stats_file_is_left_out_and_named(output):
+    path = sorted(os.scandir(os.path.join(output, "stats")), key=lambda e: e.name)[0].path
+    with open(path, "ab") as handle:
+        handle.write(b" ")
+    manifest = rebuild_manifest(output)
+    assert manifest["stats"]["shards"] == 2 and manifest["stats"]["shards_without_stats"] == 1
+    assert any(os.path.basename(path) in w and "sha256 differ" in w for w in manifest["warnings"])
+    assert pipeline_stats.main([output]) == 1  # stats.json now lacks a shard the activations hold
+    assert not verify_output(output).ok
