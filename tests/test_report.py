@@ -84,7 +84,6 @@ def test_report_files_exist_and_reference_only_local_files(output, tmp_path):
 
 
 def test_massive_dimensions_are_found():
-    from pipeline.stats import read_stats  # noqa: F401  (module import check)
     from transforms import activation_stats as S
 
     n = 200
