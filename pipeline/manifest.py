@@ -16,6 +16,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import identity as identity_lib
+from transforms import activation_stats
 from transforms.output_format import (
     ACTIVATIONS_DIR,
     DEAD_LETTER_DIR,
@@ -99,6 +100,11 @@ def build_manifest(output_root: str, run_info: dict[str, Any]) -> dict[str, Any]
             files.append({"path": entry["path"], "kind": "activations", "shard": shard, "hook": entry["hook"],
                           "layer": int(entry["layer"]), "rows": int(entry["rows"]), "bytes": int(entry["bytes"]),
                           "sha256": entry["sha256"]})
+        stats_entry = activation_stats.marker_entry(meta)
+        if stats_entry is not None:
+            files.append({"path": stats_entry["path"], "kind": activation_stats.KIND, "shard": shard,
+                          "rows": int(stats_entry.get("layers", 0)), "bytes": int(stats_entry["bytes"]),
+                          "sha256": stats_entry["sha256"]})
 
     rejected_by_stage: Counter = Counter()
     dead_paths = dead_letter_files(output_root)
@@ -192,8 +198,17 @@ def merged_run_info(output_root: str) -> dict[str, Any]:
 
 
 def rebuild_manifest(output_root: str) -> dict[str, Any]:
-    """Rebuilds and writes OUTPUT/manifest.json from every host's run record and every commit marker."""
+    """Rebuilds and writes OUTPUT/manifest.json from every host's run record and every commit marker, and
+    OUTPUT/stats.json, the committed shards' statistics merged, which the manifest names under `stats`."""
+    from pipeline.stats import write_merged_stats
+
     manifest = build_manifest(output_root, merged_run_info(output_root))
+    manifest["stats"] = write_merged_stats(output_root, manifest)
+    manifest["warnings"] += manifest["stats"].pop("problems", [])
+    if manifest["stats"].get("shards_without_stats"):
+        manifest["warnings"].append(
+            f"{manifest['stats']['shards_without_stats']} committed shards have no statistics file (written before "
+            "statistics existed): python -m pipeline.stats OUTPUT --write recomputes them from the activations")
     write_manifest(output_root, manifest)
     return manifest
 

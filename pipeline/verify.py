@@ -51,6 +51,7 @@ from transforms.output_format import (
     KEY_FILES,
     KEY_SHARD,
     SAMPLES_DIR,
+    STATS_DIR,
     TEMP_PREFIX,
     activations_to_numpy,
     basename,
@@ -58,6 +59,7 @@ from transforms.output_format import (
     relative_to,
     samples_relpath,
 )
+from transforms import activation_stats
 from transforms.write import join, match_files, parallel_map
 
 
@@ -101,6 +103,7 @@ class Finding:
     shard: str | None = None
 
 MAX_DETAILS = 5
+STATS_KINDS = (activation_stats.KIND, "merged_stats")
 
 
 @dataclass
@@ -161,6 +164,9 @@ def _check_file(root: str, entry: dict) -> list[str]:
         if entry.get("kind") == "dead_letter":
             size, sha, stages = scan_dead_letters(path)
             rows = sum(stages.values())
+        elif entry.get("kind") in STATS_KINDS:  # JSON: size and sha256 are the check
+            size, sha = file_digest(path)
+            rows = entry.get("rows")
         else:
             size, sha = file_digest(path)
             rows = _footer(path).num_rows
@@ -238,6 +244,13 @@ def _check_shard(root: str, shard: str, marker: dict, expected_keys: set, deep: 
     for entry in marker[KEY_FILES]:
         errors += [(entry["path"], problem) for problem in _check_file(root, {**entry, "kind": "activations"})]
     try:
+        stats_entry = activation_stats.marker_entry(marker)
+    except ValueError as error:
+        errors.append((samples_relpath(shard), str(error)))
+        stats_entry = None
+    if stats_entry is not None:
+        errors += [(stats_entry["path"], problem) for problem in _check_file(root, {**stats_entry, "rows": None})]
+    try:
         samples = _read_table(join(root, samples_rel))
     except Exception as error:
         return errors + [(samples_rel, _unreadable(error))], [], {}
@@ -280,9 +293,19 @@ def _check_shard(root: str, shard: str, marker: dict, expected_keys: set, deep: 
     return errors, warnings, {"sample_ids": sample_ids, "tokens": int(lengths.sum()), "non_finite": non_finite}
 
 
+def _shard_files(marker: dict) -> list[dict]:
+    """The entries of every file a commit marker covers: its activation files and its statistics file."""
+    entries = list(marker.get(KEY_FILES, []))
+    try:
+        stats_entry = activation_stats.marker_entry(marker)
+    except ValueError:  # reported by _check_shard
+        stats_entry = None
+    return entries + ([stats_entry] if stats_entry else [])
+
+
 def _data_files(root: str) -> list[str]:
-    """Every file under activations/ and samples/, temporary or not, as paths relative to the output."""
-    return sorted(relative_to(root, meta.path) for directory in (ACTIVATIONS_DIR, SAMPLES_DIR)
+    """Every file under activations/, samples/ and stats/, temporary or not, as paths relative to the output."""
+    return sorted(relative_to(root, meta.path) for directory in (ACTIVATIONS_DIR, SAMPLES_DIR, STATS_DIR)
                   for meta in match_files(join(root, f"{directory}/**")))
 
 
@@ -343,12 +366,16 @@ def verify_output(output: str, deep: bool = False) -> VerifyReport:
             report.fail(relpath, "not a commit marker (no shard/files metadata): a foreign file", REMOVE)
             continue
         markers[shard] = metadata
-    in_markers = {entry["path"] for marker in markers.values() for entry in marker[KEY_FILES]}
+    in_markers = {entry["path"] for marker in markers.values() for entry in _shard_files(marker)}
     for relpath in data_files:
         name = relpath.rsplit("/", 1)[-1]
-        if relpath.startswith(f"{ACTIVATIONS_DIR}/") and not name.startswith(TEMP_PREFIX) \
-                and relpath not in in_markers:
+        if name.startswith(TEMP_PREFIX) or relpath in in_markers:
+            continue
+        if relpath.startswith(f"{ACTIVATIONS_DIR}/"):
             report.fail(relpath, "activation file listed by no commit marker (an uncommitted shard or a foreign "
+                                 "file)", REMOVE)
+        elif relpath.startswith(f"{STATS_DIR}/"):
+            report.fail(relpath, "statistics file listed by no commit marker (an uncommitted shard or a foreign "
                                  "file)", REMOVE)
     for relpath in _dead_letter_temp_files(root):
         report.warn(relpath, "temporary file left by a killed writer", REMOVE)
@@ -377,6 +404,11 @@ def verify_output(output: str, deep: bool = False) -> VerifyReport:
                     report.fail(entry["path"], problem, UNCOMMIT, entry.get("shard") or _shard_of(entry["path"]))
                 else:
                     report.fail(entry["path"], problem, REWRITE_DEAD_LETTERS)
+        merged_stats = manifest.get("stats") or {}
+        if merged_stats.get("path"):
+            checked += 1
+            for problem in _check_file(root, {**merged_stats, "kind": "merged_stats", "rows": None}):
+                report.fail(merged_stats["path"], problem, REBUILD_MANIFEST)
     else:
         checked = sum(len(marker[KEY_FILES]) for marker in markers.values())
 
@@ -449,7 +481,7 @@ def repair_output(output: str, deep: bool = False) -> tuple[list[str], VerifyRep
     for shard in doomed:
         # The marker goes first: once it is gone the shard is uncommitted, whatever happens to the rest.
         files = [samples_relpath(shard)]
-        files += [entry["path"] for entry in report.markers.get(shard, {}).get(KEY_FILES, [])]
+        files += [entry["path"] for entry in _shard_files(report.markers.get(shard, {}))]
         files += [path for path in _data_files(root) if _shard_of(path) == shard and path not in files]
         deleted = _delete(root, files)
         reasons = sorted({f"{f.path}: {f.message}" for f in report.findings if f.shard == shard})

@@ -127,6 +127,19 @@ def test_manifest_counts_every_hosts_reads(two_host_run):
         assert json.loads(handle.read())["hosts"].keys() == manifest["hosts"].keys()
 
 
+def test_merged_statistics_of_both_hosts_equal_numpy(two_host_run):
+    from pipeline import stats as pipeline_stats
+    from pipeline.manifest import rebuild_manifest
+    from tests.stats_reference import check_stats_against_numpy
+
+    output = two_host_run[0]
+    manifest = rebuild_manifest(output)  # every host's committed shards, each read once
+    assert manifest["stats"]["shards"] == manifest["counts"]["shards"] and not manifest["stats"]["shards_without_stats"]
+    stored = pipeline_stats.read_stats(output)
+    assert check_stats_against_numpy(output, stored) == manifest["counts"]["tokens"]
+    assert pipeline_stats.compare(stored, pipeline_stats.recompute(output)) == []
+
+
 def test_two_host_output_verifies_and_a_restarted_host_adds_nothing(two_host_run, tiny_checkpoint):
     output, tasks, runs, context = two_host_run
     before = _sample_ids(output)

@@ -36,7 +36,7 @@ def test_a_good_output_passes(output):
     report = verify_output(root, deep=True)
     assert report.ok, report.format()
     assert report.stats["samples"] == 9 and report.stats["shards"] == 3 and report.stats["hooks_layers"] == 4
-    assert report.stats["files_checked"] == 3 + 12 + 2 and report.stats["non_finite_values"] == 0
+    assert report.stats["files_checked"] == 3 + 12 + 3 + 2 and report.stats["non_finite_values"] == 0
 
 
 def test_cli_exit_codes(output, capsys):

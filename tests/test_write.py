@@ -219,7 +219,7 @@ def test_retried_write_is_idempotent_and_leaves_no_temp_files(tmp_path):
     writer = ShardWriter(root, "h000", "m", "bfloat16")
     first = writer.write_shard(batch["batch_id"], batch["samples"], batch["placements"], extracted(batch))
     files = listing(root)
-    assert len(files) == 3 and not any(os.path.basename(f).startswith(".") for f in files)
+    assert len(files) == 4 and not any(os.path.basename(f).startswith(".") for f in files)
     second = writer.write_shard(batch["batch_id"], batch["samples"], batch["placements"], extracted(batch))
     assert listing(root) == files and first == second
     # What WriteShards does on a Beam retry: a committed shard is left as it is, even if recomputed values differ.
@@ -250,7 +250,7 @@ def test_failed_attempt_cleans_its_temp_file_and_is_not_committed(tmp_path, monk
     files = listing(root)
     assert not any(os.path.basename(f).startswith(".tmp-") for f in files), files
     shard = f"h000-{batch['batch_id']}"
-    assert sum(shard in f for f in files) == 2  # the two activation files, no marker
+    assert sum(shard in f for f in files) == 3  # the two activation files and the stats file, no marker
     assert set(committed_shards(root)) == {f"h000-{other['batch_id']}"}
     assert committed_sample_ids(root) == {"other0/t0/a0"}
 
@@ -261,9 +261,9 @@ def test_failed_attempt_cleans_its_temp_file_and_is_not_committed(tmp_path, monk
     foreign.write_bytes(b"x")
     removed = clean_uncommitted(root, "h000")
     assert sorted(os.path.basename(p) for p in removed) == sorted(
-        [f"{shard}.parquet", f"{shard}.parquet", stray.name])
+        [f"{shard}.parquet", f"{shard}.parquet", f"{shard}.json", stray.name])
     assert foreign.exists()
-    assert len(listing(root)) == 3 + 1  # the committed shard and the other worker's file
+    assert len(listing(root)) == 4 + 1  # the committed shard (with its stats file) and the other worker's file
     # The retry then completes the shard.
     writer.write_shard(batch["batch_id"], batch["samples"], batch["placements"], extracted(batch))
     assert len(committed_shards(root)) == 2
@@ -421,7 +421,7 @@ def test_writer_resume_and_verify_on_gcs_emulator(gcs_emulator):
     FileSystems.delete([f"{root}/samples/h000-{other['batch_id']}.parquet"])
     assert set(committed_shards(root)) == {f"h000-{batch['batch_id']}"}
     removed = clean_uncommitted(root, "h000")
-    assert len(removed) == 2 and all(other["batch_id"] in p for p in removed)
+    assert len(removed) == 3 and all(other["batch_id"] in p for p in removed)  # 2 activation files + stats
     write_manifest(root, build_manifest(root, {"hooks": ["mlp_out", "resid_post"], "layers": [0, 1]}))
     report = verify_output(root)
     # hooks x layers asks for 4 files per shard; this writer wrote 2 (mlp_out 0, resid_post 1).

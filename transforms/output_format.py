@@ -31,6 +31,9 @@ RUNS_DIR = "_runs"
 # The run identity written once by the first run (pipeline.identity), and one lease per host share (pipeline.lease).
 IDENTITY_FILE = "_identity.json"
 LEASES_DIR = "_leases"
+# Per-shard statistics (transforms.activation_stats), committed with their shard, and their merge over the output.
+STATS_DIR = "stats"
+STATS_NAME = "stats.json"
 PARQUET_SUFFIX = ".parquet"
 DEAD_LETTER_SUFFIX = ".jsonl"
 # Temporary files are `.tmp-<uuid hex>-<final name>`: the leading "." hides them from pyarrow.dataset.

@@ -25,6 +25,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from model.hooks import BLOCK_HOOKS, FINAL_NORM_HOOK, transformer_lens_name  # noqa: F401 - re-exported
+from transforms import activation_stats
 from transforms.annotations import PART_NAMES
 from transforms.batching import stable_group
 from transforms.metrics import NAMESPACE
@@ -287,6 +288,7 @@ class ShardWriter:
             "tokens": int(metadata["num_tokens"]), "rows": sum(int(f["rows"]) for f in files),
             "bytes": sum(int(f["bytes"]) for f in files) + int(matches[0].size_in_bytes),
             KEY_OVERFLOW: int(metadata.get(KEY_OVERFLOW, 0)), "files": len(files) + 1, "already_committed": True,
+            "stats_bytes": int((activation_stats.marker_entry(metadata) or {}).get("bytes", 0)),
         }
 
     def _common_metadata(self, shard: str) -> dict[str, str]:
@@ -306,6 +308,7 @@ class ShardWriter:
         data = parquet_bytes(table, vector_columns=("activation",),
                              row_group_size=row_group_rows(d_model, self.storage_dtype),
                              compression_level=self.compression_level)
+        stats = activation_stats.from_arrow(table, hook, layer, self.storage_dtype, int(metadata[KEY_OVERFLOW]))
         relpath = activation_relpath(hook, layer, shard)
         final = join(self.output_root, relpath)
         temp = _temp_path(final)
@@ -316,7 +319,7 @@ class ShardWriter:
             raise
         entry = {"path": relpath, "hook": hook, "layer": int(layer), "rows": table.num_rows, "bytes": data.size,
                  "sha256": hashlib.sha256(memoryview(data)).hexdigest(), KEY_OVERFLOW: int(metadata[KEY_OVERFLOW])}
-        return {"file": entry, "temp": temp, "final": final, "d_model": d_model}
+        return {"file": entry, "temp": temp, "final": final, "d_model": d_model, "stats": stats}
 
     def write_shard(self, batch_id: str, samples: Sequence[dict], placements: Sequence[Sequence[int]],
                     activations: dict[tuple[str, int], np.ndarray],
@@ -326,7 +329,8 @@ class ShardWriter:
         24 files); the commit stays in the calling thread.
 
         Returns {"shard", "batch_id", "samples", "tokens", "rows", "bytes", "float16_overflow", "files",
-        "already_committed"}."""
+        "already_committed", "stats_bytes"}; `bytes` and `files` count the activation and samples files, the
+        shard's statistics file (transforms.activation_stats) is `stats_bytes`."""
         if not activations:
             raise ValueError(f"batch {batch_id}: no activations to write (no hook and layer requested?)")
         shard = shard_name(self.worker_prefix, batch_id)
@@ -359,12 +363,16 @@ class ShardWriter:
             raise
         files = [entry["file"] for entry in written]
         overflow = sum(f[KEY_OVERFLOW] for f in files)
+        # Before the commit marker, which lists it: a shard's statistics commit with it or not at all.
+        stats_data, stats_entry = activation_stats.shard_file(shard, [entry["stats"] for entry in written])
+        put_atomic(stats_data, join(self.output_root, stats_entry["path"]))
         table = samples_table(samples)
         metadata = self._common_metadata(shard)
         metadata.update({
             "batch_id": batch_id, "worker": self.worker_prefix, "d_model": str(d_models.pop()),
             "num_samples": str(table.num_rows), "num_tokens": str(int(np.sum(table["num_tokens"].to_numpy()))),
             KEY_OVERFLOW: str(overflow), KEY_FILES: json.dumps(files, sort_keys=True),
+            activation_stats.MARKER_KEY: json.dumps(stats_entry, sort_keys=True),
         })
         if self.identity is not None:
             metadata[KEY_IDENTITY] = self.identity
@@ -374,6 +382,7 @@ class ShardWriter:
             "shard": shard, "batch_id": batch_id, "samples": table.num_rows,
             "tokens": int(metadata["num_tokens"]), "rows": sum(f["rows"] for f in files),
             "bytes": sum(f["bytes"] for f in files) + data.size, KEY_OVERFLOW: overflow, "files": len(files) + 1,
+            "stats_bytes": stats_entry["bytes"],
             "already_committed": False,
         }
 
@@ -558,15 +567,16 @@ def clean_uncommitted(output_root: str, worker_prefix: str) -> list[str]:
     check_worker_prefix(worker_prefix)
     committed = set(committed_shards(output_root))
     doomed = []
-    for directory in (ACTIVATIONS_DIR, SAMPLES_DIR, DEAD_LETTER_DIR):
+    for directory in (ACTIVATIONS_DIR, SAMPLES_DIR, DEAD_LETTER_DIR, activation_stats.STATS_DIR):
         for meta in match_files(join(output_root, f"{directory}/**")):
             name = basename(meta.path)
             target = temp_target_name(name)
             if target is not None:
                 if shard_worker(target.rsplit(".", 1)[0]) == worker_prefix:
                     doomed.append(meta.path)
-            elif directory == ACTIVATIONS_DIR and name.endswith(".parquet"):
-                shard = name[:-len(".parquet")]
+            elif (directory, name.rsplit(".", 1)[-1]) in ((ACTIVATIONS_DIR, "parquet"),
+                                                          (activation_stats.STATS_DIR, "json")):
+                shard = name.rsplit(".", 1)[0]
                 if shard_worker(shard) == worker_prefix and shard not in committed:
                     doomed.append(meta.path)
     if doomed:
@@ -577,7 +587,7 @@ def clean_uncommitted(output_root: str, worker_prefix: str) -> list[str]:
 def stray_temp_files(output_root: str) -> list[str]:
     """Temporary files left by killed writers (every worker); safe to delete only when no writer is running."""
     found = []
-    for directory in (ACTIVATIONS_DIR, SAMPLES_DIR, DEAD_LETTER_DIR):
+    for directory in (ACTIVATIONS_DIR, SAMPLES_DIR, DEAD_LETTER_DIR, activation_stats.STATS_DIR):
         found += [m.path for m in match_files(join(output_root, f"{directory}/**"))
                   if basename(m.path).startswith(TEMP_PREFIX)]
     return sorted(found)
