@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -551,4 +552,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Now and then (a few runs in a hundred, more under load) a native library's thread outlived the interpreter
+    # and the C++ runtime aborted at exit ("terminate called without an active exception"), turning a finished
+    # check into exit -6. Everything verify writes is flushed above; skip the native teardown.
+    os._exit(code)
