@@ -16,12 +16,13 @@ from typing import Any, Callable, Optional
 
 from pipeline.bench import accelerator, report
 from pipeline.bench.baseline import (TorchDevice, baseline_copy_and_write, baseline_forward, build_reference_model,
-                                     choose_baseline_device, save_checkpoint)
+                                     choose_baseline_device)
 from pipeline.bench.end_to_end import release_pipeline_model, run_pipeline
 from pipeline.bench.inputs import capped_batches, disk_write_bandwidth, token_batches
 from pipeline.bench.ours import agreement, ours_copy, ours_forward
 from pipeline.bench.settings import HOOK, BenchError, Settings, batch_size_for, parse_settings
 from pipeline.bench.timing import timed
+from pipeline.bench.weights import Weights, checkpoint_weights, random_weights, seeded_weights
 
 
 @dataclasses.dataclass
@@ -106,20 +107,22 @@ def _forward_and_copy(run: Run, entries: dict, batches: BatchCache, path: str, f
 
 
 def _measure_baseline(run: Run, model_name: str, config, entries: dict, batches: BatchCache,
-                      reference_rows: dict) -> Optional[str]:
-    """(c) on every case; returns the checkpoint it saved for the other paths, or None when it could not."""
+                      reference_rows: dict) -> Optional[Weights]:
+    """(c) on every case; returns the weights it hands to the other paths, or None when it could not."""
     settings = run.settings
     print(f"[{model_name}] transformers baseline on {run.baseline_device} ({run.dtype})", flush=True)
     device = TorchDevice(run.baseline_device)
 
     def build():
-        model = build_reference_model(config, run.dtype, run.baseline_device, settings.seed)
-        return model, str(save_checkpoint(model, run.work / f"checkpoint-{model_name}"))
+        reference = build_reference_model(config, run.dtype, run.baseline_device, settings.seed)
+        if settings.seeded_weights:
+            return reference, seeded_weights(reference, model_name, config, run.dtype, settings.seed)
+        return reference, checkpoint_weights(reference, run.work / f"checkpoint-{model_name}", settings.seed)
 
     built = run.attempt({"model": model_name}, "baseline model", build)
     if not built:
         return None
-    reference, checkpoint = built
+    reference, weights = built
     del built
 
     def copy(case, length, entry, data):
@@ -128,7 +131,7 @@ def _measure_baseline(run: Run, model_name: str, config, entries: dict, batches:
         out_dir = run.work / "baseline-output"
         try:
             result = baseline_copy_and_write(reference, device, data, settings.warmup, entry["layers"],
-                                             write_batches, out_dir, checkpoint, run.dtype)
+                                             write_batches, out_dir, weights.source, run.dtype)
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
         reference_rows[(case, length)] = result.pop("_first_rows")
@@ -147,20 +150,19 @@ def _measure_baseline(run: Run, model_name: str, config, entries: dict, batches:
     del reference
     gc.collect()
     device.empty_cache()
-    return checkpoint
+    return weights
 
 
-def _measure_ours(run: Run, model_name: str, model_source: str, config, entries: dict, batches: BatchCache,
-                  reference_rows: dict) -> None:
-    """(a) on every case, checked against the baseline's first rows where the baseline ran."""
-    from model import load_model
-
+def _measure_ours(run: Run, model_name: str, weights: Weights, config, entries: dict, batches: BatchCache,
+                  reference_rows: dict):
+    """(a) on every case, checked against the baseline's first rows where the baseline ran. Returns the model
+    (None when it could not load)."""
     settings = run.settings
-    print(f"[{model_name}] ours: load_model({model_source!r}, dtype={run.dtype})", flush=True)
-    ours, load_s = timed(lambda: run.attempt({"model": model_name}, "ours load_model", lambda: load_model(
-        model_source, dtype=run.dtype, mesh=run.mesh, attention=settings.attention)))
+    print(f"[{model_name}] ours: {weights.source!r}, dtype={run.dtype}", flush=True)
+    ours, load_s = timed(lambda: run.attempt({"model": model_name}, "ours load_model", weights.load, run.dtype,
+                                             run.mesh, settings.attention))
     if ours is None:
-        return
+        return None
 
     def copy(case, length, entry, data):
         trace = accelerator.profiled(settings.profile_dir, f"ours-{case.model}-{case.layers_mode}-{length}")
@@ -186,21 +188,20 @@ def _measure_ours(run: Run, model_name: str, model_source: str, config, entries:
 
     _forward_and_copy(run, entries, batches, "ours",
                       lambda data: ours_forward(ours, data, settings.warmup), copy, report_line)
-    del ours
-    batches.clear()
-    accelerator.free_jax_memory()
+    return ours
 
 
-def _pipeline_case(run: Run, model_source: str, config, case, length: int, entry: dict, tokenizer) -> dict:
+def _pipeline_case(run: Run, weights: Weights, ours, config, case, length: int, entry: dict, tokenizer) -> dict:
     settings = run.settings
     num_batches = max(2, capped_batches(settings.pipeline_steps, config, len(entry["layers"]), run.dtype,
                                         entry["tokens_per_batch"], settings.max_output_bytes))
     print(f"[{case.model}] pipeline {entry['case']} L={length}: {num_batches} batches", flush=True)
-    result = run_pipeline(model_source, entry["layers"], length, entry["batch_size"], num_batches, run.dtype,
-                          settings.attention, tokenizer, run.work, settings.seed,
-                          accelerator.profiled(settings.profile_dir,
-                                               f"pipeline-{case.model}-{case.layers_mode}-{length}"),
-                          settings.model_parallelism)
+    with weights.pipeline_context(ours):
+        result = run_pipeline(weights.source, entry["layers"], length, entry["batch_size"], num_batches, run.dtype,
+                              settings.attention, tokenizer, run.work, settings.seed,
+                              accelerator.profiled(settings.profile_dir,
+                                                   f"pipeline-{case.model}-{case.layers_mode}-{length}"),
+                              settings.model_parallelism)
     result["mfu"] = accelerator.mfu(result["tok_s"], entry["flops_per_token_capture"], run.peak_tflops)
     result["bytes_per_value"] = (
         result["activation_bytes"] / (result["tokens"] * len(entry["layers"]) * config.hidden_size)
@@ -209,11 +210,11 @@ def _pipeline_case(run: Run, model_source: str, config, case, length: int, entry
     return result
 
 
-def _measure_pipeline(run: Run, model_source: str, config, entries: dict, tokenizer) -> None:
+def _measure_pipeline(run: Run, weights: Weights, ours, config, entries: dict, tokenizer) -> None:
     """(b) on every case, one `pipeline.run.main` each, the model released in between."""
     for (case, length), entry in entries.items():
         entry["pipeline"] = run.attempt({"case": entry["case"], "length": length}, "pipeline", _pipeline_case,
-                                        run, model_source, config, case, length, entry, tokenizer)
+                                        run, weights, ours, config, case, length, entry, tokenizer)
         r = entry["pipeline"]
         if r:
             print(f"  pipeline: {report.si(r['tok_s'])} tok/s ({r['rate_basis']}), "
@@ -229,18 +230,23 @@ def _measure_geometry(run: Run, model_name: str, tokenizer) -> None:
     config = QWEN25_GEOMETRIES[model_name]
     entries = _entries(run, model_name, config)
     batches = BatchCache(settings)
-    model_source = f"random:{model_name}?seed={settings.seed}"
+    weights = random_weights(model_name, settings.seed)
     reference_rows: dict = {}
     if run.baseline_device:
-        model_source = _measure_baseline(run, model_name, config, entries, batches, reference_rows) or model_source
-    _measure_ours(run, model_name, model_source, config, entries, batches, reference_rows)
+        weights = _measure_baseline(run, model_name, config, entries, batches, reference_rows) or weights
+    ours = _measure_ours(run, model_name, weights, config, entries, batches, reference_rows)
+    batches.clear()
+    if not weights.in_memory:
+        ours = None  # the pipeline loads its own copy: ours must not hold the device beside it
+    weights.host_params = None
+    accelerator.free_jax_memory()
     if not settings.skip_pipeline:
-        _measure_pipeline(run, model_source, config, entries, tokenizer)
+        _measure_pipeline(run, weights, ours, config, entries, tokenizer)
+    ours = None
+    accelerator.free_jax_memory()
     shutil.rmtree(run.work / f"checkpoint-{model_name}", ignore_errors=True)
     for entry in entries.values():
-        entry["weights"] = (f"transformers Qwen2ForCausalLM random init (seed {settings.seed}), saved with "
-                            "save_pretrained and loaded by ours and the pipeline" if run.baseline_device
-                            else model_source)
+        entry["weights"] = weights.description
         entry["ratios"] = report.case_ratios(entry, run.results["disk"])
         run.results["cases"].append(entry)
 
@@ -280,7 +286,8 @@ def _start(settings: Settings, argv: list[str], work: Path) -> Run:
                      "pipeline_steps": settings.pipeline_steps, "lengths": settings.lengths,
                      "cases": [c.name for c in settings.cases], "hook": HOOK, "seed": settings.seed,
                      "attention": settings.attention, "max_output_bytes": settings.max_output_bytes,
-                     "profile_dir": str(settings.profile_dir) if settings.profile_dir else None},
+                     "profile_dir": str(settings.profile_dir) if settings.profile_dir else None,
+                     "profile": settings.profile, "weights": "seeded" if settings.seeded_weights else "checkpoint"},
         "disk": None, "cases": [], "targets": [], "skipped": skipped, "errors": [],
     }
     return Run(settings, work, dtype, mesh, peak_tflops, baseline_device, results)

@@ -8,13 +8,11 @@ host (the gather of real tokens, the storage conversion, Beam's per-element work
 sha256, the renames) is timed as it is; what the device would do (the forward and the device-to-host copy) costs
 nothing. The rate it reaches is therefore the ceiling the host sets on any accelerator.
 
-The swap sits at the one place the pipeline gets its model: `model.qwen2.load_model`, which the extractor
-calls (through `model.load_model`) when a worker sets up. It is replaced for the duration of the run only,
-inside this process, and nothing in the product path knows of it.
+The swap sits at the one place the pipeline gets its model (`pipeline.bench.weights.serving`): it is replaced
+for the duration of the run only, inside this process, and nothing in the product path knows of it.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import shutil
@@ -26,6 +24,7 @@ import numpy as np
 
 from pipeline.bench.end_to_end import release_pipeline_model, run_and_sync
 from pipeline.bench.settings import HOOK
+from pipeline.bench.weights import serving
 
 MODES = ("one", "all")
 # Rows the views of successive layers and batches are shifted by, so that no two files hold the same bytes.
@@ -34,7 +33,7 @@ _SHIFTS = 16
 
 
 def add_flags(group) -> None:
-    from pipeline.options import _positive_int
+    from pipeline.options import _positive_int, whole_number
 
     group.add_argument("--host_ceiling", action="store_true",
                        help="Run only the host-ceiling path: the real pipeline on real ARC prompts with the "
@@ -45,15 +44,15 @@ def add_flags(group) -> None:
                             "--smoke: tiny).")
     group.add_argument("--host_dataset", default="arc-agi-1",
                        help="Pipeline --dataset of the host-ceiling runs (arc-agi-1: train and eval).")
-    group.add_argument("--host_augmentations", type=int, default=None,
-                       help="Pipeline --augmentations of the one-layer run (default 3; --smoke: 0).")
+    group.add_argument("--host_augmentations", type=whole_number("host_augmentations", 0), default=0,
+                       help="Pipeline --augmentations of the one-layer run (more input for a longer run).")
     for name, default, text in (
             ("host_batch_size", None, "--batch_size of the one-layer run (default 8; --smoke: 1)."),
             ("host_max_seq_len", 8192, "--max_seq_len of both runs."),
             ("host_all_layers_batch_size", 1, "--batch_size of the all-layer run (each batch is every layer's "
                                               "worth)."),
             ("host_all_layers_samples", None, "--max_samples of the all-layer run, which bounds the bytes it "
-                                              "writes (default 120; --smoke: 4)."),
+                                              "writes (default 40; --smoke: 4)."),
             ("host_writer_threads", None, "--writer_threads (default: the pipeline's own default).")):
         group.add_argument(f"--{name}", type=_positive_int(name), default=default, help="Pipeline " + text)
     group.add_argument("--host_writer_memory_gib", type=float, default=2.0,
@@ -91,16 +90,13 @@ def host_settings(parser, args) -> Optional[HostSettings]:
     modes = tuple(m.strip() for m in (args.layers or "one,all").split(",") if m.strip())
     if not modes or any(m not in MODES for m in modes):
         parser.error(f"--layers: {args.layers!r} is not a layer selection; use one, all or one,all")
-    augmentations = args.host_augmentations if args.host_augmentations is not None else (0 if args.smoke else 3)
-    if augmentations < 0:
-        parser.error(f"--host_augmentations must be 0 or more, got {augmentations}")
     if args.host_writer_memory_gib <= 0:
         parser.error(f"--host_writer_memory_gib must be positive, got {args.host_writer_memory_gib}")
     return HostSettings(
-        model=model, dataset=args.host_dataset, modes=modes, augmentations=augmentations,
+        model=model, dataset=args.host_dataset, modes=modes, augmentations=args.host_augmentations,
         batch_size=args.host_batch_size or (1 if args.smoke else 8), max_seq_len=args.host_max_seq_len,
         all_layers_batch_size=args.host_all_layers_batch_size,
-        all_layers_samples=args.host_all_layers_samples or (4 if args.smoke else 120),
+        all_layers_samples=args.host_all_layers_samples or (4 if args.smoke else 40),
         one_layer_samples=4 if args.smoke else None, writer_threads=args.host_writer_threads,
         writer_memory_gib=args.host_writer_memory_gib, cprofile=args.host_cprofile)
 
@@ -154,21 +150,6 @@ class SyntheticActivations:
         self.calls += 1
         self.token_positions += rows
         return out
-
-
-@contextlib.contextmanager
-def synthetic_forward(source: SyntheticActivations):
-    """While open, the pipeline's workers in this process get `source` instead of a loaded model."""
-    from model import qwen2
-
-    def load_model(spec, dtype="bfloat16", mesh=None, attention="auto"):
-        return source
-
-    real, qwen2.load_model = qwen2.load_model, load_model
-    try:
-        yield source
-    finally:
-        qwen2.load_model = real
 
 
 def _pipeline_argv(host: HostSettings, mode: str, output: Path) -> list[str]:
@@ -234,7 +215,7 @@ def measure_mode(run, host: HostSettings, mode: str) -> dict:
           flush=True)
     started = time.time()
     try:
-        with synthetic_forward(source):
+        with serving(source):
             result = run_and_sync(argv, output, profiler)
     finally:
         release_pipeline_model()

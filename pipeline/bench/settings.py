@@ -22,6 +22,13 @@ HOOK = "resid_post"
 # Random token ids stay below the special tokens (the first is <|endoftext|>), as real text does.
 MAX_ORDINARY_TOKEN = 151643
 
+# --profile=quick: what fits a short loan of one H100/H200 (docs/benchmarks.md).
+QUICK_LENGTHS = (2048,)
+QUICK_STEPS = 3
+QUICK_WARMUP = 1
+QUICK_DISK_MIB = 1024
+QUICK_MAX_OUTPUT_GIB = 4.0
+
 SMOKE_MODEL = "tiny"
 SMOKE_LENGTHS = (64,)
 SMOKE_BATCH_SIZE = 2
@@ -101,10 +108,11 @@ def _add_run_flags(parser) -> None:
                              "removed at the end.")
     parser.add_argument("--disk_test_mib", type=_positive_int("disk_test_mib"), default=None,
                         help="MiB written (then fsync'd) to measure the disk's sequential write bandwidth "
-                             "(default 4096; --host_ceiling: 1024; --smoke: 32).")
-    parser.add_argument("--max_output_gib", type=float, default=16.0,
+                             "(default 4096; --host_ceiling and --profile=quick: 1024; --smoke: 32).")
+    parser.add_argument("--max_output_gib", type=float, default=None,
                         help="Cap on the estimated Parquet bytes of one pipeline or baseline-write run: fewer "
-                             "batches are written when the cap would be passed (all-layer cases).")
+                             "batches are written when the cap would be passed (all-layer cases). Default 16 "
+                             f"(--profile=quick: {QUICK_MAX_OUTPUT_GIB:g}).")
     parser.add_argument("--pipeline_steps", type=int, default=None,
                         help="Batches of text the pipeline run gets (default: twice --steps, at least 2 so a "
                              "steady rate between shard commits exists), fewer if --max_output_gib says so.")
@@ -127,6 +135,14 @@ def _add_path_flags(parser) -> None:
     parser.add_argument("--skip_baseline", action="store_true", help="Do not run (c), the transformers baseline.")
     parser.add_argument("--skip_pipeline", action="store_true", help="Do not run (b), the whole Beam pipeline.")
     parser.add_argument("--skip_disk", action="store_true", help="Do not measure the disk's write bandwidth.")
+    parser.add_argument("--profile", default="full", choices=("full", "quick"),
+                        help="quick: the default cases at length 2048 only, 3 timed steps after 1 warmup, 2 pipeline "
+                             "batches, a 1 GiB disk test, seeded weights: sized for a short GPU loan. Flags given "
+                             "explicitly still win.")
+    parser.add_argument("--weights", default=None, choices=("checkpoint", "seeded"),
+                        help="How ours and the pipeline get the baseline's random weights: checkpoint (saved with "
+                             "save_pretrained and loaded, the default) or seeded (converted in memory and served "
+                             "to the pipeline, no checkpoint written; the default of --profile=quick).")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU only, the tiny geometry (hidden 64), length 64, 2 steps: every path "
                              "end to end in seconds. Numbers mean nothing; CI runs it.")
@@ -172,25 +188,30 @@ class Settings:
     profile_dir: Optional[Path] = None
     model_parallelism: int = 1
     host_ceiling: Optional[object] = None  # pipeline.bench.host_ceiling.HostSettings when --host_ceiling
+    seeded_weights: bool = False
+    profile: str = "full"
 
 
 def parse_settings(argv: list[str]) -> Settings:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quick = args.profile == "quick"
     cases = [] if args.host_ceiling else _cases(parser, args)
     lengths = _lengths(parser, args, cases)
-    steps = args.steps or (2 if args.smoke else 10)
-    warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 2)
+    steps = args.steps or (2 if args.smoke else QUICK_STEPS if quick else 10)
+    warmup = args.warmup if args.warmup is not None else (1 if args.smoke else QUICK_WARMUP if quick else 2)
     if warmup < 0:
         parser.error(f"--warmup must be 0 or more, got {warmup}")
-    pipeline_steps = args.pipeline_steps if args.pipeline_steps is not None else max(2, 2 * steps)
+    pipeline_steps = args.pipeline_steps if args.pipeline_steps is not None else (2 if quick else max(2, 2 * steps))
     if pipeline_steps < 1:
         parser.error(f"--pipeline_steps must be at least 1, got {pipeline_steps}")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         parser.error(f"--peak_tflops must be positive, got {args.peak_tflops}")
-    if args.max_output_gib <= 0:
-        parser.error(f"--max_output_gib must be positive, got {args.max_output_gib}")
-    disk_mib = args.disk_test_mib or (32 if args.smoke else 1024 if args.host_ceiling else 4096)
+    max_output_gib = args.max_output_gib if args.max_output_gib is not None else (
+        QUICK_MAX_OUTPUT_GIB if quick else 16.0)
+    if max_output_gib <= 0:
+        parser.error(f"--max_output_gib must be positive, got {max_output_gib}")
+    disk_mib = args.disk_test_mib or (32 if args.smoke else QUICK_DISK_MIB if quick or args.host_ceiling else 4096)
     from pipeline.bench.host_ceiling import host_settings
 
     return Settings(
@@ -199,11 +220,12 @@ def parse_settings(argv: list[str]) -> Settings:
         steps=steps, warmup=warmup, pipeline_steps=pipeline_steps,
         dtype=args.dtype or ("float32" if args.smoke else None), peak_tflops=args.peak_tflops,
         output_dir=Path(args.output_dir), work_dir=Path(args.work_dir) if args.work_dir else None,
-        disk_test_bytes=disk_mib << 20, max_output_bytes=int(args.max_output_gib * (1 << 30)),
+        disk_test_bytes=disk_mib << 20, max_output_bytes=int(max_output_gib * (1 << 30)),
         baseline_device="cpu" if args.smoke else args.baseline_device, attention=args.attention, seed=args.seed,
         skip_baseline=args.skip_baseline, skip_pipeline=args.skip_pipeline, skip_disk=args.skip_disk,
         smoke=args.smoke, profile_dir=Path(args.profile_dir) if args.profile_dir else None,
-        model_parallelism=args.model_parallelism, host_ceiling=host_settings(parser, args))
+        model_parallelism=args.model_parallelism, host_ceiling=host_settings(parser, args),
+        seeded_weights=(args.weights or ("seeded" if quick else "checkpoint")) == "seeded", profile=args.profile)
 
 
 def _cases(parser, args) -> list[Case]:
@@ -235,7 +257,7 @@ def _lengths(parser, args, cases: list[Case]) -> list[int]:
 
     try:
         lengths = [int(x) for x in _csv(args.lengths)] if args.lengths else list(
-            SMOKE_LENGTHS if args.smoke else DEFAULT_LENGTHS)
+            SMOKE_LENGTHS if args.smoke else QUICK_LENGTHS if args.profile == "quick" else DEFAULT_LENGTHS)
     except ValueError:
         parser.error(f"--lengths takes a comma list of whole numbers, got {args.lengths!r}")
     if not lengths or any(n < 2 for n in lengths):
