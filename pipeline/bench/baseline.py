@@ -2,11 +2,10 @@
 host with `.cpu()` and written by the pipeline's own `ShardWriter`, one step after the other."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
-from pipeline.bench.inputs import bench_samples
+from pipeline.bench.inputs import bench_samples, flush_tree
 from pipeline.bench.settings import HOOK, BenchError
 from pipeline.bench.timing import Stopwatch, time_steps
 
@@ -139,7 +138,7 @@ def baseline_copy_and_write(model, device: TorchDevice, batches, warmup: int, la
                 written["tokens"] += summary["tokens"]
                 written["bytes"] += summary["bytes"]
     with write.running():
-        os.sync()  # the page cache must not flatter the baseline's writes any more than the pipeline's
+        flush_tree(out_dir)  # the page cache must not flatter the baseline's writes any more than the pipeline's
     steps = len(batches) - 1 - warmup
     return {**_copy_write_rates(copy.seconds, write.seconds, tokens_per_batch * steps, written),
             "write_steps": min(write_batches, steps), "steps": steps, "peak_device_bytes_copy": device.peak_bytes(),

@@ -147,7 +147,7 @@ def _measure_baseline(run: Run, model_name: str, config, entries: dict, batches:
 
     _forward_and_copy(run, entries, batches, "baseline",
                       lambda data: baseline_forward(reference, device, data, settings.warmup), copy, report_line)
-    del reference
+    reference = None  # the closures above hold it: let the weights go before ours loads
     gc.collect()
     device.empty_cache()
     return weights

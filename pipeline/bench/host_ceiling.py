@@ -197,7 +197,7 @@ def _phases(started: float, source: SyntheticActivations, result: dict) -> dict:
         "first_batch_to_first_commit": first - source.first_call,
         "extract_and_write_first_to_last_commit": last - first,
         "manifest_and_teardown": ended - last,
-        "flush_os_sync": result["sync_s"],
+        "flush_fsync_output": result["sync_s"],
     }
 
 
@@ -286,5 +286,5 @@ def format_host_ceiling(ceiling: dict) -> list[str]:
             phases = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in r["phases_s"].items())
             lines.append(f"host ceiling {mode}: {phases}")
     lines.append("host ceiling: durable = tokens of shards after the first over first-to-last commit plus the "
-                 "final os.sync; 16-core arith. = per-core rate x 16, arithmetic, not measured.")
+                 "fsync of the output; 16-core arith. = per-core rate x 16, arithmetic, not measured.")
     return lines

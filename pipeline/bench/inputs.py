@@ -110,3 +110,18 @@ def disk_write_bandwidth(directory: Path, total_bytes: int, chunk_bytes: int = 6
         path.unlink(missing_ok=True)
     return {"path": str(directory), "bytes": written, "seconds": clock.seconds, "bytes_per_s": written / clock.seconds,
             "method": f"os.write of {chunk_bytes >> 20} MiB chunks, then fsync, page cache not bypassed"}
+
+
+def flush_tree(root: Path) -> int:
+    """fsync every file under `root`: what the page cache still holds of this run's output reaches the disk,
+    and nothing of other processes' writes (os.sync would flush those too). Returns the files flushed."""
+    count = 0
+    for folder, _, names in os.walk(root):
+        for name in names:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            count += 1
+    return count
