@@ -179,6 +179,13 @@ def test_disk_bandwidth_cleans_up(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_flush_tree_syncs_every_file(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("x", "a/y", "a/b/z"):
+        (tmp_path / name).write_bytes(b"data")
+    assert inputs.flush_tree(tmp_path) == 3
+
+
 def test_command_line_help():
     done = subprocess.run([sys.executable, "-m", "pipeline.bench", "--help"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)

@@ -95,14 +95,14 @@ def _forward_and_copy(run: Run, entries: dict, batches: BatchCache, path: str, f
     a shape differ only in what is copied) merged with copy(case, length, entry, batches)."""
     forwards: dict = {}
 
-    def measure(case, length, entry):
+    def one_case(case, length, entry):
         key = (entry["batch_size"], length)
         if key not in forwards:
             forwards[key] = forward(batches(key))
         return {**forwards[key], **copy(case, length, entry, batches(key))}
 
     for (case, length), entry in entries.items():
-        entry[path] = run.attempt({"case": entry["case"], "length": length}, path, measure, case, length, entry)
+        entry[path] = run.attempt({"case": entry["case"], "length": length}, path, one_case, case, length, entry)
         report_line(entry, length)
 
 
