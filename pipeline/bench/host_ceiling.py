@@ -121,7 +121,8 @@ class SyntheticActivations:
         self.first_call: Optional[float] = None
         self.last_call: Optional[float] = None
 
-    def _buffer(self, dtype: np.dtype, rows: int) -> np.ndarray:
+    def buffer(self, dtype: np.dtype, rows: int) -> np.ndarray:
+        """The random values batches of `rows` token positions are cut from, made on first use."""
         needed = rows + _SHIFT_ROWS * _SHIFTS * (self.config.num_hidden_layers + 1)
         buffer = self._buffers.get(dtype)
         if buffer is None or len(buffer) < needed:
@@ -141,7 +142,7 @@ class SyntheticActivations:
         self.last_call = now
         batch, length = np.shape(tokens)
         rows = batch * length
-        buffer = self._buffer(storage_numpy_dtype(spec.out_dtype or "float32"), rows)
+        buffer = self.buffer(storage_numpy_dtype(spec.out_dtype or "float32"), rows)
         out = {}
         for index, (hook, layer) in enumerate((h, l) for h in spec.hooks for l in spec.layers):
             start = _SHIFT_ROWS * ((self.calls + index) % _SHIFTS + _SHIFTS * layer)
@@ -209,6 +210,12 @@ def measure_mode(run, host: HostSettings, mode: str) -> dict:
     source = SyntheticActivations(config, run.settings.seed)
     argv = _pipeline_argv(host, mode, output)
     import cProfile
+
+    from transforms.write import storage_numpy_dtype
+
+    # Made before the clock starts, so that no phase of the run counts the random draws.
+    source.buffer(storage_numpy_dtype("bfloat16"),
+                  host.max_seq_len * (host.batch_size if mode == "one" else host.all_layers_batch_size))
 
     profiler = cProfile.Profile() if host.cprofile else None
     print(f"[host ceiling] {mode} layer{'s' if mode == 'all' else ''}: python -m pipeline.run {' '.join(argv)}",
