@@ -311,6 +311,7 @@ def test_host_ceiling_smoke_runs_the_real_pipeline(tmp_path):
     assert 1.0 < run["bytes_per_value"] < 3.0  # bf16 values, ZSTD: about 2 bytes or a little less
     assert all(seconds >= 0 for seconds in run["phases_s"].values())
     assert _positive(run["tok_s"]) and _positive(run["vs_disk"]) and run["passed"] is False
+    assert _positive(run["cpu"]["process_s"]) and _positive(run["per_core_tok_s"])
     assert run["cprofile"]["top_by_own_time"] and Path(run["cprofile"]["path"]).exists()
     assert "all layers" in report.format_table(results)
 

@@ -26,9 +26,9 @@ def shard_commits(output_root: Path) -> list[dict]:
 def pipeline_rates(shards: list[dict], main_s: float, sync_s: float) -> dict:
     """Throughput of the running pipeline from its shard commits: the tokens and bytes of every shard after
     the first, over the time from the first commit to the last (`steady`), plus the time the fsync of the
-    output after the run took to flush what the page cache still held (`durable`: what the disk absorbed, not
-    what memory did). Startup, reading, tokenizing, model loading and compilation all happen before the first commit, and
-    the manifest after the last, so they fall outside both; `end_to_end` keeps everything."""
+    output after the run took to flush what the page cache still held (`durable`: what the disk absorbed,
+    not what memory did). Startup, reading, tokenizing, model loading and compilation all happen before the
+    first commit, and the manifest after the last, so they fall outside both; `end_to_end` keeps everything."""
     tokens = sum(s["tokens"] for s in shards)
     total_bytes = sum(s["bytes"] for s in shards)
     out = {"shards": len(shards), "tokens": tokens, "bytes_written": total_bytes,
