@@ -316,7 +316,8 @@ def format_host_ceiling(ceiling: dict) -> list[str]:
             lines.append(f"host ceiling {mode}: {phases}")
             cpu = r["cpu"]
             lines.append(f"host ceiling {mode}: CPU {cpu['process_s']:.1f} s in the process, "
-                         f"{cpu['beam_thread_s']:.1f} s in the Beam thread ({si(cpu['tok_per_beam_thread_cpu_s'])} tok per CPU second there)")
+                         f"{cpu['beam_thread_s']:.1f} s in the Beam thread "
+                         f"({si(cpu['tok_per_beam_thread_cpu_s'])} tok per CPU second there)")
     lines.append("host ceiling: durable = tokens of shards after the first over first-to-last commit plus the "
                  "fsync of the output; per core = tokens per CPU second of the process from the first batch to the "
                  "flush; 16-core arith. = per core x 16, at most the Beam thread's tokens per CPU second "
