@@ -2,7 +2,7 @@
 
     python benchmarks/coder_bench.py [--tokens 65536] [--d_model 896] [--layers 1] [--repeats 3]
 
-Beam's Python SDK sizes a sample of the elements each transform emits (always the first ten of a bundle) through
+Beam's Python SDK sizes a sample of the elements each transform emits (every element at first, then fewer) through
 the PCollection's coder: `get_estimated_size_and_observables` of the windowed value. Without a type hint the
 coder is the fallback FastPrimitivesCoder, which pickles the numpy arrays to count their bytes; the hint on the
 Extract output selects transforms.coders.ExtractedBatchCoder. Best of --repeats, one thread.

@@ -1,10 +1,10 @@
 """The coder of extracted batches: pickle, as Beam's default would use for them, with a size estimate that does
 not encode.
 
-Beam's Python SDK samples the size of the elements every transform emits (always the first ten of a bundle, then
-fewer) and, for a pickling coder, gets it by pickling the element. An extracted batch carries every requested
-layer's activations, hundreds of MB at real batch shapes, so each sample copied all of them on the thread that
-also feeds the device. Here the size comes from the arrays' byte counts plus the pickled size of the rest.
+Beam's Python SDK samples the size of the elements every transform emits (every element at first, then fewer)
+and, for a pickling coder, gets it by pickling the element. An extracted batch carries every requested layer's
+activations, so each sample copied all of them on the thread that also feeds the device. Here the size comes
+from the arrays' byte counts plus the pickled size of the rest.
 Encoding and decoding, where a runner does cross a stage boundary with these elements, are plain pickle.
 
 Written against apache-beam 2.77: `CallbackCoderImpl(encoder, decoder, size_estimator)` and the registry lookup
