@@ -3,7 +3,7 @@ same weights, batch and lengths, in one process.
 
 Not a test: it prints a Markdown table for docs/benchmarks.md ("## Generation"). The weights are one random
 transformers Qwen2ForCausalLM of the geometry, saved with save_pretrained and loaded by both sides (as
-pipeline/bench.py builds its matching models). Every row gets the same prompt length and exactly --new_tokens
+pipeline/bench/baseline.py builds its matching models). Every row gets the same prompt length and exactly --new_tokens
 tokens (no stop sequence for ours, min_new_tokens for transformers), so both sides do the same work.
 
     python -m benchmarks.generate_bench --model 'random:qwen2.5-0.5b?layers=4' --batch 8 --prompt_len 1024 \\
@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
 
     from model import load_model
     from model.config import parse_random_spec
-    from pipeline.bench import build_reference_model, save_checkpoint
+    from pipeline.bench.baseline import build_reference_model, save_checkpoint
 
     random_spec = parse_random_spec(args.model)
     rng = np.random.default_rng(args.seed)

@@ -199,6 +199,7 @@ def build_pipeline(p: beam.Pipeline, opts: ExtractOptions, *, hooks, layers, com
     """Adds the whole graph to `p`. Returns the PCollection of per-shard write summaries. `identity` (the run
     identity) is recorded in every commit marker."""
     from transforms.batching import BatchSamples
+    from transforms.coders import ExtractedBatchHint
     from transforms.extract import ExtractActivations, ExtractConfig
     from transforms.read import ReadTasks
     from transforms.samples import ExpandSamples
@@ -235,8 +236,10 @@ def build_pipeline(p: beam.Pipeline, opts: ExtractOptions, *, hooks, layers, com
         model=opts.model, dtype=opts.dtype, hooks=tuple(hooks), layers=tuple(layers),
         storage_dtype=storage_dtype(opts), attention=opts.attention,
         model_parallelism=opts.model_parallelism, progress_interval=opts.progress_interval)
+    # The hint selects a coder that sizes these large elements without pickling them (transforms/coders.py).
     extracted = batches | "Extract" >> beam.ParDo(
-        ExtractActivations(config), total_tokens=beam.pvalue.AsSingleton(total_tokens))
+        ExtractActivations(config), total_tokens=beam.pvalue.AsSingleton(total_tokens)
+    ).with_output_types(ExtractedBatchHint)
     summaries = extracted | "Write" >> WriteShards(
         output_root=opts.output, worker_prefix=worker_prefix(opts), model_name=opts.model,
         compute_dtype=opts.dtype, storage_dtype=storage_dtype(opts), threads=opts.writer_threads,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from model.config import QWEN25_GEOMETRIES
-from pipeline import bench
+from pipeline.bench import accelerator, baseline, driver, end_to_end, inputs, ours, report, settings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 def smoke_results(tmp_path_factory):
     """One smoke run in this process: tiny geometry, CPU, one-layer and all-layer cases, all three paths."""
     out = tmp_path_factory.mktemp("bench")
-    code = bench.main(["--smoke", "--output_dir", str(out), "--peak_tflops", "0.5"])
+    code = driver.main(["--smoke", "--output_dir", str(out), "--peak_tflops", "0.5"])
     assert code == 0
     files = sorted(out.glob("bench-*-smoke.json"))
     assert len(files) == 1, files
@@ -82,21 +82,21 @@ def test_smoke_measures_disk_and_reports_targets(smoke_results):
     disk = smoke_results["disk"]
     assert disk["bytes"] == 32 << 20 and _positive(disk["bytes_per_s"]) and _positive(disk["seconds"])
     targets = smoke_results["targets"]
-    # The tiny geometry is none of issue 5's models: no target applies, and none is claimed.
+    # The tiny geometry is none of the targets' models: no target applies, and none is claimed.
     assert targets == []
 
 
 def test_smoke_table_names_every_case(smoke_results, capsys):
-    table = bench.format_table(smoke_results)
+    table = report.format_table(smoke_results)
     assert "tiny/one-layer" in table and "tiny/all-layers" in table and "disk:" in table
 
 
-def test_flops_match_issue_5():
+def test_flops_match_the_documented_count():
     config = QWEN25_GEOMETRIES["qwen2.5-0.5b"]
-    per_token = bench.flops_per_token(config, 2048, config.num_hidden_layers)
-    # Issue 5: "The 0.5B forward costs about 0.81 GFLOP per token without the LM head".
+    per_token = accelerator.flops_per_token(config, 2048, config.num_hidden_layers)
+    # docs/benchmarks.md: the 0.5B forward costs about 0.8 GFLOP per token at L=2048 without the LM head.
     assert 0.79e9 < per_token < 0.82e9
-    assert bench.flops_per_token(config, 2048, 13) == pytest.approx(per_token * 13 / 24)
+    assert accelerator.flops_per_token(config, 2048, 13) == pytest.approx(per_token * 13 / 24)
     # 0.5B: 24 layers of ~14.9M weights, 2 FLOPs each, plus attention 2 * 2 * 2048 * 896 / 2 per layer.
     assert per_token == pytest.approx(24 * (2 * 14.91e6 + 2 * 2048 * 896), rel=2e-3)
 
@@ -110,19 +110,19 @@ def test_flops_match_issue_5():
     ("cpu", "cpu", "bfloat16", None),
 ])
 def test_default_peak_tflops(kind, platform, dtype, expected):
-    assert bench.default_peak_tflops(kind, platform, dtype) == expected
+    assert accelerator.default_peak_tflops(kind, platform, dtype) == expected
 
 
 def test_pipeline_rates_leave_startup_outside():
     shards = [{"committed": 100.0 + t, "tokens": 1000, "bytes": 4000, "activation_bytes": 3500}
               for t in (0.0, 1.0, 2.0)]
-    rates = bench.pipeline_rates(shards, main_s=30.0, sync_s=1.0)
+    rates = end_to_end.pipeline_rates(shards, main_s=30.0, sync_s=1.0)
     assert rates["steady_tok_s"] == pytest.approx(2000 / 2.0)
     assert rates["durable_tok_s"] == pytest.approx(2000 / 3.0)
     assert rates["durable_bytes_per_s"] == pytest.approx(8000 / 3.0)
     assert rates["end_to_end_tok_s"] == pytest.approx(3000 / 31.0)
     assert (rates["tok_s"], rates["rate_basis"]) == (rates["durable_tok_s"], "durable")
-    one = bench.pipeline_rates(shards[:1], main_s=10.0, sync_s=0.0)
+    one = end_to_end.pipeline_rates(shards[:1], main_s=10.0, sync_s=0.0)
     assert one["steady_tok_s"] is None and one["rate_basis"] == "end_to_end" and one["tok_s"] == 100.0
 
 
@@ -135,37 +135,37 @@ def test_targets_pass_fail_and_missing():
     cases = [entry("qwen2.5-0.5b", "one", 2048, forward_vs_baseline=1.9, pipeline_vs_baseline_copy=2.5),
              entry("qwen2.5-0.5b", "all", 2048, pipeline_vs_disk=0.75),
              entry("qwen2.5-7b", "one", 2048)]
-    targets = {(t["target"], t["length"]): t for t in bench.check_targets(cases, "NVIDIA H100 80GB HBM3")}
+    targets = {(t["target"], t["length"]): t for t in report.check_targets(cases, "NVIDIA H100 80GB HBM3")}
     assert targets[("0.5b-forward", 2048)]["passed"] is True
     assert targets[("0.5b-one-layer-pipeline", 2048)]["passed"] is False
     assert targets[("0.5b-all-layers-disk", 2048)]["passed"] is True
     assert targets[("7b-forward", 2048)]["passed"] is None
     assert all(t["binding"] for t in targets.values())
     assert all(t["same_model_checked"] is None for t in targets.values())
-    informational = bench.check_targets(cases, "cpu")
+    informational = report.check_targets(cases, "cpu")
     assert informational and not any(t["binding"] for t in informational)
 
 
 def test_case_selection():
     def names(*argv):
-        return [c.name for c in bench.parse_settings(list(argv)).cases]
+        return [c.name for c in settings.parse_settings(list(argv)).cases]
 
     assert names() == ["qwen2.5-0.5b/one-layer", "qwen2.5-0.5b/all-layers", "qwen2.5-7b/one-layer"]
     assert names("--models=qwen2.5-7b") == ["qwen2.5-7b/one-layer"]
     assert names("--layers=all") == ["qwen2.5-0.5b/all-layers"]
     assert names("--models=qwen2.5-7b", "--layers=all") == ["qwen2.5-7b/all-layers"]
-    settings = bench.parse_settings(["--lengths=1024", "--models=qwen2.5-0.5b"])
-    assert bench.batch_size_for(settings, "qwen2.5-0.5b", 1024) == 64
-    assert bench.batch_size_for(settings, "qwen2.5-7b", 2048) == 8
+    resolved = settings.parse_settings(["--lengths=1024", "--models=qwen2.5-0.5b"])
+    assert settings.batch_size_for(resolved, "qwen2.5-0.5b", 1024) == 64
+    assert settings.batch_size_for(resolved, "qwen2.5-7b", 2048) == 8
     with pytest.raises(SystemExit):
-        bench.parse_settings(["--models=qwen2.5-9b"])
+        settings.parse_settings(["--models=qwen2.5-9b"])
     with pytest.raises(SystemExit):
-        bench.parse_settings(["--layers=some"])
+        settings.parse_settings(["--layers=some"])
 
 
 def test_text_corpus_fills_rows_exactly(qwen_tokenizer, tmp_path):
     path = tmp_path / "corpus.jsonl"
-    total = bench.write_text_corpus(path, qwen_tokenizer, num_docs=3, doc_tokens=50, seed=0)
+    total = inputs.write_text_corpus(path, qwen_tokenizer, num_docs=3, doc_tokens=50, seed=0)
     assert total == 150
     lines = path.read_text().splitlines()
     assert len(lines) == 3
@@ -174,9 +174,16 @@ def test_text_corpus_fills_rows_exactly(qwen_tokenizer, tmp_path):
 
 
 def test_disk_bandwidth_cleans_up(tmp_path):
-    result = bench.disk_write_bandwidth(tmp_path, 3 << 20, chunk_bytes=1 << 20)
+    result = inputs.disk_write_bandwidth(tmp_path, 3 << 20, chunk_bytes=1 << 20)
     assert result["bytes"] == 3 << 20 and _positive(result["bytes_per_s"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_flush_tree_syncs_every_file(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("x", "a/y", "a/b/z"):
+        (tmp_path / name).write_bytes(b"data")
+    assert inputs.flush_tree(tmp_path) == 3
 
 
 def test_command_line_help():
@@ -191,7 +198,7 @@ def test_command_line_help():
 def test_skipped_paths_are_reported_not_faked(tmp_path):
     """Without the baseline and the pipeline (what a TPU host without a torch accelerator gets), ours still runs
     on `random:` weights and every ratio that needs a missing path is absent, not invented."""
-    code = bench.main(["--smoke", "--layers=one", "--skip_baseline", "--skip_pipeline", "--skip_disk",
+    code = driver.main(["--smoke", "--layers=one", "--skip_baseline", "--skip_pipeline", "--skip_disk",
                        "--output_dir", str(tmp_path)])
     assert code == 0
     (path,) = tmp_path.glob("bench-*-smoke.json")
@@ -205,7 +212,7 @@ def test_skipped_paths_are_reported_not_faked(tmp_path):
     assert any(s.startswith("baseline: --skip_baseline") for s in results["skipped"])
     assert any(s.startswith("pipeline: --skip_pipeline") for s in results["skipped"])
     assert any(s.startswith("MFU:") for s in results["skipped"])
-    assert "tiny/one-layer" in bench.format_table(results)
+    assert "tiny/one-layer" in report.format_table(results)
 
 
 def test_baseline_device_choice():
@@ -213,11 +220,11 @@ def test_baseline_device_choice():
 
     if torch.cuda.is_available():
         pytest.skip("this check is about hosts without a torch accelerator")
-    assert bench.choose_baseline_device("auto", "cpu") == ("cpu", None)
-    device, reason = bench.choose_baseline_device("auto", "tpu")
+    assert baseline.choose_baseline_device("auto", "cpu") == ("cpu", None)
+    device, reason = baseline.choose_baseline_device("auto", "tpu")
     assert device is None and "--baseline_device=cpu" in reason
-    with pytest.raises(bench.BenchError, match="--skip_baseline"):
-        bench.choose_baseline_device("cuda", "gpu")
+    with pytest.raises(settings.BenchError, match="--skip_baseline"):
+        baseline.choose_baseline_device("cuda", "gpu")
 
 
 def test_agreement_flags_different_models():
@@ -226,19 +233,19 @@ def test_agreement_flags_different_models():
     rng = np.random.default_rng(0)
     ref = {layer: rng.normal(size=(8, 16)).astype(np.float32) for layer in range(4)}
     same = {layer: value * (1 + 1e-6) for layer, value in ref.items()}
-    result = bench.agreement(same, ref, num_layers=4, dtype="float32")
+    result = ours.agreement(same, ref, num_layers=4, dtype="float32")
     assert result["ok"] and result["layers"] == [0, 1, 2]  # the last layer is transformers' normed output
     other = {layer: rng.normal(size=(8, 16)).astype(np.float32) for layer in range(4)}
-    assert bench.agreement(other, ref, num_layers=4, dtype="bfloat16")["ok"] is False
-    assert bench.agreement({3: ref[3]}, {3: ref[3]}, num_layers=4, dtype="float32") is None
+    assert ours.agreement(other, ref, num_layers=4, dtype="bfloat16")["ok"] is False
+    assert ours.agreement({3: ref[3]}, {3: ref[3]}, num_layers=4, dtype="float32") is None
 
 
 def test_a_failing_path_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     def broken_pipeline(*args, **kwargs):
-        raise bench.BenchError("python -m pipeline.run ... exited with 2")
+        raise settings.BenchError("python -m pipeline.run ... exited with 2")
 
-    monkeypatch.setattr(bench, "run_pipeline", broken_pipeline)
-    code = bench.main(["--smoke", "--layers=one", "--skip_baseline", "--skip_disk", "--output_dir", str(tmp_path)])
+    monkeypatch.setattr(driver, "run_pipeline", broken_pipeline)
+    code = driver.main(["--smoke", "--layers=one", "--skip_baseline", "--skip_disk", "--output_dir", str(tmp_path)])
     assert code == 1
     (path,) = tmp_path.glob("bench-*-smoke.json")
     results = json.loads(path.read_text())
@@ -246,4 +253,95 @@ def test_a_failing_path_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     assert _positive(case["ours"]["copy_tok_s"]) and case["pipeline"] is None
     assert results["errors"] == [{"case": "tiny/one-layer", "length": 64, "path": "pipeline",
                                   "error": "BenchError: python -m pipeline.run ... exited with 2"}]
-    assert "ERROR pipeline (case=tiny/one-layer, length=64)" in bench.format_table(results)
+    assert "ERROR pipeline (case=tiny/one-layer, length=64)" in report.format_table(results)
+
+
+def test_synthetic_activations_have_the_real_shape_and_differ_per_layer():
+    import ml_dtypes
+    import numpy as np
+
+    from model import CaptureSpec
+    from pipeline.bench.host_ceiling import SyntheticActivations
+
+    config = QWEN25_GEOMETRIES["tiny"]
+    source = SyntheticActivations(config)
+    tokens = np.zeros((2, 16), np.int32)
+    spec = CaptureSpec(hooks=("resid_post",), layers=(0, 3), out_dtype="bfloat16")
+    first = source.capture(tokens, tokens, tokens, spec)
+    assert sorted(first) == ["blocks.0.hook_resid_post", "blocks.3.hook_resid_post"]
+    for value in first.values():
+        assert value.shape == (2, 16, config.hidden_size) and value.dtype == ml_dtypes.bfloat16
+        assert value.copy_to_host_async() is None and type(np.asarray(value)) is np.ndarray
+    a, b = (np.asarray(v) for v in first.values())
+    assert not np.array_equal(a, b)
+    again = source.capture(tokens, tokens, tokens, spec)
+    assert not np.array_equal(np.asarray(again["blocks.0.hook_resid_post"]), a)
+    assert (source.calls, source.token_positions) == (2, 64)
+    with pytest.raises(ValueError, match="block hooks only"):
+        source.capture(tokens, tokens, tokens, CaptureSpec(hooks=("resid_post",), layers=(0,), logits=True))
+
+
+def test_synthetic_forward_is_swapped_in_and_back():
+    from model import qwen2
+    from pipeline.bench.host_ceiling import SyntheticActivations
+    from pipeline.bench.weights import serving
+
+    real = qwen2.load_model
+    source = SyntheticActivations(QWEN25_GEOMETRIES["tiny"])
+    with serving(source):
+        import model
+
+        assert model.load_model("random:tiny", dtype="bfloat16") is source
+    assert qwen2.load_model is real
+
+
+def test_host_ceiling_smoke_runs_the_real_pipeline(tmp_path):
+    """All layers of the tiny geometry over 4 ARC samples through pipeline.run.main with the synthetic source:
+    every shard committed, rates from the commits, phases, the profile and the verdict recorded."""
+    code = driver.main(["--smoke", "--host_ceiling", "--layers=all", "--host_cprofile", "--output_dir",
+                        str(tmp_path)])
+    assert code == 0
+    (path,) = tmp_path.glob("bench-*-smoke.json")
+    results = json.loads(path.read_text())
+    assert results["cases"] == [] and results["errors"] == []
+    run = results["host_ceiling"]["runs"]["all"]
+    depth = QWEN25_GEOMETRIES["tiny"].num_hidden_layers
+    assert run["layers"] == depth and run["shards"] >= 2 and run["rate_basis"] == "durable"
+    assert run["source_token_positions"] >= run["tokens"] > 0
+    assert 1.0 < run["bytes_per_value"] < 3.0  # bf16 values, ZSTD: about 2 bytes or a little less
+    assert all(seconds >= 0 for seconds in run["phases_s"].values())
+    assert _positive(run["tok_s"]) and _positive(run["vs_disk"]) and run["passed"] is False
+    assert _positive(run["cpu"]["process_s"]) and _positive(run["per_core_tok_s"])
+    assert run["cprofile"]["top_by_own_time"] and Path(run["cprofile"]["path"]).exists()
+    assert "all layers" in report.format_table(results)
+
+
+def test_quick_profile_smoke_builds_the_weights_once_in_memory(tmp_path, monkeypatch):
+    """--profile=quick on CPU with the tiny geometry: the baseline's init reaches ours and the pipeline in memory
+    (no checkpoint, and no path draws `random:` weights of its own), and all three agree."""
+    import model.weights
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("with seeded weights no path may draw random: weights of its own")
+
+    monkeypatch.setattr(model.weights, "random_params", refuse)
+    code = driver.main(["--smoke", "--profile=quick", "--layers=one", "--output_dir", str(tmp_path)])
+    assert code == 0
+    (path,) = tmp_path.glob("bench-*-smoke.json")
+    results = json.loads(path.read_text())
+    assert results["errors"] == [] and results["settings"]["weights"] == "seeded"
+    assert results["settings"]["profile"] == "quick" and results["settings"]["lengths"] == [64]
+    (case,) = results["cases"]
+    assert case["agreement"]["ok"] and "no checkpoint" in case["weights"]
+    assert case["pipeline"]["tokens"] == case["pipeline"]["corpus_tokens"] > 0
+    assert _positive(case["ours"]["copy_tok_s"]) and _positive(case["baseline"]["copy_tok_s"])
+
+
+def test_quick_profile_defaults():
+    quick = settings.parse_settings(["--profile=quick"])
+    assert [c.name for c in quick.cases] == ["qwen2.5-0.5b/one-layer", "qwen2.5-0.5b/all-layers",
+                                              "qwen2.5-7b/one-layer"]
+    assert quick.lengths == [2048] and quick.steps == 3 and quick.warmup == 1 and quick.pipeline_steps == 2
+    assert quick.seeded_weights and quick.disk_test_bytes == 1 << 30
+    assert not settings.parse_settings(["--profile=quick", "--weights=checkpoint"]).seeded_weights
+    assert settings.parse_settings(["--profile=quick", "--steps=5"]).steps == 5

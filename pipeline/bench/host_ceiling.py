@@ -1,0 +1,325 @@
+"""`python -m pipeline.bench --host_ceiling`: how fast the host side of the pipeline can go, with no device at all.
+
+The real pipeline runs (`pipeline.run.main` on the local runner: read, validate, expand, tokenize, pack, the real
+`ExtractActivations` bookkeeping, the real shard writer), except that the model's forward is replaced by
+`SyntheticActivations`: for each requested hook it returns a [batch, length, d_model] view of one fixed random
+buffer, in the dtype the extractor asks for, already in host memory. Everything a GPU host does after the copy to
+host (the gather of real tokens, the storage conversion, Beam's per-element work and coders, Parquet encoding,
+sha256, the renames) is timed as it is; what the device would do (the forward and the device-to-host copy) costs
+nothing. The rate it reaches is therefore the ceiling the host sets on any accelerator.
+
+The swap sits at the one place the pipeline gets its model (`pipeline.bench.weights.serving`): it is replaced
+for the duration of the run only, inside this process, and nothing in the product path knows of it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from pipeline.bench.end_to_end import release_pipeline_model, run_and_sync
+from pipeline.bench.settings import HOOK
+from pipeline.bench.weights import serving
+
+MODES = ("one", "all")
+# Rows the views of successive layers and batches are shifted by, so that no two files hold the same bytes.
+_SHIFT_ROWS = 61
+_SHIFTS = 16
+
+
+def add_flags(group) -> None:
+    from pipeline.options import _positive_int, whole_number
+
+    group.add_argument("--host_ceiling", action="store_true",
+                       help="Run only the host-ceiling path: the real pipeline on real ARC prompts with the "
+                            "model's forward replaced by a device-free source of activations (d_model of "
+                            "--host_model, bf16), one layer and/or all layers (--layers), plus the disk test.")
+    group.add_argument("--host_model", default=None,
+                       help="Geometry whose activation shape the source produces (default qwen2.5-0.5b; "
+                            "--smoke: tiny).")
+    group.add_argument("--host_dataset", default="arc-agi-1",
+                       help="Pipeline --dataset of the host-ceiling runs (arc-agi-1: train and eval).")
+    group.add_argument("--host_augmentations", type=whole_number("host_augmentations", 0), default=0,
+                       help="Pipeline --augmentations of the one-layer run (more input for a longer run).")
+    for name, default, text in (
+            ("host_batch_size", None, "--batch_size of the one-layer run (default 8; --smoke: 1)."),
+            ("host_max_seq_len", 8192, "--max_seq_len of both runs."),
+            ("host_all_layers_batch_size", 1, "--batch_size of the all-layer run (each batch is every layer's "
+                                              "worth)."),
+            ("host_all_layers_samples", None, "--max_samples of the all-layer run, which bounds the bytes it "
+                                              "writes (default 40; --smoke: 4)."),
+            ("host_writer_threads", None, "--writer_threads (default: the pipeline's own default).")):
+        group.add_argument(f"--{name}", type=_positive_int(name), default=default, help="Pipeline " + text)
+    group.add_argument("--host_writer_memory_gib", type=float, default=2.0,
+                       help="Pipeline --writer_memory_gib: extracted batches that may wait for the writers.")
+    group.add_argument("--host_cprofile", action="store_true",
+                       help="Also profile each run with cProfile (the main thread, where Beam runs the DoFns) "
+                            "and record the top functions; profiling slows the run, so take rates from a run "
+                            "without it.")
+
+
+@dataclasses.dataclass(frozen=True)
+class HostSettings:
+    model: str
+    dataset: str
+    modes: tuple[str, ...]
+    augmentations: int
+    batch_size: int
+    max_seq_len: int
+    all_layers_batch_size: int
+    all_layers_samples: int
+    one_layer_samples: Optional[int]
+    writer_threads: Optional[int]
+    writer_memory_gib: float
+    cprofile: bool
+
+
+def host_settings(parser, args) -> Optional[HostSettings]:
+    if not args.host_ceiling:
+        return None
+    from model.config import QWEN25_GEOMETRIES
+
+    model = args.host_model or ("tiny" if args.smoke else "qwen2.5-0.5b")
+    if model not in QWEN25_GEOMETRIES:
+        parser.error(f"--host_model: unknown geometry {model!r}; choose among {', '.join(QWEN25_GEOMETRIES)}")
+    modes = tuple(m.strip() for m in (args.layers or "one,all").split(",") if m.strip())
+    if not modes or any(m not in MODES for m in modes):
+        parser.error(f"--layers: {args.layers!r} is not a layer selection; use one, all or one,all")
+    if args.host_writer_memory_gib <= 0:
+        parser.error(f"--host_writer_memory_gib must be positive, got {args.host_writer_memory_gib}")
+    return HostSettings(
+        model=model, dataset=args.host_dataset, modes=modes, augmentations=args.host_augmentations,
+        batch_size=args.host_batch_size or (1 if args.smoke else 8), max_seq_len=args.host_max_seq_len,
+        all_layers_batch_size=args.host_all_layers_batch_size,
+        all_layers_samples=args.host_all_layers_samples or (4 if args.smoke else 40),
+        one_layer_samples=4 if args.smoke else None, writer_threads=args.host_writer_threads,
+        writer_memory_gib=args.host_writer_memory_gib, cprofile=args.host_cprofile)
+
+
+class _HostArray(np.ndarray):
+    """A numpy view that answers `copy_to_host_async` (as a jax.Array does) with nothing: it is on the host."""
+
+    def copy_to_host_async(self):
+        return None
+
+
+class SyntheticActivations:
+    """Stands in for `HookedQwen` inside the pipeline: `capture` has its signature and returns, per requested
+    hook, a view of a fixed random buffer of the real shape and dtype; it records when it was called."""
+
+    def __init__(self, config, seed: int = 0):
+        self.config = config
+        self._seed = seed
+        self._buffers: dict = {}
+        self.calls = 0
+        self.token_positions = 0
+        self.first_call: Optional[float] = None
+        self.last_call: Optional[float] = None
+        # CPU seconds of the whole process (every thread) and of the calling thread, at the first and last call.
+        self.process_cpu_at_first: Optional[float] = None
+        self.thread_cpu: list[float] = []
+
+    def buffer(self, dtype: np.dtype, rows: int) -> np.ndarray:
+        """The random values batches of `rows` token positions are cut from, made on first use."""
+        needed = rows + _SHIFT_ROWS * _SHIFTS * (self.config.num_hidden_layers + 1)
+        buffer = self._buffers.get(dtype)
+        if buffer is None or len(buffer) < needed:
+            rng = np.random.default_rng(self._seed)
+            values = rng.standard_normal((needed, self.config.hidden_size), dtype=np.float32)
+            buffer = self._buffers[dtype] = values.astype(dtype)
+        return buffer
+
+    def capture(self, tokens, segment_ids, positions, spec, right_padded=None) -> dict:
+        from model.hooks import hook_name
+        from transforms.write import storage_numpy_dtype
+
+        if spec.logits or spec.final_norm:
+            raise ValueError("SyntheticActivations produces block hooks only, not logits or the final norm")
+        now = time.time()
+        if self.first_call is None:
+            self.first_call, self.process_cpu_at_first = now, time.process_time()
+            self.thread_cpu = [time.thread_time()] * 2
+        self.last_call = now
+        self.thread_cpu[1] = time.thread_time()
+        batch, length = np.shape(tokens)
+        rows = batch * length
+        buffer = self.buffer(storage_numpy_dtype(spec.out_dtype or "float32"), rows)
+        out = {}
+        for index, (hook, layer) in enumerate((h, l) for h in spec.hooks for l in spec.layers):
+            start = _SHIFT_ROWS * ((self.calls + index) % _SHIFTS + _SHIFTS * layer)
+            view = buffer[start:start + rows].reshape(batch, length, -1)
+            out[hook_name(layer, hook)] = view.view(_HostArray)
+        self.calls += 1
+        self.token_positions += rows
+        return out
+
+
+def _pipeline_argv(host: HostSettings, mode: str, output: Path) -> list[str]:
+    argv = ["--runner=DirectRunner", f"--model=random:{host.model}", f"--dataset={host.dataset}",
+            f"--output={output}", f"--hooks={HOOK}", "--dtype=bfloat16", f"--max_seq_len={host.max_seq_len}",
+            "--progress_interval=0", f"--writer_memory_gib={host.writer_memory_gib}"]
+    if mode == "one":
+        argv += ["--layers=" + str(_config(host).num_hidden_layers // 2), f"--batch_size={host.batch_size}",
+                 f"--augmentations={host.augmentations}"]
+        if host.one_layer_samples:
+            argv.append(f"--max_samples={host.one_layer_samples}")
+    else:
+        argv += ["--layers=all", f"--batch_size={host.all_layers_batch_size}",
+                 f"--max_samples={host.all_layers_samples}"]
+    if host.writer_threads:
+        argv.append(f"--writer_threads={host.writer_threads}")
+    return argv
+
+
+def _config(host: HostSettings):
+    from model.config import QWEN25_GEOMETRIES
+
+    return QWEN25_GEOMETRIES[host.model]
+
+
+def _top_functions(profiler, path: Path, count: int = 25) -> list[str]:
+    """Writes the profile to `path` (pstats format) and returns its top functions by own time."""
+    import io
+    import pstats
+
+    profiler.dump_stats(str(path))
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(count)
+    lines = text.getvalue().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.lstrip().startswith("ncalls")), 0)
+    return [line.rstrip() for line in lines[start:] if line.strip()]
+
+
+def _phases(started: float, source: SyntheticActivations, result: dict) -> dict:
+    """Seconds of each phase of the run, from the source's first call and the shard commits (wall clock)."""
+    ended = started + result["main_s"]
+    first, last = result["first_commit"], result["last_commit"]
+    return {
+        "start_read_tokenize_pack": source.first_call - started,
+        "first_batch_to_first_commit": first - source.first_call,
+        "extract_and_write_first_to_last_commit": last - first,
+        "manifest_and_teardown": ended - last,
+        "flush_fsync_output": result["sync_s"],
+    }
+
+
+def measure_mode(run, host: HostSettings, mode: str) -> dict:
+    """One pipeline run of the host ceiling (`mode` one or all layers) with its rates, phases and targets."""
+    config = _config(host)
+    output = run.work / f"host-ceiling-{mode}"
+    shutil.rmtree(output, ignore_errors=True)
+    source = SyntheticActivations(config, run.settings.seed)
+    argv = _pipeline_argv(host, mode, output)
+    import cProfile
+
+    from transforms.write import storage_numpy_dtype
+
+    # Made before the clock starts, so that no phase of the run counts the random draws.
+    source.buffer(storage_numpy_dtype("bfloat16"),
+                  host.max_seq_len * (host.batch_size if mode == "one" else host.all_layers_batch_size))
+
+    profiler = cProfile.Profile() if host.cprofile else None
+    print(f"[host ceiling] {mode} layer{'s' if mode == 'all' else ''}: python -m pipeline.run {' '.join(argv)}",
+          flush=True)
+    started = time.time()
+    try:
+        with serving(source):
+            result = run_and_sync(argv, output, profiler)
+        result["cpu"] = _cpu(source, result, time.process_time())
+    finally:
+        release_pipeline_model()
+        shutil.rmtree(output, ignore_errors=True)
+    layers = config.num_hidden_layers if mode == "all" else 1
+    result.update({
+        "mode": mode, "layers": layers, "d_model": config.hidden_size, "source_calls": source.calls,
+        "source_token_positions": source.token_positions, "phases_s": _phases(started, source, result),
+        "bytes_per_value": (result["activation_bytes"] / (result["tokens"] * layers * config.hidden_size)
+                            if result["tokens"] else None),
+        "cpu_count": os.cpu_count(),
+    })
+    if profiler is not None:
+        path = run.settings.output_dir / f"host-ceiling-{mode}.pstats"
+        result["cprofile"] = {"path": str(path), "top_by_own_time": _top_functions(profiler, path)}
+    result.update(_verdict(mode, result, run.results.get("disk")))
+    return result
+
+
+# One layer: durable tok/s; all layers: the share of the disk's bandwidth. See docs/benchmarks.md.
+ONE_LAYER_TARGET_TOK_S = 400_000
+ALL_LAYERS_TARGET_DISK_SHARE = 0.7
+ARITHMETIC_CORES = 16
+
+
+def _cpu(source: SyntheticActivations, result: dict, process_cpu_now: float) -> dict:
+    """CPU seconds behind the extract-and-write part of the run: the whole process's (every thread) from the
+    first batch to the end of the flush, and the Beam thread's between the first and last batch (the serial part,
+    which more cores do not shorten). Rates per CPU second stand for what one core does on a machine whose other
+    jobs take the rest."""
+    process_s = process_cpu_now - source.process_cpu_at_first
+    thread_s = source.thread_cpu[1] - source.thread_cpu[0]
+    between = result["tokens"] * (source.calls - 1) / max(source.calls, 1)
+    return {"process_s": process_s, "beam_thread_s": thread_s,
+            "tok_per_process_cpu_s": result["tokens"] / process_s if process_s > 0 else None,
+            "tok_per_beam_thread_cpu_s": between / thread_s if thread_s > 0 else None}
+
+
+def _verdict(mode: str, result: dict, disk: Optional[dict]) -> dict:
+    per_core = result["cpu"]["tok_per_process_cpu_s"]
+    serial = result["cpu"]["tok_per_beam_thread_cpu_s"]
+    arithmetic = per_core * ARITHMETIC_CORES if per_core else None
+    if arithmetic and serial:
+        arithmetic = min(arithmetic, serial)
+    out = {"per_core_tok_s": per_core, "arithmetic_16_cores_tok_s": arithmetic,
+           "vs_disk": result["bytes_per_s"] / disk["bytes_per_s"] if disk and result["bytes_per_s"] else None}
+    if mode == "one":
+        out["target"] = f"durable tok/s >= {ONE_LAYER_TARGET_TOK_S}"
+        out["passed"] = None if not result["tok_s"] else result["tok_s"] >= ONE_LAYER_TARGET_TOK_S
+    else:
+        out["target"] = f"durable bytes/s >= {ALL_LAYERS_TARGET_DISK_SHARE} x the disk's"
+        out["passed"] = None if out["vs_disk"] is None else out["vs_disk"] >= ALL_LAYERS_TARGET_DISK_SHARE
+    return out
+
+
+def measure_host_ceiling(run) -> dict:
+    host: HostSettings = run.settings.host_ceiling
+    runs = {}
+    for mode in host.modes:
+        runs[mode] = run.attempt({"host_ceiling": mode}, "host ceiling", measure_mode, run, host, mode)
+    return {"settings": dataclasses.asdict(host), "runs": runs,
+            "source": "SyntheticActivations: views of one fixed random buffer (seeded), no device"}
+
+
+def format_host_ceiling(ceiling: dict) -> list[str]:
+    from pipeline.bench.report import aligned, si
+
+    headers = ("host ceiling", "tokens", "shards", "durable tok/s", "durable B/s", "% disk", "B/value",
+               "per core", "16-core arith.", "target")
+    rows = []
+    for mode, r in ceiling["runs"].items():
+        if not r:
+            continue
+        verdict = "not measured" if r["passed"] is None else ("PASS" if r["passed"] else "FAIL")
+        rows.append((f"{mode} layer{'s' if mode == 'all' else ''}", si(r["tokens"]), str(r["shards"]),
+                     si(r["tok_s"]), si(r["bytes_per_s"], "B"),
+                     "-" if r["vs_disk"] is None else f"{100 * r['vs_disk']:.1f}%",
+                     "-" if r["bytes_per_value"] is None else f"{r['bytes_per_value']:.3f}",
+                     si(r["per_core_tok_s"]), si(r["arithmetic_16_cores_tok_s"]), f"{verdict} ({r['target']})"))
+    lines = aligned(headers, rows)
+    for mode, r in ceiling["runs"].items():
+        if r:
+            phases = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in r["phases_s"].items())
+            lines.append(f"host ceiling {mode}: {phases}")
+            cpu = r["cpu"]
+            lines.append(f"host ceiling {mode}: CPU {cpu['process_s']:.1f} s in the process, "
+                         f"{cpu['beam_thread_s']:.1f} s in the Beam thread "
+                         f"({si(cpu['tok_per_beam_thread_cpu_s'])} tok per CPU second there)")
+    lines.append("host ceiling: durable = tokens of shards after the first over first-to-last commit plus the "
+                 "fsync of the output; per core = tokens per CPU second of the process from the first batch to the "
+                 "flush; 16-core arith. = per core x 16, at most the Beam thread's tokens per CPU second "
+                 "(arithmetic, not measured).")
+    return lines
