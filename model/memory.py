@@ -25,8 +25,6 @@ import dataclasses
 import math
 import os
 
-import numpy as np
-
 from model.config import QwenConfig
 from model.hooks import CaptureSpec
 
@@ -209,23 +207,3 @@ def _shorter(length: int):
             yield n
         n //= 2
 
-
-def measured_temp_bytes(config, batch, length, spec, dtype, attention) -> dict:
-    """XLA's buffer assignment for one forward (arguments, outputs, temporaries), compiled for CPU; for checking
-    the estimate, not for the pipeline (it compiles the whole forward)."""
-    import functools
-
-    import jax
-
-    from model import weights as weights_lib
-    from model.qwen2 import forward
-
-    shapes = weights_lib.param_shapes(config)
-    np_dtype = weights_lib.np_dtype(dtype)
-    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, np_dtype), shapes, is_leaf=lambda x: isinstance(x, tuple))
-    ints = jax.ShapeDtypeStruct((batch, length), np.int32)
-    fn = functools.partial(forward, config=config, spec=spec, dtype=dtype, implementation=attention,
-                           mask_kind="segments")
-    stats = jax.jit(fn).lower(params, ints, ints, ints).compile().memory_analysis()
-    return {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
-            "temporaries": stats.temp_size_in_bytes}
