@@ -38,8 +38,10 @@ def hf_features(d_model: int, dtype: str = "float32"):
     import datasets
 
     columns = {name: datasets.Value(kind) for name, kind in _TOKEN_TYPES}
+    # datasets 4 renamed Sequence to List; both map length=d_model to an Arrow fixed_size_list.
+    fixed_list = getattr(datasets, "List", None) or datasets.Sequence
     columns.update(hook=datasets.Value("string"), layer=datasets.Value("int32"),
-                   activation=datasets.List(datasets.Value(dtype), length=int(d_model)))
+                   activation=fixed_list(datasets.Value(dtype), length=int(d_model)))
     return datasets.Features(columns)
 
 
