@@ -27,3 +27,14 @@ def pipeline_output(tmp_path_factory, tiny_checkpoint) -> Path:
                      "--progress_interval=0")
         _OUTPUTS[key] = output
     return _OUTPUTS[key]
+
+
+def upload(output: Path, gcs_emulator, prefix: str) -> str:
+    """Copies a local output into the test GCS emulator's bucket under `prefix`; returns its gs:// root."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    bucket = storage.Client(project="test", credentials=AnonymousCredentials()).bucket(gcs_emulator.bucket)
+    for path in sorted(p for p in Path(output).rglob("*") if p.is_file()):
+        bucket.blob(f"{prefix}/{path.relative_to(output).as_posix()}").upload_from_filename(str(path))
+    return f"{gcs_emulator.root}/{prefix}"

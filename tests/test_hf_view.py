@@ -76,6 +76,15 @@ def test_hf_view_with_where_and_bad_arguments(output, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
 
 
+def test_hf_view_of_a_gcs_output(output, gcs_emulator, tmp_path):
+    from tests.pipeline_output import upload
+
+    ds = open_activations(upload(output, gcs_emulator, "hf/out"))
+    rows = ds.to_hf_dataset(HOOK, LAYER, cache_dir=str(tmp_path)).with_format("numpy")[:]
+    assert_same_vectors(list(zip(rows["sample_id"].tolist(), rows["position"].tolist())), rows["activation"],
+                        reference(output))
+
+
 # The recipes below are docs/format.md's, verbatim apart from OUTPUT, hook and layer.
 
 def test_duckdb_recipe_decodes_the_blob(output):
@@ -95,7 +104,7 @@ def test_duckdb_recipe_decodes_the_blob(output):
     table = con.sql(f"""
         SELECT sample_id, position, bf16_vector(activation) AS x
         FROM read_parquet('{OUTPUT}/activations/hook=resid_post/layer=1/*.parquet')
-    """).fetch_arrow_table()
+    """).to_arrow_table()
 
     keys = list(zip(table["sample_id"].to_pylist(), table["position"].to_pylist()))
     vectors = np.stack(table["x"].to_numpy(zero_copy_only=False))

@@ -81,3 +81,14 @@ def test_running_stopped_and_empty_outputs(output, tmp_path):
     assert inspect_output(str(empty))["state"] == "empty"
     done = run_inspect(tmp_path / "nowhere")
     assert done.returncode == 2 and "nowhere" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_gcs_output_reads_like_the_local_one(output, gcs_emulator):
+    from tests.pipeline_output import upload
+
+    remote = inspect_output(upload(output, gcs_emulator, "inspect/out"))
+    local = inspect_output(str(output))
+    assert remote["output"].startswith("gs://") and remote["state"] == "finished"
+    for key in ("activations", "samples", "tokens", "datasets", "parts", "bytes", "dead_letters", "hosts",
+                "uncommitted_files", "problems"):
+        assert remote[key] == local[key], key
