@@ -480,6 +480,12 @@ class ActivationDataset:
 
         return MappedBatches(self.batches(hook, layer, batch_tokens, **options), put)
 
+    def to_hf_dataset(self, hook: str, layer: int, where=None, **options):
+        """A memory-mapped Hugging Face datasets.Dataset of a hook and layer: pipeline.hf_view.to_hf_dataset."""
+        from pipeline.hf_view import to_hf_dataset
+
+        return to_hf_dataset(self, hook, layer, where, **options)
+
 
 def _decoded(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return column.cast(column.type.value_type) if pa.types.is_dictionary(column.type) else column

@@ -1,0 +1,300 @@
+"""What is in an output, at a glance: `python -m pipeline.inspect OUTPUT [--json] [--no_parts]`.
+
+State: `finished` when manifest.json lists every commit marker (no shard was committed after it was written) and no
+host holds a live lease; `running` when a host's lease under `_leases/` was renewed within its timeout (the hosts
+are named); `incomplete` when committed shards exist that no manifest lists and no lease is live (a run stopped
+before its manifest, or one that predates leases is still going: resume it, or rebuild the manifest with
+`python -m pipeline.manifest`); `empty` when nothing is committed yet. Then hooks x layers x tokens, samples,
+datasets and prompt parts with token counts, dtypes, bytes, uncommitted files and dead letters by stage, all from
+the commit markers (the samples files' metadata), so a running output is described as it stands.
+
+Reads local or gs:// outputs through pipeline.dataset's stores; imports neither Beam nor JAX nor torch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.dataset import _parallel, _store
+from transforms import output_format as fmt
+
+LEASES_DIR = "_leases"
+
+__all__ = ["inspect_output", "format_report", "main"]
+
+
+def _json_files(store, reldir: str) -> dict[str, Any]:
+    """name -> parsed JSON of every `<reldir>/<name>.json`; a file that does not parse maps to an error string."""
+    found = {}
+    for relpath in sorted(store.list(reldir)):
+        name = fmt.basename(relpath)
+        if not name.endswith(".json") or name.startswith("."):
+            continue
+        try:
+            found[name[:-len(".json")]] = json.loads(store.read_bytes(relpath))
+        except ValueError as err:
+            found[name[:-len(".json")]] = f"{store.path(relpath)} is not valid JSON ({err})"
+    return found
+
+
+def _marker(store, relpath: str) -> dict:
+    with store.open(relpath) as handle:
+        try:
+            meta = fmt.decode_metadata(pq.read_metadata(handle))
+        except (pa.ArrowInvalid, OSError) as err:
+            return {"path": relpath, "error": f"{store.path(relpath)}: not a readable Parquet commit marker ({err})"}
+        samples = pq.read_table(handle, columns=["dataset", "num_tokens"])
+    meta["path"] = relpath
+    meta["datasets"] = samples
+    return meta
+
+
+def _leases(store, now: float) -> dict[str, dict]:
+    leases = {}
+    for share, holder in _json_files(store, LEASES_DIR).items():
+        if not isinstance(holder, dict):
+            leases[share] = {"error": str(holder), "live": False}
+            continue
+        try:
+            age = now - float(holder["renewed_unix"])
+            timeout = float(holder.get("timeout_s", 120.0))
+        except (KeyError, TypeError, ValueError):
+            leases[share] = {"error": f"{store.path(f'{LEASES_DIR}/{share}.json')} has no numeric renewed_unix",
+                             "live": False}
+            continue
+        leases[share] = {"hostname": holder.get("hostname"), "pid": holder.get("pid"),
+                         "started": holder.get("started"), "renewed_s_ago": round(age, 1), "timeout_s": timeout,
+                         "live": age <= timeout}
+    return leases
+
+
+def _dead_letters(store) -> dict:
+    by_stage: Counter = Counter()
+    files = total_bytes = 0
+    for relpath, size in sorted(store.list(fmt.DEAD_LETTER_DIR).items()):
+        name = fmt.basename(relpath)
+        if not name.endswith(fmt.DEAD_LETTER_SUFFIX) or fmt.is_temp_name(name):
+            continue
+        files += 1
+        total_bytes += size
+        for line in store.read_bytes(relpath).decode("utf-8", "replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                by_stage[str(json.loads(line).get("stage", "unknown"))] += 1
+            except (ValueError, AttributeError):
+                by_stage["unreadable line"] += 1
+    return {"total": sum(by_stage.values()), "by_stage": dict(sorted(by_stage.items())), "files": files,
+            "bytes": total_bytes}
+
+
+def _part_counts(store, paths: list[str]) -> dict[str, int]:
+    def count(relpath):
+        with store.open(relpath) as handle:
+            column = pq.read_table(handle, columns=["part"]).column("part")
+        if pa.types.is_dictionary(column.type):
+            column = column.cast(column.type.value_type)
+        return {row["values"]: row["counts"] for row in pc.value_counts(column).to_pylist()}
+
+    totals: Counter = Counter()
+    for counts in _parallel(count, paths):
+        totals.update(counts)
+    return dict(totals.most_common())
+
+
+def inspect_output(output: str, *, parts: bool = True, now: float | None = None) -> dict[str, Any]:
+    """The report `python -m pipeline.inspect --json` prints (see the module docstring)."""
+    store = _store(output)
+    now = time.time() if now is None else now
+    problems = []
+    manifest = None
+    if store.exists(fmt.MANIFEST_NAME):
+        try:
+            manifest = json.loads(store.read_bytes(fmt.MANIFEST_NAME))
+        except ValueError as err:
+            problems.append(f"{store.path(fmt.MANIFEST_NAME)} is not valid JSON ({err})")
+    marker_paths = sorted(p for p in store.list(fmt.SAMPLES_DIR)
+                          if p.endswith(fmt.PARQUET_SUFFIX) and not fmt.is_temp_name(fmt.basename(p)))
+    markers = []
+    for meta in _parallel(lambda p: _marker(store, p), marker_paths):
+        (problems.append(meta["error"]) if "error" in meta else markers.append(meta))
+    runs = _json_files(store, fmt.RUNS_DIR)
+    leases = _leases(store, now)
+    problems += [lease["error"] for lease in leases.values() if "error" in lease]
+
+    # hosts: shard workers, run records, leases
+    hosts: dict[str, dict] = defaultdict(lambda: {"shards": 0, "samples": 0, "tokens": 0, "run": None,
+                                                  "lease": None})
+    for meta in markers:
+        host = hosts[fmt.shard_worker(meta.get(fmt.KEY_SHARD, "")) or "?"]
+        host["shards"] += 1
+        host["samples"] += int(meta.get(fmt.KEY_NUM_SAMPLES, 0))
+        host["tokens"] += int(meta.get(fmt.KEY_NUM_TOKENS, 0))
+    for host, run in runs.items():
+        hosts[host]["run"] = ({k: run.get(k) for k in ("state", "started", "finished")} if isinstance(run, dict)
+                              else {"error": run})
+    for share, lease in leases.items():
+        hosts[share]["lease"] = lease
+
+    # activations: committed per hook and layer, then what no marker lists
+    listed = store.list(fmt.ACTIVATIONS_DIR)
+    committed = {}
+    pairs: dict[tuple[str, int], dict] = {}
+    for meta in markers:
+        for entry in meta.get(fmt.KEY_FILES, []):
+            committed[entry["path"]] = entry
+            pair = pairs.setdefault((entry["hook"], int(entry["layer"])), {"tokens": 0, "files": 0, "bytes": 0})
+            pair["tokens"] += int(entry["rows"])
+            pair["files"] += 1
+            pair["bytes"] += int(entry["bytes"])
+    uncommitted = sorted(p for p in listed if p not in committed)
+    missing = sorted(p for p in committed if p not in listed)
+    problems += [f"{store.path(p)} is listed by its commit marker but missing" for p in missing]
+
+    # dtypes: every marker should agree
+    dtypes = {}
+    for key in (fmt.KEY_D_MODEL, fmt.KEY_STORAGE_DTYPE, fmt.KEY_DTYPE, fmt.KEY_FORMAT_VERSION, "model"):
+        values = sorted({str(m.get(key)) for m in markers})
+        dtypes[key] = (int(values[0]) if values[0].isdigit() else values[0]) if len(values) == 1 else values
+        if len(values) > 1:
+            problems.append(f"shards disagree on {key}: {', '.join(values)}")
+
+    datasets: dict[str, dict] = defaultdict(lambda: {"samples": 0, "tokens": 0})
+    for meta in markers:
+        table = meta["datasets"]
+        for name, tokens in zip(table.column("dataset").to_pylist(), table.column("num_tokens").to_pylist()):
+            datasets[name]["samples"] += 1
+            datasets[name]["tokens"] += int(tokens)
+
+    part_counts, parts_of = None, None
+    if parts and pairs:
+        hook, layer = min(pairs)
+        parts_of = {"hook": hook, "layer": layer}
+        part_counts = _part_counts(store, sorted(p for p, e in committed.items()
+                                                 if e["hook"] == hook and int(e["layer"]) == layer and p in listed))
+
+    # state
+    live = sorted(share for share, lease in leases.items() if lease.get("live"))
+    in_manifest = ({f["path"] for f in manifest.get("files", []) if f.get("kind") == "samples"}
+                   if isinstance(manifest, dict) else set())
+    after_manifest = [p for p in marker_paths if p not in in_manifest]
+    if live:
+        state, why = "running", f"live lease held by {', '.join(live)}"
+    elif isinstance(manifest, dict) and not after_manifest and markers:
+        state, why = "finished", f"manifest.json written {manifest.get('written')} lists every commit marker"
+    elif not markers:
+        state, why = "empty", "no committed shard yet"
+    else:
+        state = "incomplete"
+        why = (f"{len(after_manifest)} commit markers " + ("that manifest.json does not list" if manifest else
+               "and no manifest.json") + " and no live lease: a run stopped before its manifest, or one without "
+               f"leases is still going; resume it, or rebuild the manifest with python -m pipeline.manifest {output}")
+
+    sample_bytes = sum(size for p, size in store.list(fmt.SAMPLES_DIR).items() if p in set(marker_paths))
+    dead = _dead_letters(store)
+    activation_bytes = sum(e["bytes"] for e in pairs.values())
+    return {
+        "output": str(store), "state": state, "state_reason": why,
+        "manifest": ({"written": manifest.get("written"), "state": manifest.get("state"),
+                      "format_version": manifest.get("format_version")} if isinstance(manifest, dict) else None),
+        "hosts": {name: hosts[name] for name in sorted(hosts)},
+        "live_hosts": live,
+        "model": dtypes.pop("model"), "d_model": dtypes[fmt.KEY_D_MODEL], "storage_dtype": dtypes[fmt.KEY_STORAGE_DTYPE],
+        "compute_dtype": dtypes[fmt.KEY_DTYPE], "format_version": dtypes[fmt.KEY_FORMAT_VERSION],
+        "shards": len(markers),
+        "activations": [{"hook": h, "layer": l, **pairs[(h, l)]} for h, l in sorted(pairs)],
+        "samples": sum(d["samples"] for d in datasets.values()),
+        "tokens": sum(d["tokens"] for d in datasets.values()),
+        "datasets": [{"dataset": name, **datasets[name]} for name in sorted(datasets)],
+        "parts": part_counts, "parts_of": parts_of,
+        "bytes": {"activations": activation_bytes, "samples": sample_bytes, "dead_letter": dead["bytes"],
+                  "total": activation_bytes + sample_bytes + dead["bytes"]},
+        "uncommitted_files": uncommitted,
+        "dead_letters": dead,
+        "problems": problems,
+    }
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+
+
+def _table(rows: list[list], indent: str = "  ") -> list[str]:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    def numeric(cell) -> bool:
+        return str(cell).replace(",", "").replace(".", "").split(" ")[0].isdigit()
+
+    return [indent + "  ".join(str(c).rjust(w) if numeric(c) else str(c).ljust(w) for c, w in zip(row, widths)
+                               ).rstrip() for row in rows]
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{report['output']}", f"state: {report['state']} ({report['state_reason']})",
+             f"model: {report['model']}  d_model {report['d_model']}  storage {report['storage_dtype']}  "
+             f"compute {report['compute_dtype']}  format {report['format_version']}", "hosts:"]
+    rows = [["host", "shards", "samples", "tokens", "run", "lease"]]
+    for name, host in report["hosts"].items():
+        run = host["run"] or {}
+        lease = host["lease"]
+        lease_text = ("-" if lease is None else lease.get("error") or
+                      f"{'live' if lease['live'] else 'stale'} ({lease['hostname']} pid {lease['pid']}, renewed "
+                      f"{lease['renewed_s_ago']:.0f} s ago)")
+        run_text = run.get("error") or (f"{run.get('state')} {run.get('started')} -> {run.get('finished')}"
+                                        if run else "-")
+        rows.append([name, f"{host['shards']:,}", f"{host['samples']:,}", f"{host['tokens']:,}", run_text, lease_text])
+    lines += _table(rows)
+    lines.append(f"activations: {report['shards']:,} committed shards")
+    rows = [["hook", "layer", "tokens", "files", "bytes"]]
+    rows += [[a["hook"], a["layer"], f"{a['tokens']:,}", f"{a['files']:,}", _size(a["bytes"])]
+             for a in report["activations"]]
+    lines += _table(rows) if len(rows) > 1 else ["  none"]
+    lines.append(f"samples: {report['samples']:,} ({report['tokens']:,} tokens)")
+    rows = [["dataset", "samples", "tokens"]] + [[d["dataset"], f"{d['samples']:,}", f"{d['tokens']:,}"]
+                                                 for d in report["datasets"]]
+    lines += _table(rows) if len(rows) > 1 else []
+    if report["parts"] is not None:
+        lines.append(f"parts (tokens of {report['parts_of']['hook']} layer {report['parts_of']['layer']}):")
+        lines += _table([["part", "tokens"]] + [[p, f"{n:,}"] for p, n in report["parts"].items()])
+    b = report["bytes"]
+    lines.append(f"bytes: activations {_size(b['activations'])}, samples {_size(b['samples'])}, dead letters "
+                 f"{_size(b['dead_letter'])}, total {_size(b['total'])}")
+    dead = report["dead_letters"]
+    stages = ", ".join(f"{stage} {n:,}" for stage, n in dead["by_stage"].items())
+    lines.append(f"dead letters: {dead['total']:,}" + (f" ({stages})" if stages else ""))
+    uncommitted = report["uncommitted_files"]
+    lines.append(f"uncommitted activation files (never read): {len(uncommitted):,}")
+    lines += [f"  {p}" for p in uncommitted[:10]] + ([f"  ... {len(uncommitted) - 10:,} more"]
+                                                     if len(uncommitted) > 10 else [])
+    lines += [f"problem: {p}" for p in report["problems"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.inspect", description=__doc__.splitlines()[0])
+    parser.add_argument("output", help="OUTPUT of pipeline.run: a local path or gs://bucket/prefix")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    parser.add_argument("--no_parts", action="store_true",
+                        help="skip the prompt-part token counts (they read the part column of one hook and layer)")
+    args = parser.parse_args(argv)
+    try:
+        report = inspect_output(args.output, parts=not args.no_parts)
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        print(f"pipeline.inspect: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

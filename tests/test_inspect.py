@@ -1,0 +1,94 @@
+"""python -m pipeline.inspect on an output the real pipeline wrote: finished, running (a live lease), stopped before
+its manifest, empty; the text report and --json."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline.inspect import inspect_output
+from tests.pipeline_output import HOOKS, LAYER, pipeline_output
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def output(tmp_path_factory, tiny_checkpoint):
+    return pipeline_output(tmp_path_factory, tiny_checkpoint)
+
+
+def run_inspect(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline.inspect", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+
+
+def test_a_finished_output_at_a_glance(output):
+    manifest = json.loads((output / "manifest.json").read_text())
+    done = run_inspect(output, "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["state"] == "finished" and report["live_hosts"] == [] and report["problems"] == []
+    assert report["d_model"] == 64 and report["storage_dtype"] == "bfloat16" and report["format_version"] == 2
+    counts = manifest["counts"]
+    assert report["shards"] == counts["shards"] and report["samples"] == counts["samples"] == 4
+    assert {(a["hook"], a["layer"]): a["tokens"] for a in report["activations"]} == {
+        (hook, LAYER): counts["tokens_per_hook_layer"][hook][str(LAYER)] for hook in HOOKS}
+    assert sum(a["bytes"] for a in report["activations"]) == report["bytes"]["activations"]
+    assert [d["samples"] for d in report["datasets"]] == [4] and report["tokens"] == counts["tokens"]
+    assert sum(report["parts"].values()) == counts["tokens"] and "test_input" in report["parts"]
+    assert report["dead_letters"]["by_stage"] == {"validate": 1} == counts["rejected_by_stage"]
+    assert report["hosts"]["h000"]["run"]["state"] == manifest["state"]
+    assert report["hosts"]["h000"]["tokens"] == counts["tokens"] and report["uncommitted_files"] == []
+
+    text = run_inspect(output).stdout
+    assert "state: finished" in text and "resid_post" in text and "validate 1" in text and "test_input" in text
+
+
+def test_running_stopped_and_empty_outputs(output, tmp_path):
+    copy = tmp_path / "out"
+    shutil.copytree(output, copy)
+    (copy / "manifest.json").unlink()
+    stray = copy / "activations" / "hook=resid_post" / f"layer={LAYER}" / ".tmp-0123-h001-00ff.parquet"
+    stray.write_bytes(b"partial")
+    report = inspect_output(str(copy), parts=False)
+    assert report["state"] == "incomplete" and "no manifest.json" in report["state_reason"]
+    assert report["uncommitted_files"] == [f"activations/hook=resid_post/layer={LAYER}/{stray.name}"]
+    assert report["parts"] is None
+
+    leases = copy / "_leases"
+    leases.mkdir()
+    now = time.time()
+    (leases / "h000.json").write_text(json.dumps({"hostname": "vm-0", "pid": 4242, "renewed_unix": now - 5,
+                                                  "timeout_s": 120}))
+    (leases / "h001.json").write_text(json.dumps({"hostname": "vm-1", "pid": 7, "renewed_unix": now - 600,
+                                                  "timeout_s": 120}))
+    report = inspect_output(str(copy), parts=False, now=now)
+    assert report["state"] == "running" and report["live_hosts"] == ["h000"]
+    assert report["hosts"]["h000"]["lease"]["live"] and not report["hosts"]["h001"]["lease"]["live"]
+    assert "live (vm-0 pid 4242" in run_inspect(copy, "--no_parts").stdout
+
+    (leases / "h001.json").write_text("{broken")
+    report = inspect_output(str(copy), parts=False, now=now)
+    assert any("h001.json is not valid JSON" in p for p in report["problems"])
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert inspect_output(str(empty))["state"] == "empty"
+    done = run_inspect(tmp_path / "nowhere")
+    assert done.returncode == 2 and "nowhere" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_gcs_output_reads_like_the_local_one(output, gcs_emulator):
+    from tests.pipeline_output import upload
+
+    remote = inspect_output(upload(output, gcs_emulator, "inspect/out"))
+    local = inspect_output(str(output))
+    assert remote["output"].startswith("gs://") and remote["state"] == "finished"
+    for key in ("activations", "samples", "tokens", "datasets", "parts", "bytes", "dead_letters", "hosts",
+                "uncommitted_files", "problems"):
+        assert remote[key] == local[key], key
