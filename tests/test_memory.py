@@ -13,8 +13,9 @@ from model.memory import DeviceMemoryError, check_forward_memory, estimate_forwa
 
 REPO = Path(__file__).resolve().parents[1]
 # The estimate may exceed the measured peak by up to 40% (it counts the previous batch's outputs, which a single
-# forward does not hold, and float32 transients everywhere) and fall short of it by at most 15%.
-LOW, HIGH = 0.85, 1.40
+# forward does not hold, and float32 transients everywhere) and fall short of it by at most 25%: the peak RSS of
+# the very same forward varies from run to run on a shared machine (allocator and page reuse), see docs/model.md.
+LOW, HIGH = 0.75, 1.40
 
 _PROBE = """
 import json, resource, sys
