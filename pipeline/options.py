@@ -12,6 +12,8 @@ from pipeline.lease import DEFAULT_TIMEOUT_S as DEFAULT_LEASE_TIMEOUT_S
 DEFAULT_DATASET = "barc0/200k_HEAVY_gpt4o-description-gpt4omini-code_generated_problems"
 HOOK_CHOICES = HOOKS
 STORAGE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+# model.qwen2.ATTENTION_IMPLEMENTATIONS, named here without importing JAX (a test keeps the two equal).
+ATTENTION_CHOICES = ("auto", "xla", "cudnn", "splash", "xla_dense")
 # Parquet encoding (ZSTD) and hashing are the host's heaviest work per token; leave cores for Beam and JAX.
 DEFAULT_WRITER_THREADS = min(16, max(2, (os.cpu_count() or 4) - 2))
 
@@ -114,7 +116,7 @@ class ExtractOptions(PipelineOptions):
                            help="Packing groups (deterministic shuffle keys); default derived from the batch size.")
         group.add_argument("--model_parallelism", type=_positive_int("model_parallelism"), default=1,
                            help="Devices per model replica (the mesh's model axis); the rest go to the data axis.")
-        group.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn", "splash", "xla_dense"),
+        group.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
                            help="Attention kernel. auto: splash (Pallas) on TPU, cuDNN on GPU for bf16, xla "
                                 "elsewhere. xla: blockwise (flash) attention in plain JAX, memory linear in the "
                                 "length; xla_dense: the full L x L mask and logits, for comparison.")

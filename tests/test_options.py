@@ -29,3 +29,10 @@ def test_good_values_and_typos():
     assert problems("--output=/tmp/x", "--writer_memory_gib=0.5", "--writer_threads=3") == []
     found = problems("--output=/tmp/x", "--writer_memory=4")
     assert len(found) == 1 and "--writer_memory_gib" in found[0], found
+
+
+def test_attention_choices_are_the_models():
+    from model.qwen2 import ATTENTION_IMPLEMENTATIONS
+    from pipeline.options import ATTENTION_CHOICES
+
+    assert set(ATTENTION_CHOICES) == set(ATTENTION_IMPLEMENTATIONS)
