@@ -13,7 +13,6 @@ import logging
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import apache_beam as beam
@@ -102,20 +101,19 @@ def check_resume_matches(opts: ExtractOptions, shards: dict, hooks, layers) -> N
 
 
 def check_output_location(opts: ExtractOptions) -> None:
-    """Refuses an --output that cannot hold a dataset before any model is loaded or data read."""
+    """Refuses an --output that cannot hold a dataset before any model is loaded or data read; creates nothing."""
     if opts.output.startswith("gs://"):
         return  # taking the lease is the first write: it fails with the bucket's own error
     path = os.path.abspath(os.path.expanduser(opts.output))
     if os.path.exists(path) and not os.path.isdir(path):
         raise OptionError(f"--output={opts.output}: {path} is a file, not a directory: choose a directory (new or "
                           "holding an earlier run of this pipeline).")
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe-")
-        probe.close()
-    except OSError as err:
-        raise OptionError(f"--output={opts.output}: cannot write in {path} ({err.strerror or err}): fix its "
-                          "permissions or free space, or choose another --output.") from None
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise OptionError(f"--output={opts.output}: cannot write in {existing} (not a writable directory): fix its "
+                          "permissions, or choose another --output.")
 
 
 def check_identity_file(opts: ExtractOptions, identity: dict, has_commits: bool) -> None:

@@ -24,7 +24,7 @@ __all__ = ["saelens_scaling_factor", "mean_token_norm", "STATS_NAME"]
 
 def _stats_record(ds, hook: str, layer: int) -> dict | None:
     """The stats.json record of a hook and layer, or None when the output has no stats.json or no such record."""
-    hook, layer = ds._check_pair(hook, layer)
+    hook, layer = ds.check_pair(hook, layer)
     store = ds._store
     if not store.exists(STATS_NAME):
         return None

@@ -490,7 +490,7 @@ def repair_output(output: str, deep: bool = False) -> tuple[list[str], VerifyRep
                        + "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else ""))
     keep = {samples_relpath(shard) for shard in report.markers if shard not in doomed}
     keep |= {entry["path"] for shard, marker in report.markers.items() if shard not in doomed
-             for entry in marker[KEY_FILES]}
+             for entry in _shard_files(marker)}
     for relpath in _delete(root, [path for path in _data_files(root) if path not in keep]):
         actions.append(f"deleted {relpath} (no committed shard holds it)")
     dead = {f.path for f in report.findings if f.advice is REWRITE_DEAD_LETTERS}

@@ -61,7 +61,7 @@ def test_running_stopped_and_empty_outputs(output, tmp_path):
     assert report["parts"] is None
 
     leases = copy / "_leases"
-    leases.mkdir()
+    leases.mkdir(exist_ok=True)
     now = time.time()
     (leases / "h000.json").write_text(json.dumps({"hostname": "vm-0", "pid": 4242, "renewed_unix": now - 5,
                                                   "timeout_s": 120}))

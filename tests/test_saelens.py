@@ -100,10 +100,15 @@ def write_stats(root, ds, hook, layer) -> float:
 def test_scaling_factor_from_stats_spares_the_estimate(output, tmp_path):
     import torch
 
-    assert saelens_scaling_factor(open_activations(str(output)), HOOK, LAYER) is None  # no statistics: None
+    written = open_activations(str(output))  # the pipeline's own stats.json
+    norms = np.linalg.norm(written.to_numpy(HOOK, LAYER, dtype="float32").astype(np.float64), axis=1)
+    assert saelens_scaling_factor(written, HOOK, LAYER) == pytest.approx(
+        math.sqrt(written.d_model) / norms.mean(), rel=1e-9)
     copy = tmp_path / "out"
     shutil.copytree(output, copy)
+    (copy / STATS_NAME).unlink()
     ds = open_activations(str(copy))
+    assert saelens_scaling_factor(ds, HOOK, LAYER) is None  # no statistics: None
     mean = write_stats(copy, ds, HOOK, LAYER)
     factor = saelens_scaling_factor(ds, HOOK, LAYER)
     assert factor == pytest.approx(math.sqrt(ds.d_model) / mean, rel=1e-12)
