@@ -18,7 +18,6 @@ Imports pyarrow, numpy and ml_dtypes only; google-cloud-storage for gs:// output
 """
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
 import os
@@ -37,7 +36,6 @@ from transforms import output_format as fmt
 
 __all__ = ["open_activations", "ActivationDataset", "ActivationBatches", "DEFAULT_BUFFER_BYTES"]
 
-_THREADS = 16
 # Column chunks are read through a buffer of this size, page by page, instead of whole: a row group in flight
 # then costs its decoded size, not twice that.
 _READ_BUFFER = 4 * 1024 * 1024
@@ -166,14 +164,6 @@ def _store(output: str):
     return _LocalStore(output)
 
 
-def _parallel(function, items):
-    items = list(items)
-    if len(items) <= 1:
-        return [function(item) for item in items]
-    with concurrent.futures.ThreadPoolExecutor(min(_THREADS, len(items))) as pool:
-        return list(pool.map(function, items))
-
-
 # -------------------------------------------------------------------------------------------- files
 
 @dataclass(frozen=True)
@@ -238,7 +228,7 @@ class ActivationDataset:
             markers = sorted(p for p in store.list(fmt.SAMPLES_DIR)
                              if p.endswith(fmt.PARQUET_SUFFIX) and not fmt.is_temp_name(fmt.basename(p)))
             entries = None
-        metas = _parallel(self._marker, markers)
+        metas = fmt.parallel_map(self._marker, markers)
         if entries is None:
             entries = [dict(entry, shard=meta[fmt.KEY_SHARD]) for meta in metas for entry in meta[fmt.KEY_FILES]]
         self._check_shards_agree(metas)
@@ -260,7 +250,7 @@ class ActivationDataset:
                                  "truncated or rewritten, refused; run python -m pipeline.verify on it")
             files.append(file)
         if check_sha256:
-            for file, digest in zip(files, _parallel(lambda f: self._sha256(f.path), files)):
+            for file, digest in zip(files, fmt.parallel_map(lambda f: self._sha256(f.path), files)):
                 if digest != file.sha256:
                     raise ValueError(f"{store.path(file.path)}: sha256 {digest} differs from the {self.source}' "
                                      f"{file.sha256}: the file is corrupt, refused")
@@ -340,7 +330,7 @@ class ActivationDataset:
         def read(relpath):
             with self._store.open(relpath) as handle:
                 return pq.read_table(handle, columns=columns, page_checksum_verification=True)
-        tables = _parallel(read, self.samples_files)
+        tables = fmt.parallel_map(read, self.samples_files)
         return pa.concat_tables(t.replace_schema_metadata(None) for t in tables)
 
     def _footer(self, file: _File) -> pq.FileMetaData:
@@ -365,7 +355,7 @@ class ActivationDataset:
         key = (hook, layer)
         if key not in self._units:
             files = [f for f in self._files if f.hook == hook and f.layer == layer]
-            footers = _parallel(self._footer, files)
+            footers = fmt.parallel_map(self._footer, files)
             self._units[key] = [_Unit(file, g, footer.row_group(g).num_rows)
                                 for file, footer in zip(files, footers) for g in range(footer.num_row_groups)
                                 if footer.row_group(g).num_rows]
@@ -448,7 +438,7 @@ class ActivationDataset:
         them) as numpy arrays."""
         where, join = self.check_where(where)
         dtype = fmt.read_dtype(dtype, self.storage_dtype)
-        parts = _parallel(lambda unit: self.read_unit(unit, where, join, with_metadata), self.units(hook, layer))
+        parts = fmt.parallel_map(lambda unit: self.read_unit(unit, where, join, with_metadata), self.units(hook, layer))
         values = np.concatenate([p[0] for p in parts]) if parts else np.zeros(
             (0, self.d_model), fmt.storage_numpy_dtype(self.storage_dtype))
         values = fmt.widen(values, dtype)

@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.dataset import _parallel, _store
+from pipeline.dataset import _store
+from transforms.output_format import parallel_map
 from transforms import output_format as fmt
 
 LEASES_DIR = "_leases"
@@ -105,7 +106,7 @@ def _part_counts(store, paths: list[str]) -> dict[str, int]:
         return {row["values"]: row["counts"] for row in pc.value_counts(column).to_pylist()}
 
     totals: Counter = Counter()
-    for counts in _parallel(count, paths):
+    for counts in parallel_map(count, paths):
         totals.update(counts)
     return dict(totals.most_common())
 
@@ -124,7 +125,7 @@ def inspect_output(output: str, *, parts: bool = True, now: float | None = None)
     marker_paths = sorted(p for p in store.list(fmt.SAMPLES_DIR)
                           if p.endswith(fmt.PARQUET_SUFFIX) and not fmt.is_temp_name(fmt.basename(p)))
     markers = []
-    for meta in _parallel(lambda p: _marker(store, p), marker_paths):
+    for meta in parallel_map(lambda p: _marker(store, p), marker_paths):
         (problems.append(meta["error"]) if "error" in meta else markers.append(meta))
     runs = _json_files(store, fmt.RUNS_DIR)
     leases = _leases(store, now)

@@ -7,6 +7,7 @@ here are relative to the output root with `/` separators, on local disk and gs:/
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
 import uuid
@@ -302,3 +303,16 @@ def parquet_bytes(table: pa.Table, vector_columns: Sequence[str] = (), row_group
         table, sink, compression="zstd", compression_level=compression_level, use_dictionary=others,
         write_statistics=others, row_group_size=row_group_size, write_page_checksum=True)
     return sink.getvalue()
+
+
+# Listing, footers and digests of many small files are latency-bound (gs:// above all): a few threads hide it.
+_IO_THREADS = 16
+
+
+def parallel_map(function, items):
+    """[function(item) for item in items], on threads when there is more than one item."""
+    items = list(items)
+    if len(items) <= 1:
+        return [function(item) for item in items]
+    with concurrent.futures.ThreadPoolExecutor(min(_IO_THREADS, len(items))) as pool:
+        return list(pool.map(function, items))

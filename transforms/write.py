@@ -56,6 +56,7 @@ from transforms.output_format import (  # noqa: F401 - the format's names, re-ex
     check_worker_prefix,
     dead_letter_relpath,
     decode_metadata,
+    parallel_map,
     parquet_bytes,
     relative_to,
     row_group_rows,
@@ -68,7 +69,6 @@ from transforms.output_format import (  # noqa: F401 - the format's names, re-ex
     vectors_to_column,
 )
 
-_LISTING_THREADS = 16
 
 
 # ----------------------------------------------------------------------------------------------- naming
@@ -513,14 +513,6 @@ def match_files(pattern: str) -> list:
 def _read_footer(path: str) -> pq.FileMetaData:
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
         return pq.ParquetFile(handle, page_checksum_verification=True).metadata
-
-
-def parallel_map(function, items):
-    items = list(items)
-    if len(items) <= 1:
-        return [function(item) for item in items]
-    with concurrent.futures.ThreadPoolExecutor(min(_LISTING_THREADS, len(items))) as pool:
-        return list(pool.map(function, items))
 
 
 def samples_files(output_root: str) -> list[str]:
