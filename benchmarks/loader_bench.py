@@ -23,12 +23,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SAMPLE_TOKENS = 20_000
 
 
-def write(root: str, tokens: int, d_model: int, samples_per_shard: int) -> dict:
+def write(root: str, tokens: int, d_model: int, samples_per_shard: int, compression: str) -> dict:
     import ml_dtypes
 
     from transforms.write import ShardWriter
 
-    writer = ShardWriter(root, "h000", "synthetic", "bfloat16", "bfloat16")
+    writer = ShardWriter(root, "h000", "synthetic", "bfloat16", "bfloat16", activation_compression=compression)
     rng = np.random.default_rng(0)
     written = shard = 0
     started = time.perf_counter()
@@ -63,20 +63,26 @@ def read(root: str, batch_tokens: int, buffer_tokens: int | None, dtype: str, re
     before = _rss_bytes()
     loader = ds.batches("resid_post", 6, batch_tokens, dtype=dtype, buffer_tokens=buffer_tokens,
                         readahead=readahead, drop_last=False)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
     tokens = batches = 0
     checksum = 0.0
     for batch in loader:
         tokens += len(batch)
         batches += 1
         checksum += float(batch[0, 0])
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     itemsize = 2
     return {"tokens": tokens, "batches": batches, "seconds": round(seconds, 3), "tok_s": round(tokens / seconds),
+            "cpu_s": round(cpu, 3), "tok_per_cpu_s": round(tokens / cpu), "load_average": os.getloadavg()[0],
             "buffer_tokens": loader.buffer_tokens, "buffer_bytes": loader._capacity * ds.d_model * itemsize,
             "rss_before_loader": before, "rss_peak": peak, "rss_growth": peak - before,
             "num_tokens": ds.num_tokens("resid_post", 6), "row_groups": len(ds.units("resid_post", 6))}
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _rss_bytes() -> int:
@@ -95,9 +101,10 @@ def main(argv=None) -> int:
     parser.add_argument("--buffer_tokens", type=int, default=None)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--readahead", type=int, default=1)
+    parser.add_argument("--compression", default="none", help="write: the activation column's codec")
     args = parser.parse_args(argv)
     if args.mode == "write":
-        result = write(args.root, args.tokens, args.d_model, args.samples_per_shard)
+        result = write(args.root, args.tokens, args.d_model, args.samples_per_shard, args.compression)
     else:
         result = read(args.root, args.batch_tokens, args.buffer_tokens, args.dtype, args.readahead)
     print(json.dumps(result))

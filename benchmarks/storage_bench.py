@@ -70,7 +70,7 @@ def encode(table, storage_dtype, level):
     """Format 2, exactly as the shard writer encodes it."""
     d_model = int(table.schema.metadata[b"d_model"])
     return parquet_bytes(table, vector_columns=("activation",), row_group_size=row_group_rows(d_model, storage_dtype),
-                         compression_level=level)
+                         compression_level=level, vector_compression="zstd")
 
 
 def encode_format1(table, storage_dtype, level):
@@ -207,6 +207,34 @@ def page_checksum_cost(tokens: int, d_model: int, repeats: int) -> list[dict]:
              "decode_tokens_per_s": round(tokens / best["decode", checksums])} for checksums in (False, True)]
 
 
+def codec_cost(tokens: int, d_model: int, repeats: int) -> list[dict]:
+    """The activation column's codec (ACTIVATION_COMPRESSIONS), as the writer encodes it (parquet_bytes, page
+    checksums on) and as readers decode it (`read_table` with page checksum verification plus
+    activations_to_numpy): bytes and tok/s, best of `repeats`, both distributions, bf16 storage."""
+    from transforms.output_format import ACTIVATION_COMPRESSIONS
+
+    rng = np.random.default_rng(0)
+    samples, placements = make_samples(tokens, rng)
+    rows = []
+    for kind in ("checkpoint-like", "normal"):
+        table = activation_table(samples, placements, make_values(kind, tokens, d_model, rng, "bfloat16"),
+                                 "resid_post", 12, "bfloat16")
+        for codec in ACTIVATION_COMPRESSIONS:
+            def encode():
+                return parquet_bytes(table, vector_columns=("activation",), vector_compression=codec,
+                                     row_group_size=row_group_rows(d_model, "bfloat16"))
+
+            data = encode()
+            encode_s, _ = _best(encode, repeats)
+            decode_s, _ = _best(lambda: activations_to_numpy(pq.read_table(
+                pa.BufferReader(data), page_checksum_verification=True)), repeats)
+            rows.append({"distribution": kind, "activation_compression": codec,
+                         "bytes_per_value": round(data.size / (tokens * d_model), 3),
+                         "encode_tokens_per_s": round(tokens / encode_s),
+                         "decode_tokens_per_s": round(tokens / decode_s)})
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=16384)
@@ -216,7 +244,14 @@ def main(argv=None) -> int:
     parser.add_argument("--page_checksums", action="store_true",
                         help="only compare Parquet encoding and decoding with page checksums on and off (best of "
                              "--repeats, alternating); the table encoding excluded")
+    parser.add_argument("--codecs", action="store_true",
+                        help="only compare the activation column's codecs (none, zstd): bytes, encode and decode "
+                             "tok/s with page checksums")
     args = parser.parse_args(argv)
+    if args.codecs:
+        for row in codec_cost(args.tokens, args.d_model, args.repeats):
+            print(json.dumps(row))
+        return 0
     if args.page_checksums:
         rows = page_checksum_cost(args.tokens, args.d_model, args.repeats)
         for row in rows:

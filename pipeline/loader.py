@@ -31,6 +31,8 @@ __all__ = ["ActivationBatches", "MappedBatches", "DEFAULT_BUFFER_BYTES", "torch_
 # Default shuffle buffer: this many bytes of vectors in the storage dtype (tokens = bytes / (d_model x itemsize)).
 DEFAULT_BUFFER_BYTES = 256 * 1024 * 1024
 _STATE_VERSION = 1
+# Rows gathered and widened at a time: a tile that stays in the L2 cache between the two passes.
+_TILE_ROWS = 256
 
 
 def _positive(name: str, value, allow_none: bool = False):
@@ -88,7 +90,7 @@ class ActivationBatches:
             [(u.file.path, u.file.sha256, u.row_group, u.rows) for u in self._units]).encode()).hexdigest()
         # The buffer holds up to buffer_tokens plus one row group; allocated on first use.
         self._capacity = (self.buffer_tokens if self.shuffle else self.batch_tokens) + max(u.rows for u in self._units)
-        self._vectors = None
+        self._vectors = self._raw = self._tile = None
         self._columns: dict[str, np.ndarray] = {}
         self._unit_of = np.zeros(0, np.int64)
         self._row_of = np.zeros(0, np.int64)
@@ -150,7 +152,7 @@ class ActivationBatches:
             if (found >= len(unit_rows)).any() or (unit_rows[np.minimum(found, len(unit_rows) - 1)]
                                                    != rows[wanted]).any():
                 raise ValueError(f"load_state_dict: {self._units[unit].file.path} lacks rows the state buffered")
-            self._vectors[wanted] = values[found]
+            self._raw[wanted] = values.view(self._raw.dtype)[found]
             for name, column in (columns or {}).items():
                 self._column(name, column.dtype)[wanted] = column[found]
         self._unit_of[:len(units)], self._row_of[:len(units)] = units, rows
@@ -164,6 +166,8 @@ class ActivationBatches:
     def _ensure_buffer(self) -> None:
         if self._vectors is None:
             self._vectors = np.empty((self._capacity, self._ds.d_model), self._storage)
+            # Every copy goes through unsigned views: numpy moves ml_dtypes.bfloat16 rows element by element.
+            self._raw = self._vectors.view(f"u{self._storage.itemsize}")
             self._unit_of = np.empty(self._capacity, np.int64)
             self._row_of = np.empty(self._capacity, np.int64)
 
@@ -200,13 +204,13 @@ class ActivationBatches:
         if self._head:  # FIFO mode: move what is left to the front before appending
             live = slice(self._head, self._count)
             size = self._count - self._head
-            self._vectors[:size] = self._vectors[live]
+            self._raw[:size] = self._raw[live]
             self._unit_of[:size], self._row_of[:size] = self._unit_of[live], self._row_of[live]
             for column in self._columns.values():
                 column[:size] = column[live]
             self._head, self._count = 0, size
         end = self._count + n
-        self._vectors[self._count:end] = values
+        self._raw[self._count:end] = values.view(self._raw.dtype)
         self._unit_of[self._count:end] = unit
         self._row_of[self._count:end] = rows
         for name, column in (columns or {}).items():
@@ -221,27 +225,56 @@ class ActivationBatches:
         """Removes the next batch's n tokens from the buffer and returns them."""
         if not self.shuffle:
             picks = np.arange(self._head, self._head + n)
-            vectors, columns = self._vectors[picks], {k: v[picks] for k, v in self._columns.items()}
+            vectors, columns = self._gather(picks), {k: v[picks] for k, v in self._columns.items()}
             self._head += n
             if self._head == self._count:
                 self._head = self._count = 0
         else:
             picks = self._rng.choice(self._count, size=n, replace=False)
-            vectors, columns = self._vectors[picks], {k: v[picks] for k, v in self._columns.items()}
+            vectors, columns = self._gather(picks), {k: v[picks] for k, v in self._columns.items()}
             # Refill the holes the picks leave below `tail` with the unpicked tokens above it: O(n), not O(buffer).
             tail = self._count - n
             in_tail = picks >= tail
             taken = np.zeros(n, bool)
             taken[picks[in_tail] - tail] = True
             holes, sources = picks[~in_tail], tail + np.flatnonzero(~taken)
-            self._vectors[holes] = self._vectors[sources]
+            self._move(sources, holes)
             self._unit_of[holes], self._row_of[holes] = self._unit_of[sources], self._row_of[sources]
             for column in self._columns.values():
                 column[holes] = column[sources]
             self._count = tail
         self._batches += 1
-        out = fmt.widen(vectors, self.dtype)
-        return (out, columns) if self.with_metadata else out
+        return (vectors, columns) if self.with_metadata else vectors
+
+    def _scratch(self) -> np.ndarray:
+        if self._tile is None:
+            self._tile = np.empty((_TILE_ROWS, self._ds.d_model), self._raw.dtype)
+        return self._tile
+
+    def _gather(self, picks: np.ndarray) -> np.ndarray:
+        """The picked buffer rows in the batch dtype, widened tile by tile while each tile is still in cache."""
+        if self.dtype == self._storage:
+            return np.take(self._raw, picks, axis=0).view(self._storage)
+        out = np.empty((len(picks), self._ds.d_model), self.dtype)
+        tile = self._scratch()
+        bfloat16 = self._storage == fmt.storage_numpy_dtype("bfloat16")
+        wide = out.view(np.uint32) if bfloat16 else out
+        for start in range(0, len(picks), _TILE_ROWS):
+            chunk = picks[start:start + _TILE_ROWS]
+            rows = tile[:len(chunk)]
+            np.take(self._raw, chunk, axis=0, out=rows)
+            if bfloat16:  # bfloat16 -> float32 is the same bits in the high half of the word: exact
+                np.left_shift(rows, 16, out=wide[start:start + len(chunk)], dtype=np.uint32)
+            else:
+                wide[start:start + len(chunk)] = rows.view(self._storage)
+        return out
+
+    def _move(self, sources: np.ndarray, targets: np.ndarray) -> None:
+        tile = self._scratch()
+        for start in range(0, len(sources), _TILE_ROWS):
+            chunk = sources[start:start + _TILE_ROWS]
+            np.take(self._raw, chunk, axis=0, out=tile[:len(chunk)])
+            self._raw[targets[start:start + _TILE_ROWS]] = tile[:len(chunk)]
 
     def __next__(self):
         while not self._done:

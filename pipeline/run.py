@@ -242,7 +242,8 @@ def build_pipeline(p: beam.Pipeline, opts: ExtractOptions, *, hooks, layers, com
         output_root=opts.output, worker_prefix=worker_prefix(opts), model_name=opts.model,
         compute_dtype=opts.dtype, storage_dtype=storage_dtype(opts), threads=opts.writer_threads,
         memory_bytes=None if opts.writer_memory_gib is None else max(1, int(opts.writer_memory_gib * (1 << 30))),
-        identity=None if identity is None else identity_lib.encode(identity))
+        identity=None if identity is None else identity_lib.encode(identity),
+        activation_compression=opts.activation_compression)
     dead = (read.dead_letter, checked.dead_letter, tokenized.dead_letter) | "AllDeadLetters" >> beam.Flatten()
     dead | "WriteDeadLetters" >> WriteDeadLetters(opts.output, worker_prefix(opts))
     return summaries

@@ -140,8 +140,25 @@ def test_bf16_round_trip_bit_exact_through_float32(tmp_path):
     assert meta["d_model"] == str(D_MODEL) and meta["shard"] == f"h000-{batch['batch_id']}"
     col = footer.row_group(0).column(3)
     assert col.path_in_schema == "activation"
-    assert col.physical_type == "FIXED_LEN_BYTE_ARRAY" and col.compression == "ZSTD"
+    assert col.physical_type == "FIXED_LEN_BYTE_ARRAY" and col.compression == "UNCOMPRESSED"
     assert "PLAIN" in col.encodings and not col.is_stats_set
+    assert footer.row_group(0).column(1).compression == "ZSTD"  # the small columns stay compressed
+
+
+def test_zstd_activation_column_reads_back_the_same_values(tmp_path):
+    batch = make_batch()
+    acts = extracted(batch)
+    roots = {codec: str(tmp_path / codec) for codec in ("none", "zstd")}
+    for codec, root in roots.items():
+        ShardWriter(root, "h000", "random:tiny", "bfloat16", "bfloat16", activation_compression=codec).write_shard(
+            batch["batch_id"], batch["samples"], batch["placements"], acts)
+    path = f"/activations/hook=resid_post/layer=1/h000-{batch['batch_id']}.parquet"
+    assert pq.read_metadata(roots["zstd"] + path).row_group(0).column(3).compression == "ZSTD"
+    tables = [pq.read_table(root + path) for root in roots.values()]
+    np.testing.assert_array_equal(activations_to_numpy(tables[0]).view(np.uint16),
+                                  activations_to_numpy(tables[1]).view(np.uint16))
+    with pytest.raises(ValueError, match="activation compression 'lz4'"):
+        ShardWriter(roots["zstd"], "h000", "random:tiny", "bfloat16", "bfloat16", activation_compression="lz4")
 
 
 @pytest.mark.parametrize("storage", ["float32", "float16", "bfloat16"])

@@ -30,6 +30,8 @@ from transforms.annotations import PART_NAMES
 from transforms.batching import stable_group
 from transforms.metrics import NAMESPACE
 from transforms.output_format import (  # noqa: F401 - the format's names, re-exported for the writer's callers
+    ACTIVATION_COMPRESSIONS,
+    DEFAULT_ACTIVATION_COMPRESSION,
     ACTIVATIONS_DIR,
     ANNOTATION_DTYPES,
     DEAD_LETTER_DIR,
@@ -260,7 +262,7 @@ class ShardWriter:
 
     def __init__(self, output_root: str, worker_prefix: str, model_name: str, compute_dtype: str,
                  storage_dtype: str = "float32", compression_level: int = ZSTD_LEVEL, skip_committed: bool = False,
-                 identity: str | None = None):
+                 identity: str | None = None, activation_compression: str = DEFAULT_ACTIVATION_COMPRESSION):
         """identity: the run identity (pipeline.identity, JSON) recorded in every commit marker.
         skip_committed: a shard whose commit marker exists is not written again (a Beam retry of a bundle
         that had already committed it). Recomputed activations need not be bit-identical on every
@@ -273,6 +275,10 @@ class ShardWriter:
         self.compute_dtype = compute_dtype
         self.storage_dtype = storage_dtype
         self.compression_level = compression_level
+        if activation_compression not in ACTIVATION_COMPRESSIONS:
+            raise ValueError(f"activation compression {activation_compression!r}: expected one of "
+                             f"{', '.join(ACTIVATION_COMPRESSIONS)}")
+        self.activation_compression = activation_compression
         self.skip_committed = skip_committed
         self.identity = identity
 
@@ -307,7 +313,8 @@ class ShardWriter:
         d_model = int(metadata["d_model"])
         data = parquet_bytes(table, vector_columns=("activation",),
                              row_group_size=row_group_rows(d_model, self.storage_dtype),
-                             compression_level=self.compression_level)
+                             compression_level=self.compression_level,
+                             vector_compression=self.activation_compression)
         stats = activation_stats.from_arrow(table, hook, layer, self.storage_dtype, int(metadata[KEY_OVERFLOW]))
         relpath = activation_relpath(hook, layer, shard)
         final = join(self.output_root, relpath)
@@ -411,9 +418,10 @@ class _WriteShardFn(beam.DoFn):
     bundle and Beam's retry rewrites it."""
 
     def __init__(self, output_root, worker_prefix, model_name, compute_dtype, storage_dtype, threads=4,
-                 memory_bytes=None, identity=None):
+                 memory_bytes=None, identity=None, activation_compression=DEFAULT_ACTIVATION_COMPRESSION):
         self._args = (output_root, worker_prefix, model_name, compute_dtype, storage_dtype)
         self._identity = identity
+        self._compression = activation_compression
         self._threads = threads
         self._memory_bytes = memory_bytes
         self._shards = beam.metrics.Metrics.counter(NAMESPACE, "shards_written")
@@ -425,7 +433,8 @@ class _WriteShardFn(beam.DoFn):
         self._waits = beam.metrics.Metrics.counter(NAMESPACE, "writer_backpressure_waits")
 
     def setup(self):
-        self._writer = ShardWriter(*self._args, skip_committed=True, identity=self._identity)
+        self._writer = ShardWriter(*self._args, skip_committed=True, identity=self._identity,
+                                   activation_compression=self._compression)
         self._files = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="shard-file")
         # Shard threads mostly wait for their files, then commit; a separate pool, so they never wait on
         # themselves.
@@ -488,7 +497,7 @@ class WriteShards(beam.PTransform):
 
     def __init__(self, output_root: str, worker_prefix: str, model_name: str, compute_dtype: str,
                  storage_dtype: str = "float32", threads: int = 4, memory_bytes: int | None = None,
-                 identity: str | None = None):
+                 identity: str | None = None, activation_compression: str = DEFAULT_ACTIVATION_COMPRESSION):
         super().__init__()
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage dtype {storage_dtype!r}: expected one of {', '.join(STORAGE_DTYPES)}")
@@ -497,8 +506,11 @@ class WriteShards(beam.PTransform):
         if memory_bytes is not None and memory_bytes < 1:
             raise ValueError(f"writer memory must be at least 1 byte, got {memory_bytes}")
         check_worker_prefix(worker_prefix)
+        if activation_compression not in ACTIVATION_COMPRESSIONS:
+            raise ValueError(f"activation compression {activation_compression!r}: expected one of "
+                             f"{', '.join(ACTIVATION_COMPRESSIONS)}")
         self._args = (output_root, worker_prefix, model_name, compute_dtype, storage_dtype, threads, memory_bytes,
-                      identity)
+                      identity, activation_compression)
 
     def expand(self, extracted):
         return extracted | "WriteShard" >> beam.ParDo(_WriteShardFn(*self._args))
