@@ -378,6 +378,12 @@ class ShardWriter:
         except BaseException:
             _delete_quietly(entry["temp"] for entry in written)
             raise
+        return self._commit(shard, batch_id, samples, written, d_models.pop(), predictions)
+
+    def _commit(self, shard: str, batch_id: str, samples: Sequence[dict], written: list[dict], d_model: int,
+                predictions: Sequence[dict] | None) -> dict:
+        """After the activation files are in place: the statistics and predictions files, then the commit marker
+        that lists them all. Returns write_shard's summary."""
         files = [entry["file"] for entry in written]
         overflow = sum(f[KEY_OVERFLOW] for f in files)
         # Before the commit marker, which lists it: a shard's statistics commit with it or not at all.
@@ -387,7 +393,7 @@ class ShardWriter:
         table = samples_table(samples)
         metadata = self._common_metadata(shard)
         metadata.update({
-            "batch_id": batch_id, "worker": self.worker_prefix, "d_model": str(d_models.pop()),
+            "batch_id": batch_id, "worker": self.worker_prefix, "d_model": str(d_model),
             "num_samples": str(table.num_rows), "num_tokens": str(int(np.sum(table["num_tokens"].to_numpy()))),
             KEY_OVERFLOW: str(overflow), KEY_FILES: json.dumps(files, sort_keys=True),
             activation_stats.MARKER_KEY: json.dumps(stats_entry, sort_keys=True),
