@@ -114,7 +114,8 @@ def test_one_prediction_per_sample_scored_or_unknown(generated):
         if row["task_id"] == "notruth0":
             assert row["correct"] is None and row["ground_truth"] is None
         else:
-            assert row["correct"] is False and row["ground_truth"] == generated.tasks[row["task_id"]]["test"][0]["output"]
+            truth = generated.tasks[row["task_id"]]["test"][0]["output"]
+            assert row["correct"] is False and row["ground_truth"] == truth
     summary = generated.summary
     assert summary["samples_generated"] == 8 and summary["generation_truncated"] == 8
     assert summary["predictions_unknown"] == 2 and summary["generated_tokens"] == 8 * NEW_TOKENS
