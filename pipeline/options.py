@@ -154,6 +154,9 @@ class ExtractOptions(PipelineOptions):
             raise OptionError(
                 f"--generate continues inference prompts (they end where the answer starts), but --prompt_mode="
                 f"{self.prompt_mode}: pass --prompt_mode=inference.")
+        if self.generate and str(self.dataset).startswith("text:"):
+            raise OptionError(f"--generate answers ARC prompts; --dataset={self.dataset} is a text corpus, which has "
+                              "none: drop --generate, or pass an ARC dataset.")
         if self.max_new_tokens is not None and not self.generate:
             raise OptionError("--max_new_tokens is the answer budget of --generate: pass --generate too, or drop it.")
         if self.max_new_tokens is not None and self.max_new_tokens >= self.max_seq_len:

@@ -269,6 +269,8 @@ def test_generate_options_are_checked_together():
     check("--generate", "--prompt_mode=inference", "--max_new_tokens=10")
     with pytest.raises(OptionError, match="--prompt_mode=inference"):
         check("--generate")
+    with pytest.raises(OptionError, match="text corpus"):
+        check("--generate", "--prompt_mode=inference", "--dataset=text:/tmp/corpus.jsonl")
     with pytest.raises(OptionError, match="pass --generate"):
         check("--max_new_tokens=10")
     with pytest.raises(OptionError, match="--max_new_tokens=64 leaves no room.*--max_seq_len=64"):
