@@ -2,6 +2,10 @@
 
 The accelerator is kept busy by dispatching batch n before fetching batch n-1: JAX dispatch is asynchronous, so
 while the host strips padding from, encodes and writes the previous batch, the device computes the next one.
+
+With --generate (ExtractConfig.generate) a batch's prompts are first continued by the model (transforms/answers.py,
+which waits for the answers: the capture needs them), and the capture forward then runs over the final sequences,
+prompt plus answer; the batch carries each sample's prediction row to the writer.
 """
 from __future__ import annotations
 
