@@ -28,14 +28,20 @@ FLAGS = {
     "storage_dtype": "--activation_dtype",
     "hooks": "--hooks",
     "layers": "--layers",
+    "generate": "--generate (or its absence)",
+    "max_new_tokens": "--max_new_tokens",
     "format_version": "(the writer's format version: use the release that wrote this output)",
 }
+# What identities recorded before a key existed meant by it: outputs of earlier releases still resume.
+LEGACY_VALUES = {"generate": "false", "max_new_tokens": "0"}
 # Recorded beside the identity for people; two specs naming the same weights are one identity.
 DESCRIPTIVE = ("model", "model_path", "model_revision")
 
 
-def run_identity(opts, hooks, layers, *, storage_dtype: str, format_version: int) -> dict[str, str]:
-    """The identity of the run `opts` describes (fingerprints hash the checkpoint once per machine)."""
+def run_identity(opts, hooks, layers, *, storage_dtype: str, format_version: int,
+                 max_new_tokens: int | None = None) -> dict[str, str]:
+    """The identity of the run `opts` describes (fingerprints hash the checkpoint once per machine).
+    `max_new_tokens`: the answer budget of a --generate run as resolved (its default depends on the tokenizer)."""
     from model import describe_spec
     from model.fingerprint import tokenizer_fingerprint, weights_fingerprint
 
@@ -49,6 +55,8 @@ def run_identity(opts, hooks, layers, *, storage_dtype: str, format_version: int
         "augmentations": str(opts.augmentations), "seed": str(opts.seed), "dtype": str(opts.dtype),
         "storage_dtype": str(storage_dtype), "hooks": ",".join(hooks),
         "layers": ",".join(str(int(layer)) for layer in layers), "format_version": str(format_version),
+        "generate": "true" if getattr(opts, "generate", False) else "false",
+        "max_new_tokens": str(int(max_new_tokens or 0)) if getattr(opts, "generate", False) else "0",
     }
     return identity
 
@@ -70,8 +78,9 @@ def differences(recorded: dict[str, str], wanted: dict[str, str]) -> list[str]:
     """Each compared key on which two identities differ, as `key: recorded 'a', this run 'b' (flag)`."""
     out = []
     for key in FLAGS:
-        if recorded.get(key) != wanted.get(key):
-            out.append(f"{key}: recorded {recorded.get(key)!r}, this run {wanted.get(key)!r} (pass {FLAGS[key]})")
+        was, now = (identity.get(key, LEGACY_VALUES.get(key)) for identity in (recorded, wanted))
+        if was != now:
+            out.append(f"{key}: recorded {was!r}, this run {now!r} (pass {FLAGS[key]})")
     return out
 
 

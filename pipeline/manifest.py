@@ -28,6 +28,7 @@ from transforms.output_format import (
     basename,
     relative_to,
 )
+from transforms.predictions import marker_entry as predictions_marker_entry
 from transforms.write import committed_shards, join, parallel_map, put_atomic
 
 # RUNS_DIR holds one record per host of what its last run was (options, times, Beam counters); the manifest merges
@@ -105,6 +106,10 @@ def build_manifest(output_root: str, run_info: dict[str, Any]) -> dict[str, Any]
             files.append({"path": stats_entry["path"], "kind": activation_stats.KIND, "shard": shard,
                           "rows": int(stats_entry.get("layers", 0)), "bytes": int(stats_entry["bytes"]),
                           "sha256": stats_entry["sha256"]})
+        predictions_entry = predictions_marker_entry(meta)
+        if predictions_entry is not None:
+            files.append({**{k: predictions_entry[k] for k in ("path", "kind", "rows", "bytes", "sha256")},
+                          "shard": shard})
 
     rejected_by_stage: Counter = Counter()
     dead_paths = dead_letter_files(output_root)
@@ -149,7 +154,21 @@ def build_manifest(output_root: str, run_info: dict[str, Any]) -> dict[str, Any]
     manifest["counts"] = {**dict(run_info.get("counts", {})), **computed}
     manifest["files"] = files
     manifest["warnings"] = warnings
+    if any(f["kind"] == "predictions" for f in files):
+        manifest["predictions"] = _predictions_section(output_root, shards, warnings)
     return manifest
+
+
+def _predictions_section(output_root: str, shards: dict[str, dict], warnings: list[str]) -> dict[str, Any]:
+    """--generate outputs: the committed predictions' counts and voted accuracy (pipeline.submission)."""
+    from pipeline.submission import predictions_summary, read_predictions
+
+    try:
+        return predictions_summary(read_predictions(output_root, shards))
+    except Exception as error:  # a damaged predictions file is verify's finding; the manifest still lists files
+        warnings.append(f"predictions not summarized ({type(error).__name__}: {error}): run python -m "
+                        f"pipeline.verify {output_root}")
+        return {}
 
 
 def write_manifest(output_root: str, manifest: dict[str, Any]) -> str:

@@ -109,6 +109,15 @@ class ExtractOptions(PipelineOptions):
                                 "input-from-inputs-v0, output-from-outputs-v0.")
         group.add_argument("--prompt_mode", default="train", choices=("train", "inference"),
                            help="train: the answer is included; inference: the prompt ends at the answer's fence.")
+        group.add_argument(
+            "--generate", default=False, action="store_true",
+            help="Continue every inference prompt with the model's own answer (greedy, KV cache) and capture "
+                 "prompt plus answer, the answer's tokens as part=generated; write predictions/<shard>.parquet "
+                 "(parsed grid, score). Needs --prompt_mode=inference; one sample per batch row.")
+        group.add_argument(
+            "--max_new_tokens", type=_positive_int("max_new_tokens"), default=None,
+            help="With --generate: the most tokens an answer may have (default: enough for a 30x30 grid in the "
+                 "--grid_encoder, plus margin); a prompt plus this must fit in --max_seq_len.")
         group.add_argument("--resume", default=False, action="store_true",
                            help="Keep the shards already committed under --output and compute only what is missing.")
         group.add_argument("--num_hosts", type=_positive_int("num_hosts"), default=1,
@@ -147,6 +156,19 @@ class ExtractOptions(PipelineOptions):
             raise OptionError(
                 f"--host_index={self.host_index} is out of range for --num_hosts={self.num_hosts} "
                 f"(use 0..{self.num_hosts - 1}).")
+        if self.generate and self.prompt_mode != "inference":
+            raise OptionError(
+                f"--generate continues inference prompts (they end where the answer starts), but --prompt_mode="
+                f"{self.prompt_mode}: pass --prompt_mode=inference.")
+        if self.generate and str(self.dataset).startswith("text:"):
+            raise OptionError(f"--generate answers ARC prompts; --dataset={self.dataset} is a text corpus, which has "
+                              "none: drop --generate, or pass an ARC dataset.")
+        if self.max_new_tokens is not None and not self.generate:
+            raise OptionError("--max_new_tokens is the answer budget of --generate: pass --generate too, or drop it.")
+        if self.max_new_tokens is not None and self.max_new_tokens >= self.max_seq_len:
+            raise OptionError(
+                f"--max_new_tokens={self.max_new_tokens} leaves no room for a prompt in --max_seq_len="
+                f"{self.max_seq_len}: raise --max_seq_len or lower --max_new_tokens.")
         if self.activation_dtype == "bfloat16" and self.dtype == "float32":
             raise OptionError(
                 "--activation_dtype=bfloat16 would round float32 activations: use float32 or float16 storage, "

@@ -1,8 +1,8 @@
 """`python -m pipeline.run`: options -> Beam graph -> per-layer Parquet shards, a manifest and a summary.
 
 Graph: read -> [host share] -> validate (dead letter) -> expand samples -> [first --max_samples] -> [resume filter]
--> format + tokenize (dead letter) -> fixed-shape batches -> extract (JAX Qwen, one model per worker process)
--> write shards.
+-> format + tokenize (dead letter) -> fixed-shape batches -> extract (JAX Qwen, one model per worker process;
+with --generate each batch's prompts are first continued by the model) -> write shards (and predictions).
 """
 from __future__ import annotations
 
@@ -73,6 +73,26 @@ def resolve_inputs(opts: ExtractOptions):
         return resolve_dataset(opts.dataset)
     except DatasetUnavailableError as err:
         raise OptionError(str(err)) from None
+
+
+def resolve_max_new_tokens(opts: ExtractOptions) -> int | None:
+    """--generate's answer budget: --max_new_tokens, or enough for a 30x30 answer grid in the grid encoder plus
+    margin (model/generate.py); None without --generate. Checked against --max_seq_len here, before any data."""
+    if not opts.generate:
+        return None
+    budget = opts.max_new_tokens
+    if budget is None:
+        from model.generate import default_max_new_tokens
+        from transforms.grid_encoders import create_grid_encoder
+        from transforms.tokenize import cached_tokenizer
+
+        budget = default_max_new_tokens(cached_tokenizer(opts.model), create_grid_encoder(opts.grid_encoder))
+    if budget >= opts.max_seq_len:
+        raise OptionError(
+            f"--generate: the default answer budget of {budget} tokens (a 30x30 grid in --grid_encoder="
+            f"{opts.grid_encoder}) leaves no room for a prompt in --max_seq_len={opts.max_seq_len}: raise "
+            "--max_seq_len or pass a smaller --max_new_tokens.")
+    return budget
 
 
 def check_resume_matches(opts: ExtractOptions, shards: dict, hooks, layers) -> None:
@@ -192,10 +212,20 @@ class _SkipCommitted(beam.DoFn):
         yield sample
 
 
+def generate_settings(opts: ExtractOptions, max_new_tokens: int | None):
+    """What the extract step needs to generate (None without --generate)."""
+    if not opts.generate:
+        return None
+    from transforms.answers import GenerateSettings
+
+    return GenerateSettings(max_new_tokens=int(max_new_tokens or resolve_max_new_tokens(opts)),
+                            grid_encoder=opts.grid_encoder, batch_size=opts.batch_size, max_seq_len=opts.max_seq_len)
+
+
 def build_pipeline(p: beam.Pipeline, opts: ExtractOptions, *, hooks, layers, committed=frozenset(), dataset=None,
-                   identity: dict | None = None):
+                   identity: dict | None = None, max_new_tokens: int | None = None):
     """Adds the whole graph to `p`. Returns the PCollection of per-shard write summaries. `identity` (the run
-    identity) is recorded in every commit marker."""
+    identity) is recorded in every commit marker; `max_new_tokens` is --generate's resolved answer budget."""
     from transforms.batching import BatchSamples
     from transforms.coders import ExtractedBatchHint
     from transforms.extract import ExtractActivations, ExtractConfig
@@ -220,20 +250,23 @@ def build_pipeline(p: beam.Pipeline, opts: ExtractOptions, *, hooks, layers, com
                    | "Unlist" >> beam.FlatMap(lambda chosen: chosen))
     if committed:
         samples = samples | "SkipCommitted" >> beam.ParDo(_SkipCommitted(frozenset(committed)))
+    generate = generate_settings(opts, max_new_tokens)
     tokenized = samples | "Tokenize" >> TokenizeSamples(
         tokenizer_source=opts.model, grid_encoder=opts.grid_encoder, prompt_version=opts.prompt_version,
-        prompt_mode=opts.prompt_mode, max_seq_len=opts.max_seq_len)
+        prompt_mode=opts.prompt_mode, max_seq_len=opts.max_seq_len,
+        max_new_tokens=generate.max_new_tokens if generate else 0)
     total_tokens = (
         tokenized.samples
         | "CountTokens" >> beam.Map(lambda s: len(s["token_ids"]))
         | "SumTokens" >> beam.CombineGlobally(sum))
     batches = tokenized.samples | "Batch" >> BatchSamples(
         batch_size=opts.batch_size, max_seq_len=opts.max_seq_len, num_groups=opts.pack_groups,
-        packing=opts.packing, total_tokens=total_tokens)
+        # Generation takes one prompt per row, so a batch holds at most batch_size samples.
+        packing="rows" if generate else opts.packing, total_tokens=total_tokens)
     config = ExtractConfig(
         model=opts.model, dtype=opts.dtype, hooks=tuple(hooks), layers=tuple(layers),
         storage_dtype=storage_dtype(opts), attention=opts.attention,
-        model_parallelism=opts.model_parallelism, progress_interval=opts.progress_interval)
+        model_parallelism=opts.model_parallelism, progress_interval=opts.progress_interval, generate=generate)
     # The hint selects a coder that sizes these large elements without pickling them (transforms/coders.py).
     extracted = batches | "Extract" >> beam.ParDo(
         ExtractActivations(config), total_tokens=beam.pvalue.AsSingleton(total_tokens)
@@ -326,6 +359,7 @@ class RunPlan:
     layers: tuple
     dataset: object
     dry_run: bool
+    max_new_tokens: int | None = None
 
 
 def check_before_graph(options: PipelineOptions) -> RunPlan:
@@ -336,8 +370,9 @@ def check_before_graph(options: PipelineOptions) -> RunPlan:
     model_config, hooks, layers = resolve_capture(opts)
     check_memory(options, opts, model_config, hooks, layers)
     dataset = resolve_inputs(opts)
+    max_new_tokens = resolve_max_new_tokens(opts)
     dry_run = options.view_as(beam.options.pipeline_options.TestOptions).dry_run
-    return RunPlan(opts, model_config, tuple(hooks), tuple(layers), dataset, dry_run)
+    return RunPlan(opts, model_config, tuple(hooks), tuple(layers), dataset, dry_run, max_new_tokens)
 
 
 def execute(options: PipelineOptions, plan: RunPlan, committed: set[str], identity: dict | None):
@@ -349,7 +384,7 @@ def execute(options: PipelineOptions, plan: RunPlan, committed: set[str], identi
     clock = time.perf_counter()
     pipeline = beam.Pipeline(runner=runner, options=options)
     build_pipeline(pipeline, plan.opts, hooks=plan.hooks, layers=plan.layers, committed=committed,
-                   dataset=plan.dataset, identity=identity)
+                   dataset=plan.dataset, identity=identity, max_new_tokens=plan.max_new_tokens)
     result = pipeline.run()
     state = result.wait_until_finish()
     return state, counters(result), time.perf_counter() - clock
@@ -377,6 +412,7 @@ def record_run(plan: RunPlan, state, run_counts: dict, started: _dt.datetime) ->
         "software": software_versions(),
         "started": started.isoformat(), "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "state": str(state), "host": worker_prefix(opts), "num_hosts": opts.num_hosts,
+        "max_new_tokens": plan.max_new_tokens,
     }
     write_host_run(opts.output, worker_prefix(opts), run_info)
     return rebuild_manifest(opts.output)
@@ -399,7 +435,19 @@ def summary(opts: ExtractOptions, manifest: dict, run_counts: dict, seconds: flo
         "bytes_written": run_counts.get("bytes_written", 0),
         "seconds": round(seconds, 1),
         "tokens_per_second": round(run_counts.get("tokens_extracted", 0) / max(seconds, 1e-9), 1),
+        **generation_summary(opts, manifest, run_counts),
     }
+
+
+def generation_summary(opts: ExtractOptions, manifest: dict, run_counts: dict) -> dict:
+    """--generate's lines of the summary: this run's answers (Beam counters) and the output's accuracy."""
+    if not opts.generate:
+        return {}
+    from transforms.extract import GENERATION_COUNTERS
+
+    out = {name: run_counts.get(name, 0) for name in GENERATION_COUNTERS}
+    out["accuracy"] = (manifest.get("predictions") or {}).get("accuracy")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -435,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             identity = identity_lib.run_identity(opts, plan.hooks, plan.layers, storage_dtype=storage_dtype(opts),
-                                                 format_version=FORMAT_VERSION)
+                                                 format_version=FORMAT_VERSION, max_new_tokens=plan.max_new_tokens)
             committed = prepare_output(opts, plan.hooks, plan.layers, identity)
         except (OptionError, ValueError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)

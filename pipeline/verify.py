@@ -4,7 +4,8 @@ Checks, each failure naming the file and the command that fixes it (ADVICE):
 * manifest.json is present and parses; every samples and dead-letter file it lists exists, with its byte size,
   sha256 and row count; it lists every committed shard and dead-letter file, and its counts are the files';
 * every commit marker (samples file) is readable; every activation file it lists exists with the size, sha256 and
-  row count the marker records; no other file lies under activations/ or samples/;
+  row count the marker records, and so do its statistics and (--generate) predictions files, the predictions with
+  one row per sample of the shard; no other file lies under activations/, samples/, stats/ or predictions/;
 * no sample id appears in two shards; each sample's num_tokens matches its token_ids;
 * every sample is complete: for each hook and layer of the run, positions 0..num_tokens-1 each exactly once, with
   the sample's token ids;
@@ -51,6 +52,7 @@ from transforms.output_format import (
     DEAD_LETTER_DIR,
     KEY_FILES,
     KEY_SHARD,
+    PREDICTIONS_DIR,
     SAMPLES_DIR,
     STATS_DIR,
     TEMP_PREFIX,
@@ -61,6 +63,7 @@ from transforms.output_format import (
     samples_relpath,
 )
 from transforms import activation_stats
+from transforms import predictions as predictions_lib
 from transforms.write import join, match_files, parallel_map
 
 
@@ -251,10 +254,13 @@ def _check_shard(root: str, shard: str, marker: dict, expected_keys: set, deep: 
         stats_entry = None
     if stats_entry is not None:
         errors += [(stats_entry["path"], problem) for problem in _check_file(root, {**stats_entry, "rows": None})]
+    predictions_entry = _predictions_entry(marker, errors)
     try:
         samples = _read_table(join(root, samples_rel))
     except Exception as error:
         return errors + [(samples_rel, _unreadable(error))], [], {}
+    if predictions_entry is not None:
+        errors += _check_predictions(root, predictions_entry, samples["sample_id"].to_pylist())
     lengths = pc.list_value_length(samples["token_ids"]).to_numpy()
     bad = np.flatnonzero(lengths != samples["num_tokens"].to_numpy())
     if bad.size:
@@ -294,19 +300,49 @@ def _check_shard(root: str, shard: str, marker: dict, expected_keys: set, deep: 
     return errors, warnings, {"sample_ids": sample_ids, "tokens": int(lengths.sum()), "non_finite": non_finite}
 
 
+def _predictions_entry(marker: dict, errors: list | None = None) -> dict | None:
+    """The marker's predictions-file entry (--generate runs), None without one; a malformed one is an error."""
+    try:
+        return predictions_lib.marker_entry(marker)
+    except ValueError as error:
+        if errors is not None:
+            errors.append((samples_relpath(marker.get(KEY_SHARD, "?")), str(error)))
+        return None
+
+
+def _check_predictions(root: str, entry: dict, sample_ids: list[str]) -> list[tuple[str, str]]:
+    """A predictions file as its marker lists it (size, sha256, rows), holding one row per sample of its shard."""
+    problems = _check_file(root, {**entry, "kind": "predictions"})
+    if problems:
+        return [(entry["path"], problem) for problem in problems]
+    try:
+        held = _read_table(join(root, entry["path"]), ["sample_id"])["sample_id"].to_pylist()
+    except Exception as error:
+        return [(entry["path"], _unreadable(error))]
+    if sorted(held) != sorted(sample_ids):
+        strays = sorted(set(held) ^ set(sample_ids))
+        return [(entry["path"], f"its sample ids are not one per sample of its shard (e.g. {strays[:MAX_DETAILS]}, "
+                                f"{len(held)} rows for {len(sample_ids)} samples)")]
+    return []
+
+
 def _shard_files(marker: dict) -> list[dict]:
-    """The entries of every file a commit marker covers: its activation files and its statistics file."""
+    """The entries of every file a commit marker covers: its activation files, its statistics file and (--generate)
+    its predictions file."""
     entries = list(marker.get(KEY_FILES, []))
     try:
         stats_entry = activation_stats.marker_entry(marker)
     except ValueError:  # reported by _check_shard
         stats_entry = None
-    return entries + ([stats_entry] if stats_entry else [])
+    predictions_entry = _predictions_entry(marker)
+    return entries + [entry for entry in (stats_entry, predictions_entry) if entry]
 
 
 def _data_files(root: str) -> list[str]:
-    """Every file under activations/, samples/ and stats/, temporary or not, as paths relative to the output."""
-    return sorted(relative_to(root, meta.path) for directory in (ACTIVATIONS_DIR, SAMPLES_DIR, STATS_DIR)
+    """Every file under activations/, samples/, stats/ and predictions/, temporary or not, as paths relative to
+    the output."""
+    return sorted(relative_to(root, meta.path)
+                  for directory in (ACTIVATIONS_DIR, SAMPLES_DIR, STATS_DIR, PREDICTIONS_DIR)
                   for meta in match_files(join(root, f"{directory}/**")))
 
 
@@ -377,6 +413,9 @@ def verify_output(output: str, deep: bool = False) -> VerifyReport:
                                  "file)", REMOVE)
         elif relpath.startswith(f"{STATS_DIR}/"):
             report.fail(relpath, "statistics file listed by no commit marker (an uncommitted shard or a foreign "
+                                 "file)", REMOVE)
+        elif relpath.startswith(f"{PREDICTIONS_DIR}/"):
+            report.fail(relpath, "predictions file listed by no commit marker (an uncommitted shard or a foreign "
                                  "file)", REMOVE)
     for relpath in _dead_letter_temp_files(root):
         report.warn(relpath, "temporary file left by a killed writer", REMOVE)

@@ -25,6 +25,9 @@ PART_CODES: dict[str, int] = {
     "test_input": 5,
     "answer": 6,
     "text": 7,
+    # Tokens the model wrote itself after an inference prompt (pipeline.run --generate); appended last so that
+    # the codes of earlier outputs keep their meaning.
+    "generated": 8,
 }
 PART_NAMES: tuple[str, ...] = tuple(sorted(PART_CODES, key=PART_CODES.get))
 

@@ -2,6 +2,10 @@
 
 The accelerator is kept busy by dispatching batch n before fetching batch n-1: JAX dispatch is asynchronous, so
 while the host strips padding from, encodes and writes the previous batch, the device computes the next one.
+
+With --generate (ExtractConfig.generate) a batch's prompts are first continued by the model (transforms/answers.py,
+which waits for the answers: the capture needs them), and the capture forward then runs over the final sequences,
+prompt plus answer; the batch carries each sample's prediction row to the writer.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from apache_beam.transforms import window
 from apache_beam.utils import shared
 
 from model.hooks import hook_name
+from transforms.answers import GenerateSettings, answer_batch, capture_batch
 from transforms.metrics import NAMESPACE
 from transforms.output_format import storage_numpy_dtype
 
@@ -31,6 +36,8 @@ class ExtractConfig:
     attention: str = "auto"
     model_parallelism: int = 1
     progress_interval: float = 10.0
+    # --generate: each batch's prompts are continued by the model first, then captured with their answers.
+    generate: GenerateSettings | None = None
 
 
 def transfer_dtype(compute_dtype: str, storage_dtype: str) -> str:
@@ -53,6 +60,27 @@ def real_token_index(placements, batch_shape) -> tuple[np.ndarray, np.ndarray]:
     if rows.size and (rows.max() >= batch_shape[0] or cols.max() >= batch_shape[1]):
         raise ValueError(f"placements reach outside the batch of shape {batch_shape}")
     return rows, cols
+
+
+# Beam counters of --generate runs (namespace arc_activations), summed into the run's summary.
+GENERATION_COUNTERS = ("samples_generated", "generated_tokens", "generation_truncated", "predictions_unparsed",
+                       "predictions_correct", "predictions_incorrect", "predictions_unknown")
+
+
+def generation_counts(predictions) -> dict[str, int]:
+    """The GENERATION_COUNTERS of some prediction rows: answers cut off by --max_new_tokens (a model that never
+    stops), answers that did not parse, and the scored ones (unknown: no ground truth)."""
+    from transforms.predictions import TRUNCATED
+
+    return {
+        "samples_generated": len(predictions),
+        "generated_tokens": sum(len(row["token_ids"]) for row in predictions),
+        "generation_truncated": sum(row["stop_reason"] == TRUNCATED for row in predictions),
+        "predictions_unparsed": sum(row["grid"] is None for row in predictions),
+        "predictions_correct": sum(row["correct"] is True for row in predictions),
+        "predictions_incorrect": sum(row["correct"] is False for row in predictions),
+        "predictions_unknown": sum(row["correct"] is None for row in predictions),
+    }
 
 
 def to_storage(values: np.ndarray, storage_dtype: str) -> np.ndarray:
@@ -83,6 +111,11 @@ class _ModelHandle:
         self.model = load_model(config.model, dtype=config.dtype, mesh=mesh, attention=config.attention)
         self.load_seconds = time.perf_counter() - started
         self.mesh = mesh
+        self.encoder = None
+        if config.generate is not None:
+            from transforms.grid_encoders import create_grid_encoder
+
+            self.encoder = create_grid_encoder(config.generate.grid_encoder)
         self.spec = CaptureSpec(
             hooks=config.hooks, layers=config.layers,
             out_dtype=transfer_dtype(config.dtype, config.storage_dtype))
@@ -98,6 +131,7 @@ class ExtractActivations(beam.DoFn):
         self._batches = beam.metrics.Metrics.counter(NAMESPACE, "batches_extracted")
         self._tokens = beam.metrics.Metrics.counter(NAMESPACE, "tokens_extracted")
         self._compile = beam.metrics.Metrics.distribution(NAMESPACE, "first_batch_ms")
+        self._generation = {name: beam.metrics.Metrics.counter(NAMESPACE, name) for name in GENERATION_COUNTERS}
 
     def setup(self):
         config = self._config
@@ -109,10 +143,22 @@ class ExtractActivations(beam.DoFn):
         self._done_tokens = getattr(self, "_done_tokens", 0)
         self._last_report = getattr(self, "_last_report", 0.0)
 
+    def _answer(self, batch):
+        """--generate: the batch of the prompts' final sequences (prompt + answer), with their prediction rows."""
+        finals, predictions = answer_batch(self._handle.model, batch["samples"], self._config.generate,
+                                           self._handle.encoder)
+        answered = capture_batch(finals, self._config.generate)
+        answered["predictions"] = predictions
+        for name, value in generation_counts(predictions).items():
+            self._generation[name].inc(value)
+        return answered
+
     def _dispatch(self, batch):
         import jax
 
         handle = self._handle
+        if self._config.generate is not None:
+            batch = self._answer(batch)
         arrays = [np.asarray(batch[k], dtype=np.int32) for k in ("tokens", "segment_ids", "positions")]
         right_padded = None  # detected by the model from numpy inputs
         if handle.mesh is not None:
@@ -142,12 +188,15 @@ class ExtractActivations(beam.DoFn):
         self._batches.inc()
         self._tokens.inc(int(rows.size))
         self._done_tokens += int(rows.size)
-        return {
+        extracted = {
             "batch_id": batch["batch_id"],
             "samples": batch["samples"],
             "placements": batch["placements"],
             "activations": activations,
         }
+        if "predictions" in batch:
+            extracted["predictions"] = batch["predictions"]
+        return extracted
 
     def _report(self, total_tokens):
         interval = self._config.progress_interval

@@ -35,6 +35,10 @@ LEASES_DIR = "_leases"
 # Per-shard statistics (transforms.activation_stats), committed with their shard, and their merge over the output.
 STATS_DIR = "stats"
 STATS_NAME = "stats.json"
+# Per-shard predictions of --generate runs (transforms.predictions), committed with their shard like stats files.
+PREDICTIONS_DIR = "predictions"
+# What pipeline.submission writes by default: the ARC Prize submission voted from every committed prediction.
+SUBMISSION_NAME = "submission.json"
 PARQUET_SUFFIX = ".parquet"
 DEAD_LETTER_SUFFIX = ".jsonl"
 # Temporary files are `.tmp-<uuid hex>-<final name>`: the leading "." hides them from pyarrow.dataset.
@@ -62,6 +66,9 @@ KEY_OVERFLOW = "float16_overflow"
 KEY_IDENTITY = "run_identity"
 KEY_NUM_SAMPLES = "num_samples"
 KEY_NUM_TOKENS = "num_tokens"
+# The commit marker's entry for the shard's predictions file ({path, kind, rows, bytes, sha256}); its own key, as
+# the stats file's: readers of `files` take every entry for an activation file.
+KEY_PREDICTIONS = "predictions"
 # The run identity (pipeline.identity, JSON) a commit marker records.
 KEY_IDENTITY = "run_identity"
 
@@ -124,6 +131,10 @@ def activation_relpath(hook: str, layer: int, shard: str) -> str:
 
 def samples_relpath(shard: str) -> str:
     return f"{SAMPLES_DIR}/{shard}{PARQUET_SUFFIX}"
+
+
+def predictions_relpath(shard: str) -> str:
+    return f"{PREDICTIONS_DIR}/{shard}{PARQUET_SUFFIX}"
 
 
 def dead_letter_relpath(worker_prefix: str, index: int) -> str:

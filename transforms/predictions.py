@@ -165,3 +165,69 @@ def score(rows: Sequence[dict[str, Any]], submission: dict[str, list[dict[str, l
                   "top2": float(np.mean(b["top2"])) if b["top2"] else None}
         for dataset, b in per_dataset.items()
     }
+
+
+# ------------------------------------------------------------------------------------------- files
+
+def predictions_schema():
+    """Columns of predictions/<shard>.parquet, one row per sample (docs/format.md). pyarrow is imported here so
+    that voting and scoring stay importable without it."""
+    import pyarrow as pa
+
+    grid = pa.list_(pa.list_(pa.int8()))
+    return pa.schema([
+        ("sample_id", pa.string()), ("dataset", pa.string()), ("task_id", pa.string()),
+        ("test_index", pa.int32()), ("augmentation", pa.string()), ("text", pa.string()),
+        ("token_ids", pa.list_(pa.int32())), ("num_generated", pa.int32()), ("stop_reason", pa.string()),
+        ("grid", grid), ("parse_error", pa.string()), ("grid_original", grid), ("ground_truth", grid),
+        ("correct", pa.bool_()), ("logprob_sum", pa.float64()),
+    ])
+
+
+def predictions_table(rows: Sequence[dict[str, Any]]):
+    """The prediction rows of one shard as an Arrow table of `predictions_schema()`, in sample-id order."""
+    import pyarrow as pa
+
+    schema = predictions_schema()
+    ordered = sorted(rows, key=lambda row: row["sample_id"])
+    columns = {}
+    for field in schema:
+        if field.name == "num_generated":
+            columns[field.name] = [len(row["token_ids"]) for row in ordered]
+        else:
+            columns[field.name] = [row.get(field.name) for row in ordered]
+    return pa.table(columns, schema=schema)
+
+
+def predictions_file(shard: str, rows: Sequence[dict[str, Any]]) -> tuple[bytes, dict[str, Any]]:
+    """The bytes of predictions/<shard>.parquet and its commit-marker entry {path, kind, rows, bytes, sha256}."""
+    import hashlib
+
+    from transforms.output_format import KEY_PREDICTIONS, parquet_bytes, predictions_relpath
+
+    table = predictions_table(rows)
+    data = parquet_bytes(table.replace_schema_metadata({"shard": shard}))
+    entry = {"path": predictions_relpath(shard), "kind": KEY_PREDICTIONS, "rows": table.num_rows,
+             "bytes": data.size, "sha256": hashlib.sha256(memoryview(data)).hexdigest()}
+    return data, entry
+
+
+def marker_entry(metadata: dict[str, Any]) -> dict[str, Any] | None:
+    """The predictions-file entry of a commit marker's (decoded) metadata; None for a shard without one."""
+    import json
+
+    from transforms.output_format import KEY_PREDICTIONS
+
+    raw = metadata.get(KEY_PREDICTIONS)
+    if raw is None:
+        return None
+    entry = json.loads(raw) if isinstance(raw, str) else raw
+    if not isinstance(entry, dict) or not {"path", "rows", "bytes", "sha256"} <= set(entry):
+        raise ValueError(f"commit marker of shard {metadata.get('shard')!r}: metadata {KEY_PREDICTIONS!r} is not a "
+                         "{path, rows, bytes, sha256} object")
+    return entry
+
+
+def rows_from_table(table) -> list[dict[str, Any]]:
+    """Prediction rows back from a predictions table (the form `vote` and `score` take)."""
+    return table.to_pylist()

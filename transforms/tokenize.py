@@ -125,11 +125,11 @@ def tokenize_arc_sample_with_count(
 def tokenize_arc_samples(
     samples: list[dict[str, Any]], tokenizer, encoder: GridEncoder,
     prompt_version: str = DEFAULT_PROMPT_VERSION, prompt_mode: str = DEFAULT_PROMPT_MODE,
-    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN, max_new_tokens: int = 0,
 ) -> list[tuple[tuple[dict[str, Any], int] | None, Exception | None]]:
     """``tokenize_arc_sample_with_count`` of each sample, the same results, with the prompts of all samples
     tokenized in one ``encode_texts`` call (all cores). Returns (result, None) or (None, error) per sample, in
-    order: a malformed sample fails alone."""
+    order: a malformed sample fails alone. `max_new_tokens` (--generate) is kept free in every sequence."""
     outcomes: list = [None] * len(samples)
     firsts = {}
     for index, sample in enumerate(samples):
@@ -141,7 +141,7 @@ def tokenize_arc_samples(
     for (index, (encoded, prompt)), (ids, offsets) in zip(firsts.items(), encodings):
         try:
             outcomes[index] = (_fit_arc_sample(samples[index], encoded, prompt, ids, offsets, tokenizer,
-                                               prompt_version, prompt_mode, max_seq_len), None)
+                                               prompt_version, prompt_mode, max_seq_len, max_new_tokens), None)
         except SAMPLE_ERRORS as error:
             outcomes[index] = (None, error)
     return outcomes
@@ -153,20 +153,31 @@ def _first_prompt(sample, tokenizer, encoder, prompt_version, prompt_mode):
     return encoded, render_prompt(tokenizer, encoded, prompt_version, prompt_mode, len(encoded.train))
 
 
-def _fit_arc_sample(sample, encoded, prompt, ids, offsets, tokenizer, prompt_version, prompt_mode, max_seq_len):
-    """From the first prompt's tokens: drops train examples from the end until the prompt fits, then annotates."""
+def _too_long(n_tokens, num_train, of, max_seq_len, max_new_tokens) -> PromptTooLong:
+    if not max_new_tokens:
+        return PromptTooLong(
+            f"prompt has {n_tokens} tokens with {num_train} train example(s) (of {of}), more than "
+            f"--max_seq_len={max_seq_len}; raise --max_seq_len or use a more compact --grid_encoder")
+    return PromptTooLong(
+        f"prompt has {n_tokens} tokens with {num_train} train example(s) (of {of}); with --max_new_tokens="
+        f"{max_new_tokens} that is {n_tokens + max_new_tokens} tokens, more than --max_seq_len={max_seq_len}; "
+        "raise --max_seq_len, lower --max_new_tokens or use a more compact --grid_encoder")
+
+
+def _fit_arc_sample(sample, encoded, prompt, ids, offsets, tokenizer, prompt_version, prompt_mode, max_seq_len,
+                    max_new_tokens=0):
+    """From the first prompt's tokens: drops train examples from the end until the prompt, and the
+    `max_new_tokens` a --generate run adds to it, fit in `max_seq_len`; then annotates."""
     num_train = len(encoded.train)
-    while len(ids) > max_seq_len:
+    budget = max_seq_len - max_new_tokens
+    while len(ids) > budget:
         if num_train <= 1:
-            raise PromptTooLong(
-                f"prompt has {len(ids)} tokens with {num_train} train example(s) "
-                f"(of {len(encoded.train)}), more than --max_seq_len={max_seq_len}; raise --max_seq_len "
-                "or use a more compact --grid_encoder")
-        num_train = _fewer_examples(prompt, offsets, len(ids), max_seq_len)
+            raise _too_long(len(ids), num_train, len(encoded.train), max_seq_len, max_new_tokens)
+        num_train = _fewer_examples(prompt, offsets, len(ids), budget)
         prompt = render_prompt(tokenizer, encoded, prompt_version, prompt_mode, num_train)
         ids, offsets = encode_text(tokenizer, prompt.text)
     labels = label_characters(len(prompt.text), prompt.spans, prompt.cells)
-    return ({
+    tokenized = {
         "sample_id": sample["sample_id"],
         "dataset": sample["dataset"],
         "task_id": sample["task_id"],
@@ -175,7 +186,11 @@ def _fit_arc_sample(sample, encoded, prompt, ids, offsets, tokenizer, prompt_ver
         "prompt": prompt.text,
         "token_ids": ids,
         "annotations": annotate_tokens(offsets, labels),
-    }, num_train)
+    }
+    if prompt_mode == "inference":
+        # What a generated answer is scored against (None when the task has no known solution).
+        tokenized["test_output"] = sample.get("test_output")
+    return tokenized, num_train
 
 
 def tokenize_text_sample(sample: dict[str, Any], tokenizer, max_seq_len: int = DEFAULT_MAX_SEQ_LEN
@@ -204,12 +219,13 @@ def tokenize_text_sample(sample: dict[str, Any], tokenizer, max_seq_len: int = D
 
 class _TokenizeDoFn(beam.DoFn):
     def __init__(self, tokenizer_source, grid_encoder: str, prompt_version: str, prompt_mode: str,
-                 max_seq_len: int):
+                 max_seq_len: int, max_new_tokens: int = 0):
         self.tokenizer_source = tokenizer_source
         self.grid_encoder = grid_encoder
         self.prompt_version = prompt_version
         self.prompt_mode = prompt_mode
         self.max_seq_len = max_seq_len
+        self.max_new_tokens = max_new_tokens
 
     def setup(self):
         self.tokenizer = cached_tokenizer(self.tokenizer_source)
@@ -241,7 +257,7 @@ class _TokenizeDoFn(beam.DoFn):
             check_chat_template(self.tokenizer, self.prompt_version)
             self.chat_template_checked = True
         outcomes = tokenize_arc_samples(arc, self.tokenizer, self.encoder, self.prompt_version, self.prompt_mode,
-                                        self.max_seq_len)
+                                        self.max_seq_len, self.max_new_tokens)
         for sample, (result, error) in zip(arc, outcomes):
             if error is not None:
                 yield self._reject(sample, error)
@@ -274,12 +290,13 @@ class TokenizeSamples(beam.PTransform):
     the offline Qwen2.5 tokenizer; a hub id is looked up in the Hugging Face cache as the model's weights are.
     It is loaded once per worker process. Returns tagged outputs ``result.samples`` and ``result.dead_letter``
     (stage ``tokenize``). Counters in namespace ``arc_activations``: samples_tokenized, samples_rejected, tokens,
-    train_examples_dropped.
+    train_examples_dropped. ``max_new_tokens`` (--generate): tokens each ARC prompt leaves free for its answer
+    within ``max_seq_len``; a prompt that cannot is rejected with both numbers.
     """
 
     def __init__(self, tokenizer_source: str | None = None, grid_encoder: str = DEFAULT_GRID_ENCODER,
                  prompt_version: str = DEFAULT_PROMPT_VERSION, prompt_mode: str = DEFAULT_PROMPT_MODE,
-                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN):
+                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN, max_new_tokens: int = 0):
         super().__init__()
         # Fail at graph construction, not on a worker: these are user options.
         spec = create_grid_encoder(grid_encoder).spec
@@ -287,8 +304,11 @@ class TokenizeSamples(beam.PTransform):
         check_prompt_mode(prompt_mode)
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
             raise ValueError(f"--max_seq_len must be a positive integer, got {max_seq_len!r}")
+        if not 0 <= max_new_tokens < max_seq_len:
+            raise ValueError(f"--max_new_tokens={max_new_tokens} leaves no room for a prompt in "
+                             f"--max_seq_len={max_seq_len}")
         self._fn = _TokenizeDoFn(None if tokenizer_source is None else str(tokenizer_source), spec,
-                                 prompt_version, prompt_mode, max_seq_len)
+                                 prompt_version, prompt_mode, max_seq_len, max_new_tokens)
 
     def expand(self, samples):
         return (samples

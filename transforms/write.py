@@ -38,12 +38,14 @@ from transforms.output_format import (  # noqa: F401 - the format's names, re-ex
     DEAD_LETTER_FIELDS,
     ENCODINGS,
     FORMAT_VERSION,
+    PREDICTIONS_DIR,
     KEY_ENCODING,
     KEY_FILES,
     KEY_FORMAT_VERSION,
     KEY_HOOK_NAME,
     KEY_IDENTITY,
     KEY_OVERFLOW,
+    KEY_PREDICTIONS,
     KEY_SHARD,
     KEY_STORAGE_DTYPE,
     ROW_GROUP_BYTES,
@@ -328,12 +330,27 @@ class ShardWriter:
                  "sha256": hashlib.sha256(memoryview(data)).hexdigest(), KEY_OVERFLOW: int(metadata[KEY_OVERFLOW])}
         return {"file": entry, "temp": temp, "final": final, "d_model": d_model, "stats": stats}
 
+    def _write_predictions(self, shard: str, samples: Sequence[dict], predictions: Sequence[dict] | None
+                           ) -> dict | None:
+        """Writes predictions/<shard>.parquet (before the commit marker, which lists it); returns its entry."""
+        if predictions is None:
+            return None
+        from transforms.predictions import predictions_file
+
+        if sorted(row["sample_id"] for row in predictions) != sorted(s["sample_id"] for s in samples):
+            raise ValueError(f"shard {shard}: the predictions do not cover exactly the shard's samples")
+        data, entry = predictions_file(shard, predictions)
+        put_atomic(data, join(self.output_root, entry["path"]))
+        return entry
+
     def write_shard(self, batch_id: str, samples: Sequence[dict], placements: Sequence[Sequence[int]],
                     activations: dict[tuple[str, int], np.ndarray],
-                    executor: concurrent.futures.Executor | None = None) -> dict:
+                    executor: concurrent.futures.Executor | None = None,
+                    predictions: Sequence[dict] | None = None) -> dict:
         """Writes every activation file of the batch, then the samples file (the commit marker). With an
         `executor`, the activation files are encoded and uploaded on it in parallel (a shard of all 24 layers is
-        24 files); the commit stays in the calling thread.
+        24 files); the commit stays in the calling thread. `predictions` (--generate: one row per sample,
+        transforms.predictions) become predictions/<shard>.parquet, committed with the shard like its statistics.
 
         Returns {"shard", "batch_id", "samples", "tokens", "rows", "bytes", "float16_overflow", "files",
         "already_committed", "stats_bytes"}; `bytes` and `files` count the activation and samples files, the
@@ -368,19 +385,28 @@ class ShardWriter:
         except BaseException:
             _delete_quietly(entry["temp"] for entry in written)
             raise
+        return self._commit(shard, batch_id, samples, written, d_models.pop(), predictions)
+
+    def _commit(self, shard: str, batch_id: str, samples: Sequence[dict], written: list[dict], d_model: int,
+                predictions: Sequence[dict] | None) -> dict:
+        """After the activation files are in place: the statistics and predictions files, then the commit marker
+        that lists them all. Returns write_shard's summary."""
         files = [entry["file"] for entry in written]
         overflow = sum(f[KEY_OVERFLOW] for f in files)
         # Before the commit marker, which lists it: a shard's statistics commit with it or not at all.
         stats_data, stats_entry = activation_stats.shard_file(shard, [entry["stats"] for entry in written])
         put_atomic(stats_data, join(self.output_root, stats_entry["path"]))
+        predictions_entry = self._write_predictions(shard, samples, predictions)
         table = samples_table(samples)
         metadata = self._common_metadata(shard)
         metadata.update({
-            "batch_id": batch_id, "worker": self.worker_prefix, "d_model": str(d_models.pop()),
+            "batch_id": batch_id, "worker": self.worker_prefix, "d_model": str(d_model),
             "num_samples": str(table.num_rows), "num_tokens": str(int(np.sum(table["num_tokens"].to_numpy()))),
             KEY_OVERFLOW: str(overflow), KEY_FILES: json.dumps(files, sort_keys=True),
             activation_stats.MARKER_KEY: json.dumps(stats_entry, sort_keys=True),
         })
+        if predictions_entry is not None:
+            metadata[KEY_PREDICTIONS] = json.dumps(predictions_entry, sort_keys=True)
         if self.identity is not None:
             metadata[KEY_IDENTITY] = self.identity
         data = parquet_bytes(table.replace_schema_metadata(metadata))
@@ -478,7 +504,7 @@ class _WriteShardFn(beam.DoFn):
             yield self._pop()
         future = self._commits.submit(
             self._writer.write_shard, extracted["batch_id"], extracted["samples"], extracted["placements"],
-            extracted["activations"], self._files)
+            extracted["activations"], self._files, extracted.get("predictions"))
         self._pending.append((future, size))
         self._pending_bytes += size
         while self._pending and self._pending[0][0].done():
@@ -571,7 +597,7 @@ def clean_uncommitted(output_root: str, worker_prefix: str) -> list[str]:
     check_worker_prefix(worker_prefix)
     committed = set(committed_shards(output_root))
     doomed = []
-    for directory in (ACTIVATIONS_DIR, SAMPLES_DIR, DEAD_LETTER_DIR, activation_stats.STATS_DIR):
+    for directory in (ACTIVATIONS_DIR, SAMPLES_DIR, DEAD_LETTER_DIR, activation_stats.STATS_DIR, PREDICTIONS_DIR):
         for meta in match_files(join(output_root, f"{directory}/**")):
             name = basename(meta.path)
             target = temp_target_name(name)
@@ -579,7 +605,8 @@ def clean_uncommitted(output_root: str, worker_prefix: str) -> list[str]:
                 if shard_worker(target.rsplit(".", 1)[0]) == worker_prefix:
                     doomed.append(meta.path)
             elif (directory, name.rsplit(".", 1)[-1]) in ((ACTIVATIONS_DIR, "parquet"),
-                                                          (activation_stats.STATS_DIR, "json")):
+                                                          (activation_stats.STATS_DIR, "json"),
+                                                          (PREDICTIONS_DIR, "parquet")):
                 shard = name.rsplit(".", 1)[0]
                 if shard_worker(shard) == worker_prefix and shard not in committed:
                     doomed.append(meta.path)
@@ -591,7 +618,7 @@ def clean_uncommitted(output_root: str, worker_prefix: str) -> list[str]:
 def stray_temp_files(output_root: str) -> list[str]:
     """Temporary files left by killed writers (every worker); safe to delete only when no writer is running."""
     found = []
-    for directory in (ACTIVATIONS_DIR, SAMPLES_DIR, DEAD_LETTER_DIR, activation_stats.STATS_DIR):
+    for directory in (ACTIVATIONS_DIR, SAMPLES_DIR, DEAD_LETTER_DIR, activation_stats.STATS_DIR, PREDICTIONS_DIR):
         found += [m.path for m in match_files(join(output_root, f"{directory}/**"))
                   if basename(m.path).startswith(TEMP_PREFIX)]
     return sorted(found)
