@@ -2,10 +2,13 @@
 
     python benchmarks/loader_bench.py write /tmp/loader-out --tokens 1400000   # shards written by ShardWriter
     python benchmarks/loader_bench.py read /tmp/loader-out --batch_tokens 4096  # in a fresh process
+    python benchmarks/loader_bench.py gcs /tmp/loader-out --batch_tokens 4096   # the same files through a GCS emulator
 
 `read` reports the loader's rate (shuffled float32 batches from bfloat16 storage by default) and the process's
 peak resident memory over the epoch against its resident memory before the loader started, next to the shuffle
-buffer's size. The files were just written, so they are read from the page cache.
+buffer's size. The files were just written, so they are read from the page cache. `gcs` starts gcp-storage-emulator (in memory,
+127.0.0.1, a process of its own, stopped at the end), uploads the output into it and reads it back as gs://: the
+rate is the emulator's HTTP server's as much as the loader's.
 """
 from __future__ import annotations
 
@@ -80,6 +83,46 @@ def read(root: str, batch_tokens: int, buffer_tokens: int | None, dtype: str, re
             "num_tokens": ds.num_tokens("resid_post", 6), "row_groups": len(ds.units("resid_post", 6))}
 
 
+_EMULATOR = """
+import sys, time
+from gcp_storage_emulator.server import create_server
+server = create_server("127.0.0.1", int(sys.argv[1]), in_memory=True, default_bucket="loader-bench")
+server.start()
+print("ready", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+def through_emulator(root: str, batch_tokens: int, buffer_tokens: int | None, dtype: str, readahead: int) -> dict:
+    import socket
+    import subprocess
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-c", _EMULATOR, str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        if server.stdout.readline().strip() != "ready":
+            raise RuntimeError("the storage emulator did not start")
+        os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        bucket = storage.Client(project="bench", credentials=AnonymousCredentials()).bucket("loader-bench")
+        started = time.perf_counter()
+        for folder, _, names in os.walk(root):
+            for name in names:
+                path = os.path.join(folder, name)
+                bucket.blob("out/" + os.path.relpath(path, root)).upload_from_filename(path)
+        upload_s = time.perf_counter() - started
+        result = read("gs://loader-bench/out", batch_tokens, buffer_tokens, dtype, readahead)
+        return {**result, "upload_s": round(upload_s, 1)}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -92,7 +135,7 @@ def _rss_bytes() -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("write", "read"))
+    parser.add_argument("mode", choices=("write", "read", "gcs"))
     parser.add_argument("root")
     parser.add_argument("--tokens", type=int, default=1_400_000)
     parser.add_argument("--d_model", type=int, default=896)
@@ -105,6 +148,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.mode == "write":
         result = write(args.root, args.tokens, args.d_model, args.samples_per_shard, args.compression)
+    elif args.mode == "gcs":
+        result = through_emulator(args.root, args.batch_tokens, args.buffer_tokens, args.dtype, args.readahead)
     else:
         result = read(args.root, args.batch_tokens, args.buffer_tokens, args.dtype, args.readahead)
     print(json.dumps(result))
