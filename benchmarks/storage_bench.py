@@ -29,7 +29,7 @@ import ml_dtypes  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from transforms.output_format import activations_to_numpy, parquet_bytes, row_group_rows  # noqa: E402
+from transforms.output_format import ZSTD_LEVEL, activations_to_numpy, parquet_bytes, row_group_rows  # noqa: E402
 from transforms.write import activation_table  # noqa: E402
 
 SAMPLE_TOKENS = 2048
