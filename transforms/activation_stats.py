@@ -22,8 +22,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+import ml_dtypes
 import numpy as np
 
+from transforms import stats_kernel
 from transforms.output_format import STATS_DIR  # noqa: F401 - the folder of per-shard statistics files
 
 from transforms.annotations import PART_NAMES
@@ -39,6 +41,8 @@ MAX_OCTAVE = 24
 # Extra bins around the log-spaced ones: [0] zero norm, [1] 0 < norm < first edge, [-1] norm >= last edge.
 ZERO_BIN, UNDERFLOW_BIN, OVERFLOW_BIN = 0, 1, -1
 _BLOCK_ROWS = 128  # rows widened to float64 at a time: the block stays in cache across the passes over it
+_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+_KERNEL_DTYPES = (_BFLOAT16, np.dtype(np.float16), np.dtype(np.float32))
 
 
 def _octave_fractions() -> np.ndarray:
@@ -325,11 +329,6 @@ def _merge_groups(a: dict, b: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ compute
 
-def _widen(block: np.ndarray, out: np.ndarray) -> np.ndarray:
-    out[...] = block  # bf16 / f16 / f32 -> f64 is exact
-    return out
-
-
 def _group_stats(keys: np.ndarray, norms: np.ndarray, finite: np.ndarray, names) -> dict:
     """Group per key (non-negative ints): tokens, tokens with a norm, their norm sum; names(key) -> str."""
     if not keys.size:
@@ -339,6 +338,81 @@ def _group_stats(keys: np.ndarray, norms: np.ndarray, finite: np.ndarray, names)
     counted = np.bincount(keys, weights=finite, minlength=size)
     sums = np.bincount(keys, weights=np.where(finite, norms, 0.0), minlength=size)
     return {names(k): Group(int(tokens[k]), int(counted[k]), float(sums[k])) for k in np.flatnonzero(tokens)}
+
+
+def _kernel_pass(activation: np.ndarray, stats: LayerStats) -> np.ndarray | None:
+    """The compiled single pass (transforms.stats_kernel) for bfloat16, float16 and float32 storage; None when
+    it is not available for this array."""
+    kernel = stats_kernel.load()
+    if kernel is None or activation.dtype not in _KERNEL_DTYPES:
+        return None
+    if activation.dtype == np.float16:
+        activation = activation.astype(np.float32)  # exact
+    kind = "bf16" if activation.dtype == _BFLOAT16 else "f32"
+    raw = np.ascontiguousarray(activation).view(np.uint16 if kind == "bf16" else np.float32)
+    mn, mx, stats.dim_sum, stats.dim_sumsq, row_sumsq = kernel(raw, kind)
+    stats.dim_min, stats.dim_max = mn.astype(np.float64), mx.astype(np.float64)
+    return row_sumsq
+
+
+def _numpy_pass(activation: np.ndarray, stats: LayerStats) -> np.ndarray:
+    """The same as _kernel_pass in numpy: blocks of rows widened to float64 (exact) and reduced."""
+    n, d = activation.shape
+    row_sumsq = np.empty(n)
+    buffer, squares = np.empty((min(_BLOCK_ROWS, n), d)), np.empty((min(_BLOCK_ROWS, n), d))
+    for start in range(0, n, _BLOCK_ROWS):
+        m = min(_BLOCK_ROWS, n - start)
+        block = buffer[:m]
+        block[...] = activation[start:start + m]  # bf16 / f16 / f32 -> f64 is exact
+        np.minimum(stats.dim_min, block.min(0), out=stats.dim_min)
+        np.maximum(stats.dim_max, block.max(0), out=stats.dim_max)
+        stats.dim_sum += block.sum(0)
+        square = np.multiply(block, block, out=squares[:m])
+        stats.dim_sumsq += square.sum(0)
+        row_sumsq[start:start + m] = square.sum(1)
+    return row_sumsq
+
+
+def _masked_pass(activation: np.ndarray, stats: LayerStats) -> np.ndarray:
+    """For arrays holding NaN or inf: counts them and leaves them out; a row with one gets a NaN sum of squares."""
+    values = activation.astype(np.float64)
+    bad = ~np.isfinite(values)
+    stats.dim_non_finite = bad.sum(0).astype(np.int64)
+    stats.non_finite = int(stats.dim_non_finite.sum())
+    clean = np.where(bad, 0.0, values)
+    stats.dim_sum, stats.dim_sumsq = clean.sum(0), (clean * clean).sum(0)
+    stats.dim_min = np.where(bad, np.inf, values).min(0)
+    stats.dim_max = np.where(bad, -np.inf, values).max(0)
+    return np.where(bad.any(1), np.nan, (clean * clean).sum(1))
+
+
+def _dimension_stats(activation: np.ndarray, stats: LayerStats) -> np.ndarray:
+    """Fills the per-dimension fields of `stats`; returns each row's float64 sum of squares (NaN where the row
+    holds a non-finite value)."""
+    row_sumsq = _kernel_pass(activation, stats)
+    if row_sumsq is None:
+        row_sumsq = _numpy_pass(activation, stats)
+    # Any NaN or inf reaches the column sums; only then is the slower, masked pass needed.
+    if not (np.isfinite(stats.dim_sum).all() and np.isfinite(stats.dim_sumsq).all()):
+        row_sumsq = _masked_pass(activation, stats)
+    return row_sumsq
+
+
+def _norm_stats(stats: LayerStats, norms: np.ndarray, finite: np.ndarray) -> None:
+    good = norms[finite]
+    stats.norm_non_finite = int(norms.size - good.size)
+    stats.norm_count = int(good.size)
+    if good.size:
+        # add.reduce rather than np.dot: a BLAS call wakes OpenBLAS's threads, which then spin on every core.
+        stats.norm_sum, stats.norm_sumsq = float(good.sum()), float(np.add.reduce(good * good))
+        stats.norm_min, stats.norm_max = float(good.min()), float(good.max())
+        stats.histogram = np.bincount(histogram_bin(good), minlength=NUM_BINS).astype(np.int64)
+
+
+def _check_columns(hook, layer, n, columns: dict) -> None:
+    for name, values in columns.items():
+        if np.shape(values) != (n,):
+            raise ValueError(f"{hook}/{layer}: column {name} has shape {np.shape(values)}, expected ({n},)")
 
 
 def compute(activation: np.ndarray, *, hook: str, layer: int, part: np.ndarray, row: np.ndarray, col: np.ndarray,
@@ -353,47 +427,15 @@ def compute(activation: np.ndarray, *, hook: str, layer: int, part: np.ndarray, 
     if activation.ndim != 2:
         raise ValueError(f"{hook}/{layer}: activation must be [n_tokens, d_model], got shape {activation.shape}")
     n, d = activation.shape
-    columns = {"part": part, "row": row, "col": col, "color": color, "position": position, "token_id": token_id,
-               "sample_index": sample_index}
-    for name, values in columns.items():
-        if np.shape(values) != (n,):
-            raise ValueError(f"{hook}/{layer}: column {name} has shape {np.shape(values)}, expected ({n},)")
+    _check_columns(hook, layer, n, {"part": part, "row": row, "col": col, "color": color, "position": position,
+                                    "token_id": token_id, "sample_index": sample_index})
     stats = LayerStats(hook=hook, layer=int(layer), d_model=d, storage_dtype=storage_dtype, shards=1, tokens=n,
                        float16_overflow=int(float16_overflow))
     if not n:
         return stats
-    row_sumsq = np.empty(n)
-    buffer, squares = np.empty((min(_BLOCK_ROWS, n), d)), np.empty((min(_BLOCK_ROWS, n), d))
-    for start in range(0, n, _BLOCK_ROWS):
-        m = min(_BLOCK_ROWS, n - start)
-        block = _widen(activation[start:start + m], buffer[:m])
-        np.minimum(stats.dim_min, block.min(0), out=stats.dim_min)
-        np.maximum(stats.dim_max, block.max(0), out=stats.dim_max)
-        stats.dim_sum += block.sum(0)
-        square = np.multiply(block, block, out=squares[:m])
-        stats.dim_sumsq += square.sum(0)
-        row_sumsq[start:start + m] = square.sum(1)
-    # Any NaN or inf reaches the column sums; only then is the slower, masked pass needed.
-    if not (np.isfinite(stats.dim_sum).all() and np.isfinite(stats.dim_sumsq).all()):
-        values = activation.astype(np.float64)
-        bad = ~np.isfinite(values)
-        stats.dim_non_finite = bad.sum(0).astype(np.int64)
-        stats.non_finite = int(stats.dim_non_finite.sum())
-        clean = np.where(bad, 0.0, values)
-        stats.dim_sum, stats.dim_sumsq = clean.sum(0), (clean * clean).sum(0)
-        stats.dim_min = np.where(bad, np.inf, values).min(0)
-        stats.dim_max = np.where(bad, -np.inf, values).max(0)
-        row_sumsq = np.where(bad.any(1), np.nan, (clean * clean).sum(1))
-    norms = np.sqrt(row_sumsq)
+    norms = np.sqrt(_dimension_stats(activation, stats))
     finite = np.isfinite(norms)
-    good = norms[finite]
-    stats.norm_non_finite = int(n - good.size)
-    stats.norm_count = int(good.size)
-    if good.size:
-        stats.norm_sum, stats.norm_sumsq = float(good.sum()), float(np.dot(good, good))
-        stats.norm_min, stats.norm_max = float(good.min()), float(good.max())
-        stats.histogram = np.bincount(histogram_bin(good), minlength=NUM_BINS).astype(np.int64)
-
+    _norm_stats(stats, norms, finite)
     part = np.asarray(part).astype(np.int64)
     if part.min() < 0 or part.max() >= len(PART_NAMES):
         raise ValueError(f"{hook}/{layer}: part codes must lie in 0..{len(PART_NAMES) - 1}")
