@@ -6,10 +6,11 @@
 For each kind of values (bf16, as bf16 compute produces them: `normal` is what the host-ceiling bench writes,
 `checkpoint-like` what trained models look like; benchmarks/storage_bench.py), times the whole
 `ShardWriter.write_shard` (tables, Parquet encoding, sha256, temporary file, rename, statistics file, samples file,
-to local disk) of one shard of `--layers` (hook, layer) files, with statistics on and off, alternately in one
-process so that both see the same load, and reports the medians of wall and process CPU seconds and their ratio.
-`--threads N` writes a shard's files on a pool of N threads, as the pipeline does. Also times
-`transforms.activation_stats.compute` alone on one (hook, layer). Prints one JSON line; results feed
+to local disk) of one shard of `--layers` (hook, layer) files in three modes: statistics off, on through the
+compiled pass (transforms.stats_kernel) and on through the numpy pass, alternately in one process so that all see
+the same load; reports the medians of wall and process CPU seconds and their ratios to "off". `--threads N` writes
+a shard's files on a pool of N threads, as the pipeline does. Also times `transforms.activation_stats.compute`
+alone on one (hook, layer), both passes. Prints one JSON line; results feed
 docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -43,8 +44,19 @@ def _medians(samples: list[tuple[float, float]], tokens: int) -> dict:
             "tok_per_cpu_s": round(tokens / cpu)}
 
 
-def writer_on_off(kind: str, tokens: int, d_model: int, layers: int, threads: int, repeats: int) -> dict:
-    """write_shard with statistics on and off, alternating (on, off, off, on, ...), after one warm-up of each."""
+# Writer modes timed alternately: statistics off, on through the compiled pass, on through the numpy pass.
+MODES = ("off", "compiled", "numpy")
+
+
+def _set_mode(mode: str) -> bool:
+    from transforms.stats_kernel import KERNEL_ENV
+
+    os.environ[KERNEL_ENV] = "numpy" if mode == "numpy" else ""
+    return mode != "off"
+
+
+def writer_modes(kind: str, tokens: int, d_model: int, layers: int, threads: int, repeats: int) -> dict:
+    """write_shard in every mode, the order rotating each round, after one warm-up round."""
     from transforms.write import ShardWriter
 
     rng = np.random.default_rng(1)
@@ -54,22 +66,26 @@ def writer_on_off(kind: str, tokens: int, d_model: int, layers: int, threads: in
     base = make_values(kind, tokens + layers, d_model, rng)
     activations = {("resid_post", layer): base[layer:layer + tokens] for layer in range(layers)}
     pool = concurrent.futures.ThreadPoolExecutor(threads) if threads else None
-    times = {True: [], False: []}
+    times = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory() as root:
-        writers = {on: ShardWriter(root, "bench", "random", "bfloat16", "bfloat16", statistics=on) for on in times}
         for round_ in range(repeats + 1):
-            for on in ((True, False) if round_ % 2 else (False, True)):
-                sample = _timed(lambda: writers[on].write_shard("0" * 16, samples, placements, activations, pool))
+            for mode in MODES[round_ % 3:] + MODES[:round_ % 3]:
+                writer = ShardWriter(root, "bench", "random", "bfloat16", "bfloat16", statistics=_set_mode(mode))
+                sample = _timed(lambda: writer.write_shard("0" * 16, samples, placements, activations, pool))
                 if round_:
-                    times[on].append(sample)
+                    times[mode].append(sample)
+    _set_mode("compiled")
     if pool:
         pool.shutdown()
-    on, off = _medians(times[True], tokens * layers), _medians(times[False], tokens * layers)
-    return {"values": kind, "with_stats": on, "without_stats": off,
-            "rate_ratio": round(off["wall_s"] / on["wall_s"], 4), "cpu_ratio": round(on["cpu_s"] / off["cpu_s"], 4)}
+    result = {"values": kind, **{mode: _medians(times[mode], tokens * layers) for mode in MODES}}
+    for mode in MODES[1:]:
+        result[f"{mode}_rate_vs_off"] = round(result["off"]["wall_s"] / result[mode]["wall_s"], 4)
+        result[f"{mode}_cpu_vs_off"] = round(result[mode]["cpu_s"] / result["off"]["cpu_s"], 4)
+    return result
 
 
 def compute_alone(kind: str, tokens: int, d_model: int, repeats: int) -> dict:
+    """activation_stats.compute on one (hook, layer), compiled and numpy passes alternately."""
     from transforms import activation_stats
 
     rng = np.random.default_rng(1)
@@ -78,8 +94,15 @@ def compute_alone(kind: str, tokens: int, d_model: int, repeats: int) -> dict:
     columns = dict(part=rng.integers(0, 8, tokens), position=np.arange(tokens), token_id=np.arange(tokens),
                    sample_index=np.zeros(tokens, int), sample_ids=["s"], storage_dtype="bfloat16", **cells)
     run = lambda: activation_stats.compute(values, hook="resid_post", layer=12, **columns)  # noqa: E731
-    run()
-    return {"values": kind, **_medians([_timed(run) for _ in range(repeats)], tokens)}
+    times = {mode: [] for mode in MODES[1:]}
+    for round_ in range(repeats + 1):
+        for mode in (MODES[1:] if round_ % 2 else MODES[:0:-1]):
+            _set_mode(mode)
+            sample = _timed(run)
+            if round_:
+                times[mode].append(sample)
+    _set_mode("compiled")
+    return {"values": kind, **{mode: _medians(samples, tokens) for mode, samples in times.items()}}
 
 
 def main(argv=None) -> int:
@@ -94,7 +117,7 @@ def main(argv=None) -> int:
     for kind in args.values.split(","):
         result["compute"].append(compute_alone(kind, args.tokens, args.d_model, args.repeats))
         result["write_shard"].append(
-            writer_on_off(kind, args.tokens, args.d_model, args.layers, args.threads, args.repeats))
+            writer_modes(kind, args.tokens, args.d_model, args.layers, args.threads, args.repeats))
     result["load_after"] = os.getloadavg()
     print(json.dumps(result))
     return 0

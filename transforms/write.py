@@ -25,7 +25,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from model.hooks import BLOCK_HOOKS, FINAL_NORM_HOOK, transformer_lens_name  # noqa: F401 - re-exported
-from transforms import activation_stats
+from transforms import activation_stats, stats_kernel
 from transforms.annotations import PART_NAMES
 from transforms.batching import stable_group
 from transforms.metrics import NAMESPACE
@@ -449,6 +449,8 @@ class _WriteShardFn(beam.DoFn):
 
     def setup(self):
         self._writer = ShardWriter(*self._args, skip_committed=True, identity=self._identity)
+        if self._writer.statistics:
+            stats_kernel.load()  # compiles the statistics pass now rather than in the first shard's write
         self._files = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="shard-file")
         # Shard threads mostly wait for their files, then commit; a separate pool, so they never wait on
         # themselves.
