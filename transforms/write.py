@@ -345,6 +345,20 @@ class ShardWriter:
         put_atomic(data, join(self.output_root, entry["path"]))
         return entry
 
+    def _marker_metadata(self, shard, batch_id, d_model, table, files, overflow, stats_entry) -> dict:
+        """The commit marker's key-value metadata: the shard, its files, and its statistics file when it has one."""
+        metadata = self._common_metadata(shard)
+        metadata.update({
+            "batch_id": batch_id, "worker": self.worker_prefix, "d_model": str(d_model),
+            "num_samples": str(table.num_rows), "num_tokens": str(int(np.sum(table["num_tokens"].to_numpy()))),
+            KEY_OVERFLOW: str(overflow), KEY_FILES: json.dumps(files, sort_keys=True),
+        })
+        if stats_entry is not None:
+            metadata[activation_stats.MARKER_KEY] = json.dumps(stats_entry, sort_keys=True)
+        if self.identity is not None:
+            metadata[KEY_IDENTITY] = self.identity
+        return metadata
+
     def write_shard(self, batch_id: str, samples: Sequence[dict], placements: Sequence[Sequence[int]],
                     activations: dict[tuple[str, int], np.ndarray],
                     executor: concurrent.futures.Executor | None = None) -> dict:
@@ -389,16 +403,7 @@ class ShardWriter:
         overflow = sum(f[KEY_OVERFLOW] for f in files)
         stats_entry = self._put_stats(shard, [entry["stats"] for entry in written]) if self.statistics else None
         table = samples_table(samples)
-        metadata = self._common_metadata(shard)
-        metadata.update({
-            "batch_id": batch_id, "worker": self.worker_prefix, "d_model": str(d_models.pop()),
-            "num_samples": str(table.num_rows), "num_tokens": str(int(np.sum(table["num_tokens"].to_numpy()))),
-            KEY_OVERFLOW: str(overflow), KEY_FILES: json.dumps(files, sort_keys=True),
-        })
-        if stats_entry is not None:
-            metadata[activation_stats.MARKER_KEY] = json.dumps(stats_entry, sort_keys=True)
-        if self.identity is not None:
-            metadata[KEY_IDENTITY] = self.identity
+        metadata = self._marker_metadata(shard, batch_id, d_models.pop(), table, files, overflow, stats_entry)
         data = parquet_bytes(table.replace_schema_metadata(metadata))
         put_atomic(data, join(self.output_root, samples_relpath(shard)))
         return {
