@@ -1,12 +1,14 @@
 """transforms/activation_stats.py against numpy float64 on the concatenated data; merges in any order."""
 import itertools
 import math
+import sys
 
 import ml_dtypes
 import numpy as np
 import pytest
 
 from transforms import activation_stats as S
+from transforms import stats_kernel
 from transforms.annotations import PART_NAMES
 
 D = 24
@@ -201,3 +203,25 @@ def test_bad_inputs_are_named():
     a = S.LayerStats("resid_post", 0, 4, "bfloat16")
     with pytest.raises(ValueError, match="do not merge"):
         a.merge(S.LayerStats("resid_post", 0, 4, "float32"))
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16, np.float32])
+@pytest.mark.parametrize("width", [24, 896])
+def test_compiled_and_numpy_paths_agree(dtype, width, monkeypatch):
+    """The compiled pass (transforms.stats_kernel) and the numpy pass give the same statistics: norms, extrema,
+    histogram and top-k bit for bit, sums to float64 rounding; non-finite values take the masked path in both."""
+    if stats_kernel.load() is None:
+        pytest.skip("no C compiler: only the numpy path runs here")
+    monkeypatch.setattr(sys.modules[__name__], "D", width)
+    rng = np.random.default_rng(width)
+    clean = make_shard(rng, 300, 0, dtype=dtype)
+    dirty = make_shard(rng, 40, 2, dtype=dtype)
+    dirty[0][3, 1], dirty[0][7, 0] = np.nan, np.inf
+    for shard in (clean, dirty):
+        fast = shard_stats(shard)
+        with monkeypatch.context() as patch:
+            patch.setattr(stats_kernel, "load", lambda: None)
+            slow = shard_stats(shard)
+        assert_same(fast, slow)
+        assert fast.non_finite == slow.non_finite and np.array_equal(fast.dim_non_finite, slow.dim_non_finite)
+    assert shard_stats(dirty).non_finite == 2

@@ -230,6 +230,23 @@ def test_bfloat16_storage_is_exact_and_readable(tmp_path):
                          "resid_pre", 2, "bfloat16")
 
 
+def test_statistics_switch_for_benchmarks(tmp_path, monkeypatch):
+    """ARC_ACTIVATIONS_STATISTICS=off (what the benchmarks set to measure the statistics' cost) gives shards
+    without a statistics file or marker entry; anything but on or off is refused."""
+    batch = make_batch()
+    root = str(tmp_path / "out")
+    monkeypatch.setenv(write.STATISTICS_ENV, "off")
+    summary = ShardWriter(root, "h000", "m", "bfloat16").write_shard(
+        batch["batch_id"], batch["samples"], batch["placements"], extracted(batch))
+    assert summary["stats_bytes"] == 0 and not os.path.exists(os.path.join(root, "stats"))
+    marker = committed_shards(root)[f"h000-{batch['batch_id']}"]
+    assert "stats" not in marker
+    assert ShardWriter(root, "h000", "m", "bfloat16", statistics=True).statistics
+    monkeypatch.setenv(write.STATISTICS_ENV, "maybe")
+    with pytest.raises(ValueError, match="on or off"):
+        ShardWriter(root, "h000", "m", "bfloat16")
+
+
 def test_retried_write_is_idempotent_and_leaves_no_temp_files(tmp_path):
     root = str(tmp_path / "out")
     batch = make_batch()

@@ -12,18 +12,24 @@ of float64's 15-16 digits, which matters only for dimensions whose mean dwarfs t
 
 Values that are not finite (NaN, inf: float16 overflows or a model's own) are counted and left out of every sum,
 extremum and norm; a token with any non-finite value has no norm and is counted in `norm_non_finite`.
-Plain numpy; pyarrow only in `from_arrow`, which reads the columns of an activation table.
+The pass over the values runs compiled (transforms.stats_kernel: one fused loop, checked against numpy when it
+loads) where a C compiler is at hand and in numpy otherwise; both give the same norms, extrema, counts and
+histograms bit for bit and the same sums to float64 rounding. pyarrow only in `from_arrow`, which reads the
+columns of an activation table.
 """
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+import ml_dtypes
 import numpy as np
 
+from transforms import stats_kernel
 from transforms.output_format import STATS_DIR  # noqa: F401 - the folder of per-shard statistics files
 
 from transforms.annotations import PART_NAMES
@@ -39,6 +45,8 @@ MAX_OCTAVE = 24
 # Extra bins around the log-spaced ones: [0] zero norm, [1] 0 < norm < first edge, [-1] norm >= last edge.
 ZERO_BIN, UNDERFLOW_BIN, OVERFLOW_BIN = 0, 1, -1
 _BLOCK_ROWS = 128  # rows widened to float64 at a time: the block stays in cache across the passes over it
+_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+_KERNEL_DTYPES = (_BFLOAT16, np.dtype(np.float16), np.dtype(np.float32))
 
 
 def _octave_fractions() -> np.ndarray:
@@ -325,20 +333,107 @@ def _merge_groups(a: dict, b: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ compute
 
-def _widen(block: np.ndarray, out: np.ndarray) -> np.ndarray:
-    out[...] = block  # bf16 / f16 / f32 -> f64 is exact
-    return out
+@functools.lru_cache(maxsize=64)
+def _key_names(kind: str, size: int, width: int = 1) -> tuple[str, ...]:
+    """Names of group keys 0..size-1: made once, not per key, shard and layer (a shard of 24 layers with 900
+    grid cells would otherwise format 21,600 names)."""
+    if kind == "part":
+        return tuple(PART_NAMES[:size])
+    if kind == "cell":
+        return tuple(f"{k // width},{k % width}" for k in range(size))
+    return tuple(str(k) for k in range(size))
 
 
-def _group_stats(keys: np.ndarray, norms: np.ndarray, finite: np.ndarray, names) -> dict:
-    """Group per key (non-negative ints): tokens, tokens with a norm, their norm sum; names(key) -> str."""
+def _group_stats(keys: np.ndarray, norms: np.ndarray, finite: np.ndarray, kind: str, width: int = 1) -> dict:
+    """Group per key (non-negative ints): tokens, tokens with a norm, their norm sum; keys named by _key_names."""
     if not keys.size:
         return {}
     size = int(keys.max()) + 1
+    names = _key_names(kind, size, width)
     tokens = np.bincount(keys, minlength=size)
     counted = np.bincount(keys, weights=finite, minlength=size)
     sums = np.bincount(keys, weights=np.where(finite, norms, 0.0), minlength=size)
-    return {names(k): Group(int(tokens[k]), int(counted[k]), float(sums[k])) for k in np.flatnonzero(tokens)}
+    present = np.flatnonzero(tokens)
+    # Python ints and floats from tolist(): per-key numpy scalars cost more than the whole pass over the values
+    # when a layer has hundreds of grid cells.
+    return {names[k]: Group(t, c, s) for k, t, c, s in zip(present.tolist(), tokens[present].tolist(),
+                                                           counted[present].astype(np.int64).tolist(),
+                                                           sums[present].tolist())}
+
+
+def _kernel_pass(activation: np.ndarray, stats: LayerStats) -> np.ndarray | None:
+    """The compiled single pass (transforms.stats_kernel) for bfloat16, float16 and float32 storage; None when
+    it is not available for this array."""
+    kernel = stats_kernel.load()
+    if kernel is None or activation.dtype not in _KERNEL_DTYPES:
+        return None
+    if activation.dtype == np.float16:
+        activation = activation.astype(np.float32)  # exact
+    kind = "bf16" if activation.dtype == _BFLOAT16 else "f32"
+    raw = np.ascontiguousarray(activation).view(np.uint16 if kind == "bf16" else np.float32)
+    mn, mx, stats.dim_sum, stats.dim_sumsq, row_sumsq = kernel(raw, kind)
+    stats.dim_min, stats.dim_max = mn.astype(np.float64), mx.astype(np.float64)
+    return row_sumsq
+
+
+def _numpy_pass(activation: np.ndarray, stats: LayerStats) -> np.ndarray:
+    """The same as _kernel_pass in numpy: blocks of rows widened to float64 (exact) and reduced."""
+    n, d = activation.shape
+    row_sumsq = np.empty(n)
+    buffer, squares = np.empty((min(_BLOCK_ROWS, n), d)), np.empty((min(_BLOCK_ROWS, n), d))
+    for start in range(0, n, _BLOCK_ROWS):
+        m = min(_BLOCK_ROWS, n - start)
+        block = buffer[:m]
+        block[...] = activation[start:start + m]  # bf16 / f16 / f32 -> f64 is exact
+        np.minimum(stats.dim_min, block.min(0), out=stats.dim_min)
+        np.maximum(stats.dim_max, block.max(0), out=stats.dim_max)
+        stats.dim_sum += block.sum(0)
+        square = np.multiply(block, block, out=squares[:m])
+        stats.dim_sumsq += square.sum(0)
+        row_sumsq[start:start + m] = square.sum(1)
+    return row_sumsq
+
+
+def _masked_pass(activation: np.ndarray, stats: LayerStats) -> np.ndarray:
+    """For arrays holding NaN or inf: counts them and leaves them out; a row with one gets a NaN sum of squares."""
+    values = activation.astype(np.float64)
+    bad = ~np.isfinite(values)
+    stats.dim_non_finite = bad.sum(0).astype(np.int64)
+    stats.non_finite = int(stats.dim_non_finite.sum())
+    clean = np.where(bad, 0.0, values)
+    stats.dim_sum, stats.dim_sumsq = clean.sum(0), (clean * clean).sum(0)
+    stats.dim_min = np.where(bad, np.inf, values).min(0)
+    stats.dim_max = np.where(bad, -np.inf, values).max(0)
+    return np.where(bad.any(1), np.nan, (clean * clean).sum(1))
+
+
+def _dimension_stats(activation: np.ndarray, stats: LayerStats) -> np.ndarray:
+    """Fills the per-dimension fields of `stats`; returns each row's float64 sum of squares (NaN where the row
+    holds a non-finite value)."""
+    row_sumsq = _kernel_pass(activation, stats)
+    if row_sumsq is None:
+        row_sumsq = _numpy_pass(activation, stats)
+    # Any NaN or inf reaches the column sums; only then is the slower, masked pass needed.
+    if not (np.isfinite(stats.dim_sum).all() and np.isfinite(stats.dim_sumsq).all()):
+        row_sumsq = _masked_pass(activation, stats)
+    return row_sumsq
+
+
+def _norm_stats(stats: LayerStats, norms: np.ndarray, finite: np.ndarray) -> None:
+    good = norms[finite]
+    stats.norm_non_finite = int(norms.size - good.size)
+    stats.norm_count = int(good.size)
+    if good.size:
+        # add.reduce rather than np.dot: a BLAS call wakes OpenBLAS's threads, which then spin on every core.
+        stats.norm_sum, stats.norm_sumsq = float(good.sum()), float(np.add.reduce(good * good))
+        stats.norm_min, stats.norm_max = float(good.min()), float(good.max())
+        stats.histogram = np.bincount(histogram_bin(good), minlength=NUM_BINS).astype(np.int64)
+
+
+def _check_columns(hook, layer, n, columns: dict) -> None:
+    for name, values in columns.items():
+        if np.shape(values) != (n,):
+            raise ValueError(f"{hook}/{layer}: column {name} has shape {np.shape(values)}, expected ({n},)")
 
 
 def compute(activation: np.ndarray, *, hook: str, layer: int, part: np.ndarray, row: np.ndarray, col: np.ndarray,
@@ -353,59 +448,26 @@ def compute(activation: np.ndarray, *, hook: str, layer: int, part: np.ndarray, 
     if activation.ndim != 2:
         raise ValueError(f"{hook}/{layer}: activation must be [n_tokens, d_model], got shape {activation.shape}")
     n, d = activation.shape
-    columns = {"part": part, "row": row, "col": col, "color": color, "position": position, "token_id": token_id,
-               "sample_index": sample_index}
-    for name, values in columns.items():
-        if np.shape(values) != (n,):
-            raise ValueError(f"{hook}/{layer}: column {name} has shape {np.shape(values)}, expected ({n},)")
+    _check_columns(hook, layer, n, {"part": part, "row": row, "col": col, "color": color, "position": position,
+                                    "token_id": token_id, "sample_index": sample_index})
     stats = LayerStats(hook=hook, layer=int(layer), d_model=d, storage_dtype=storage_dtype, shards=1, tokens=n,
                        float16_overflow=int(float16_overflow))
     if not n:
         return stats
-    row_sumsq = np.empty(n)
-    buffer, squares = np.empty((min(_BLOCK_ROWS, n), d)), np.empty((min(_BLOCK_ROWS, n), d))
-    for start in range(0, n, _BLOCK_ROWS):
-        m = min(_BLOCK_ROWS, n - start)
-        block = _widen(activation[start:start + m], buffer[:m])
-        np.minimum(stats.dim_min, block.min(0), out=stats.dim_min)
-        np.maximum(stats.dim_max, block.max(0), out=stats.dim_max)
-        stats.dim_sum += block.sum(0)
-        square = np.multiply(block, block, out=squares[:m])
-        stats.dim_sumsq += square.sum(0)
-        row_sumsq[start:start + m] = square.sum(1)
-    # Any NaN or inf reaches the column sums; only then is the slower, masked pass needed.
-    if not (np.isfinite(stats.dim_sum).all() and np.isfinite(stats.dim_sumsq).all()):
-        values = activation.astype(np.float64)
-        bad = ~np.isfinite(values)
-        stats.dim_non_finite = bad.sum(0).astype(np.int64)
-        stats.non_finite = int(stats.dim_non_finite.sum())
-        clean = np.where(bad, 0.0, values)
-        stats.dim_sum, stats.dim_sumsq = clean.sum(0), (clean * clean).sum(0)
-        stats.dim_min = np.where(bad, np.inf, values).min(0)
-        stats.dim_max = np.where(bad, -np.inf, values).max(0)
-        row_sumsq = np.where(bad.any(1), np.nan, (clean * clean).sum(1))
-    norms = np.sqrt(row_sumsq)
+    norms = np.sqrt(_dimension_stats(activation, stats))
     finite = np.isfinite(norms)
-    good = norms[finite]
-    stats.norm_non_finite = int(n - good.size)
-    stats.norm_count = int(good.size)
-    if good.size:
-        stats.norm_sum, stats.norm_sumsq = float(good.sum()), float(np.dot(good, good))
-        stats.norm_min, stats.norm_max = float(good.min()), float(good.max())
-        stats.histogram = np.bincount(histogram_bin(good), minlength=NUM_BINS).astype(np.int64)
-
+    _norm_stats(stats, norms, finite)
     part = np.asarray(part).astype(np.int64)
     if part.min() < 0 or part.max() >= len(PART_NAMES):
         raise ValueError(f"{hook}/{layer}: part codes must lie in 0..{len(PART_NAMES) - 1}")
-    stats.by_part = _group_stats(part, norms, finite, lambda k: PART_NAMES[k])
+    stats.by_part = _group_stats(part, norms, finite, "part")
     row, col, color = (np.asarray(v).astype(np.int64) for v in (row, col, color))
     cell = (row >= 0) & (col >= 0)
     if cell.any():
         width = int(col[cell].max()) + 1
-        stats.by_cell = _group_stats(row[cell] * width + col[cell], norms[cell], finite[cell],
-                                     lambda k: f"{k // width},{k % width}")
+        stats.by_cell = _group_stats(row[cell] * width + col[cell], norms[cell], finite[cell], "cell", width)
     colored = color >= 0
-    stats.by_color = _group_stats(color[colored], norms[colored], finite[colored], str)
+    stats.by_color = _group_stats(color[colored], norms[colored], finite[colored], "color")
     stats.top = _top_tokens(norms, finite, np.asarray(sample_index), sample_ids, position, token_id, part)
     return stats
 

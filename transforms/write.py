@@ -25,7 +25,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from model.hooks import BLOCK_HOOKS, FINAL_NORM_HOOK, transformer_lens_name  # noqa: F401 - re-exported
-from transforms import activation_stats
+from transforms import activation_stats, stats_kernel
 from transforms.annotations import PART_NAMES
 from transforms.batching import stable_group
 from transforms.metrics import NAMESPACE
@@ -259,13 +259,29 @@ def _outcome(function, *args):
         return None, error
 
 
+# Set to "off" by the benchmarks (benchmarks/stats_bench.py, python -m pipeline.bench --host_statistics=off) to
+# measure the writer without statistics; a run with them off commits shards without statistics files, which
+# the manifest reports and `python -m pipeline.stats OUTPUT --write` can fill in.
+STATISTICS_ENV = "ARC_ACTIVATIONS_STATISTICS"
+
+
+def statistics_enabled() -> bool:
+    value = os.environ.get(STATISTICS_ENV, "on").strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"{STATISTICS_ENV}={value!r}: expected on or off")
+    return value == "on"
+
+
 class ShardWriter:
     """Writes one shard per extracted batch, exactly once per shard name (see module docstring)."""
 
     def __init__(self, output_root: str, worker_prefix: str, model_name: str, compute_dtype: str,
                  storage_dtype: str = "float32", compression_level: int = ZSTD_LEVEL, skip_committed: bool = False,
-                 identity: str | None = None, activation_compression: str = DEFAULT_ACTIVATION_COMPRESSION):
+                 identity: str | None = None, activation_compression: str = DEFAULT_ACTIVATION_COMPRESSION,
+                 statistics: bool | None = None):
         """identity: the run identity (pipeline.identity, JSON) recorded in every commit marker.
+        statistics: compute and commit each shard's statistics (transforms.activation_stats); None reads
+        STATISTICS_ENV, which only the benchmarks set, to measure what the statistics cost.
         skip_committed: a shard whose commit marker exists is not written again (a Beam retry of a bundle
         that had already committed it). Recomputed activations need not be bit-identical on every
         accelerator; skipping keeps the committed files and their checksums as they are."""
@@ -283,6 +299,7 @@ class ShardWriter:
         self.activation_compression = activation_compression
         self.skip_committed = skip_committed
         self.identity = identity
+        self.statistics = statistics_enabled() if statistics is None else bool(statistics)
 
     def _committed_summary(self, shard: str, batch_id: str) -> dict | None:
         path = join(self.output_root, samples_relpath(shard))
@@ -317,7 +334,8 @@ class ShardWriter:
                              row_group_size=row_group_rows(d_model, self.storage_dtype),
                              compression_level=self.compression_level,
                              vector_compression=self.activation_compression)
-        stats = activation_stats.from_arrow(table, hook, layer, self.storage_dtype, int(metadata[KEY_OVERFLOW]))
+        stats = (activation_stats.from_arrow(table, hook, layer, self.storage_dtype, int(metadata[KEY_OVERFLOW]))
+                 if self.statistics else None)
         relpath = activation_relpath(hook, layer, shard)
         final = join(self.output_root, relpath)
         temp = _temp_path(final)
@@ -342,6 +360,31 @@ class ShardWriter:
         data, entry = predictions_file(shard, predictions)
         put_atomic(data, join(self.output_root, entry["path"]))
         return entry
+
+    def _put_stats(self, shard: str, stats) -> dict:
+        """Writes stats/<shard>.json; returns its entry for the commit marker. Before the marker, which lists it:
+        a shard's statistics commit with it or not at all."""
+        data, entry = activation_stats.shard_file(shard, stats)
+        put_atomic(data, join(self.output_root, entry["path"]))
+        return entry
+
+    def _marker_metadata(self, shard, batch_id, d_model, table, files, overflow, stats_entry,
+                         predictions_entry) -> dict:
+        """The commit marker's key-value metadata: the shard, its files, and its statistics and predictions files
+        when it has them."""
+        metadata = self._common_metadata(shard)
+        metadata.update({
+            "batch_id": batch_id, "worker": self.worker_prefix, "d_model": str(d_model),
+            "num_samples": str(table.num_rows), "num_tokens": str(int(np.sum(table["num_tokens"].to_numpy()))),
+            KEY_OVERFLOW: str(overflow), KEY_FILES: json.dumps(files, sort_keys=True),
+        })
+        if stats_entry is not None:
+            metadata[activation_stats.MARKER_KEY] = json.dumps(stats_entry, sort_keys=True)
+        if predictions_entry is not None:
+            metadata[KEY_PREDICTIONS] = json.dumps(predictions_entry, sort_keys=True)
+        if self.identity is not None:
+            metadata[KEY_IDENTITY] = self.identity
+        return metadata
 
     def write_shard(self, batch_id: str, samples: Sequence[dict], placements: Sequence[Sequence[int]],
                     activations: dict[tuple[str, int], np.ndarray],
@@ -393,29 +436,18 @@ class ShardWriter:
         that lists them all. Returns write_shard's summary."""
         files = [entry["file"] for entry in written]
         overflow = sum(f[KEY_OVERFLOW] for f in files)
-        # Before the commit marker, which lists it: a shard's statistics commit with it or not at all.
-        stats_data, stats_entry = activation_stats.shard_file(shard, [entry["stats"] for entry in written])
-        put_atomic(stats_data, join(self.output_root, stats_entry["path"]))
+        stats_entry = self._put_stats(shard, [entry["stats"] for entry in written]) if self.statistics else None
         predictions_entry = self._write_predictions(shard, samples, predictions)
         table = samples_table(samples)
-        metadata = self._common_metadata(shard)
-        metadata.update({
-            "batch_id": batch_id, "worker": self.worker_prefix, "d_model": str(d_model),
-            "num_samples": str(table.num_rows), "num_tokens": str(int(np.sum(table["num_tokens"].to_numpy()))),
-            KEY_OVERFLOW: str(overflow), KEY_FILES: json.dumps(files, sort_keys=True),
-            activation_stats.MARKER_KEY: json.dumps(stats_entry, sort_keys=True),
-        })
-        if predictions_entry is not None:
-            metadata[KEY_PREDICTIONS] = json.dumps(predictions_entry, sort_keys=True)
-        if self.identity is not None:
-            metadata[KEY_IDENTITY] = self.identity
+        metadata = self._marker_metadata(shard, batch_id, d_model, table, files, overflow, stats_entry,
+                                         predictions_entry)
         data = parquet_bytes(table.replace_schema_metadata(metadata))
         put_atomic(data, join(self.output_root, samples_relpath(shard)))
         return {
             "shard": shard, "batch_id": batch_id, "samples": table.num_rows,
             "tokens": int(metadata["num_tokens"]), "rows": sum(f["rows"] for f in files),
             "bytes": sum(f["bytes"] for f in files) + data.size, KEY_OVERFLOW: overflow, "files": len(files) + 1,
-            "stats_bytes": stats_entry["bytes"],
+            "stats_bytes": stats_entry["bytes"] if stats_entry else 0,
             "already_committed": False,
         }
 
@@ -461,6 +493,8 @@ class _WriteShardFn(beam.DoFn):
     def setup(self):
         self._writer = ShardWriter(*self._args, skip_committed=True, identity=self._identity,
                                    activation_compression=self._compression)
+        if self._writer.statistics:
+            stats_kernel.load()  # compiles the statistics pass now rather than in the first shard's write
         self._files = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="shard-file")
         # Shard threads mostly wait for their files, then commit; a separate pool, so they never wait on
         # themselves.

@@ -27,6 +27,7 @@ from pipeline.bench.settings import HOOK
 from pipeline.bench.weights import serving
 
 MODES = ("one", "all")
+STATISTICS_SETTINGS = ("on", "off", "numpy")
 # Rows the views of successive layers and batches are shifted by, so that no two files hold the same bytes.
 _SHIFT_ROWS = 61
 _SHIFTS = 16
@@ -57,6 +58,14 @@ def add_flags(group) -> None:
         group.add_argument(f"--{name}", type=_positive_int(name), default=default, help="Pipeline " + text)
     group.add_argument("--host_writer_memory_gib", type=float, default=2.0,
                        help="Pipeline --writer_memory_gib: extracted batches that may wait for the writers.")
+    group.add_argument("--host_statistics", default="on",
+                       help="Per-shard statistics in the runs: on, off, numpy (on, through the numpy pass instead "
+                            "of the compiled one), or a list (off,on,numpy) to run each mode once per setting, "
+                            "alternately; off sets ARC_ACTIVATIONS_STATISTICS=off for the run, to measure what the "
+                            "statistics cost.")
+    group.add_argument("--host_repeats", type=_positive_int("host_repeats"), default=1,
+                       help="Rounds of the runs of each mode (with --host_statistics=off,on the order of the "
+                            "settings alternates between rounds); the summary takes medians.")
     group.add_argument("--host_cprofile", action="store_true",
                        help="Also profile each run with cProfile (the main thread, where Beam runs the DoFns) "
                             "and record the top functions; profiling slows the run, so take rates from a run "
@@ -77,6 +86,8 @@ class HostSettings:
     writer_threads: Optional[int]
     writer_memory_gib: float
     cprofile: bool
+    statistics: tuple[str, ...] = ("on",)
+    repeats: int = 1
 
 
 def host_settings(parser, args) -> Optional[HostSettings]:
@@ -92,13 +103,17 @@ def host_settings(parser, args) -> Optional[HostSettings]:
         parser.error(f"--layers: {args.layers!r} is not a layer selection; use one, all or one,all")
     if args.host_writer_memory_gib <= 0:
         parser.error(f"--host_writer_memory_gib must be positive, got {args.host_writer_memory_gib}")
+    statistics = tuple(v.strip() for v in args.host_statistics.split(",") if v.strip())
+    if not statistics or any(v not in STATISTICS_SETTINGS for v in statistics):
+        parser.error(f"--host_statistics: {args.host_statistics!r}: use on, off, numpy or a list such as off,on")
     return HostSettings(
         model=model, dataset=args.host_dataset, modes=modes, augmentations=args.host_augmentations,
         batch_size=args.host_batch_size or (1 if args.smoke else 8), max_seq_len=args.host_max_seq_len,
         all_layers_batch_size=args.host_all_layers_batch_size,
         all_layers_samples=args.host_all_layers_samples or (4 if args.smoke else 40),
         one_layer_samples=4 if args.smoke else None, writer_threads=args.host_writer_threads,
-        writer_memory_gib=args.host_writer_memory_gib, cprofile=args.host_cprofile)
+        writer_memory_gib=args.host_writer_memory_gib, cprofile=args.host_cprofile, statistics=statistics,
+        repeats=args.host_repeats)
 
 
 class _HostArray(np.ndarray):
@@ -285,12 +300,59 @@ def _verdict(mode: str, result: dict, disk: Optional[dict]) -> dict:
     return out
 
 
+def _with_statistics(setting: str, function, *args):
+    """function(*args) with the shard writer's statistics `setting` (on, off, numpy), restored afterwards."""
+    from transforms.stats_kernel import KERNEL_ENV
+    from transforms.write import STATISTICS_ENV
+
+    values = {STATISTICS_ENV: "off" if setting == "off" else "on", KERNEL_ENV: "numpy" if setting == "numpy" else ""}
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        result = function(*args)
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    if result is not None:
+        result["statistics"] = setting
+    return result
+
+
+def _statistics_summary(runs: dict) -> dict:
+    """Per mode and statistics setting: medians of the durable rate and of tokens per process CPU second, and
+    the ratio of "on" to "off" (what the statistics leave of the rate)."""
+    import statistics as st
+
+    summary = {}
+    for run in (r for r in runs.values() if r):
+        entry = summary.setdefault(run["mode"], {}).setdefault(run["statistics"], {"tok_s": [], "per_core": []})
+        entry["tok_s"].append(run["tok_s"])
+        entry["per_core"].append(run["per_core_tok_s"])
+    for settings in summary.values():
+        for entry in settings.values():
+            entry["median_tok_s"], entry["median_per_core"] = st.median(entry["tok_s"]), st.median(entry["per_core"])
+        for on in ("on", "numpy"):
+            if {on, "off"} <= set(settings):
+                settings[f"rate_{on}_vs_off"] = settings[on]["median_tok_s"] / settings["off"]["median_tok_s"]
+                settings[f"per_core_{on}_vs_off"] = (settings[on]["median_per_core"]
+                                                     / settings["off"]["median_per_core"])
+    return summary
+
+
 def measure_host_ceiling(run) -> dict:
     host: HostSettings = run.settings.host_ceiling
     runs = {}
+    plain = host.statistics == ("on",) and host.repeats == 1
     for mode in host.modes:
-        runs[mode] = run.attempt({"host_ceiling": mode}, "host ceiling", measure_mode, run, host, mode)
-    return {"settings": dataclasses.asdict(host), "runs": runs,
+        for round_ in range(host.repeats):
+            for setting in (host.statistics if round_ % 2 == 0 else host.statistics[::-1]):
+                key = mode if plain else f"{mode} stats={setting} #{round_ + 1}"
+                runs[key] = run.attempt({"host_ceiling": key}, "host ceiling", _with_statistics, setting,
+                                        measure_mode, run, host, mode)
+    return {"settings": dataclasses.asdict(host), "runs": runs, "statistics": _statistics_summary(runs),
             "source": "SyntheticActivations: views of one fixed random buffer (seeded), no device"}
 
 
@@ -300,16 +362,22 @@ def format_host_ceiling(ceiling: dict) -> list[str]:
     headers = ("host ceiling", "tokens", "shards", "durable tok/s", "durable B/s", "% disk", "B/value",
                "per core", "16-core arith.", "target")
     rows = []
-    for mode, r in ceiling["runs"].items():
+    for key, r in ceiling["runs"].items():
         if not r:
             continue
         verdict = "not measured" if r["passed"] is None else ("PASS" if r["passed"] else "FAIL")
-        rows.append((f"{mode} layer{'s' if mode == 'all' else ''}", si(r["tokens"]), str(r["shards"]),
+        rows.append((key.replace(r["mode"], f"{r['mode']} layer{'s' if r['mode'] == 'all' else ''}", 1), si(r["tokens"]), str(r["shards"]),
                      si(r["tok_s"]), si(r["bytes_per_s"], "B"),
                      "-" if r["vs_disk"] is None else f"{100 * r['vs_disk']:.1f}%",
                      "-" if r["bytes_per_value"] is None else f"{r['bytes_per_value']:.3f}",
                      si(r["per_core_tok_s"]), si(r["arithmetic_16_cores_tok_s"]), f"{verdict} ({r['target']})"))
     lines = aligned(headers, rows)
+    for mode, settings in ceiling.get("statistics", {}).items():
+        for on in ("on", "numpy"):
+            if f"rate_{on}_vs_off" in settings:
+                lines.append(f"host ceiling {mode}: statistics {on} / off: durable rate "
+                             f"x{settings[f'rate_{on}_vs_off']:.3f}, tokens per process CPU second "
+                             f"x{settings[f'per_core_{on}_vs_off']:.3f} (medians)")
     for mode, r in ceiling["runs"].items():
         if r:
             phases = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in r["phases_s"].items())
