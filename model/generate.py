@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from model import dtypes
 from model import sharding as sharding_lib
-from model import weights as weights_lib
 from model.qwen2 import apply_rope, rms_norm, rope_tables
 
 # Room for the end-of-turn marker and a model that writes a slightly different header than asked.
@@ -300,7 +300,7 @@ def _choose(logits, step, seeds, temperature, sample):
 
 def _generate(params, tokens, prompt_lengths, seeds, temperature, stops, stop_lengths, *, config, dtype,
               max_new_tokens, sample, return_logits, pad_id, cache_sharding, activation_sharding):
-    compute = jnp.dtype(weights_lib.np_dtype(dtype))
+    compute = jnp.dtype(dtypes.numpy_dtype(dtype))
     # float32 means float32, as in the forward: no TF32/bf16 matmul passes on GPUs and TPUs.
     precision = jax.default_matmul_precision("highest") if compute == jnp.float32 else contextlib.nullcontext()
     with precision:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from model import dtypes
 from model import sharding as sharding_lib
 from model import weights as weights_lib
 from model.config import QwenConfig, parse_random_spec
@@ -200,8 +201,8 @@ def forward(params, tokens, segment_ids, positions, *, config: QwenConfig, spec:
             implementation: str, mask_kind: str, activation_sharding=None) -> dict[str, jax.Array]:
     """The captured tensors of one batch, keyed by TransformerLens names. Pure: jit it with everything after `*`
     static."""
-    compute = jnp.dtype(weights_lib.np_dtype(dtype))
-    out_dtype = jnp.dtype(weights_lib.np_dtype(spec.out_dtype)) if spec.out_dtype else compute
+    compute = jnp.dtype(dtypes.numpy_dtype(dtype))
+    out_dtype = jnp.dtype(dtypes.numpy_dtype(spec.out_dtype)) if spec.out_dtype else compute
     # float32 means float32: without this, GPUs and TPUs would run float32 matmuls at TF32/bf16 precision.
     precision = "highest" if compute == jnp.float32 else None
     with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
@@ -393,7 +394,7 @@ def load_model(spec: str, dtype: str = "bfloat16", mesh=None, attention: str = "
     ATTENTION_IMPLEMENTATIONS."""
     from model.tokenizer import load_tokenizer
 
-    weights_lib.np_dtype(dtype)
+    dtypes.numpy_dtype(dtype)
     implementation = resolve_attention(attention, dtype, mesh)
     spec = str(spec)
     if spec.startswith("random:"):

@@ -24,10 +24,10 @@ from typing import Callable
 import numpy as np
 
 from model.config import QwenConfig
+from model.dtypes import numpy_dtype
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("bfloat16", "float32", "float16")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Buffers some old exports saved; they are recomputed from rope_theta, so they carry no information.
 _DERIVED_KEYS = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
@@ -160,14 +160,6 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def np_dtype(dtype: str):
-    import ml_dtypes
-
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    return np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
-
-
 # --------------------------------------------------------------------------------------------- locating files
 
 
@@ -298,7 +290,7 @@ def load_checkpoint_params(directory: Path, config: QwenConfig, dtype: str = "bf
     against `config`, in the parameter tree layout. Missing or unexpected keys are errors."""
     import jax
 
-    target = np_dtype(dtype)
+    target = numpy_dtype(dtype)
     located = checkpoint_files(directory)
     needed = expected_keys(config)
     missing = [k for k in needed if k not in located]
@@ -398,7 +390,7 @@ def random_params(config: QwenConfig, seed: int = 0, dtype: str = "bfloat16") ->
     biases N(0, 0.02^2)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    target = np_dtype(dtype)
+    target = numpy_dtype(dtype)
     params: dict = {}
     jobs = []
     for index, entry in enumerate(table_for(config)):

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from transforms import output_format as fmt
+from model import dtypes
 
 if TYPE_CHECKING:
     from pipeline.dataset import ActivationDataset
@@ -71,8 +71,8 @@ class ActivationBatches:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.seed, self.shuffle, self.drop_last, self.with_metadata = int(seed), bool(shuffle), bool(drop_last), \
             bool(with_metadata)
-        self.dtype = fmt.read_dtype(dtype, dataset.storage_dtype)
-        self._storage = fmt.storage_numpy_dtype(dataset.storage_dtype)
+        self.dtype = dtypes.read_dtype(dtype, dataset.storage_dtype)
+        self._storage = dtypes.storage_numpy_dtype(dataset.storage_dtype)
         if buffer_tokens is None:
             buffer_tokens = max(self.batch_tokens, DEFAULT_BUFFER_BYTES // (dataset.d_model * self._storage.itemsize))
         self.buffer_tokens = _positive("buffer_tokens", buffer_tokens)
@@ -240,7 +240,7 @@ class ActivationBatches:
                 column[holes] = column[sources]
             self._count = tail
         self._batches += 1
-        out = fmt.widen(vectors, self.dtype)
+        out = dtypes.widen(vectors, self.dtype)
         return (out, columns) if self.with_metadata else out
 
     def __next__(self):
@@ -301,7 +301,7 @@ _TORCH_CLASS = None
 
 
 def _to_torch(torch, values: np.ndarray):
-    if values.dtype == fmt.storage_numpy_dtype("bfloat16"):  # torch does not read ml_dtypes arrays: same bits
+    if values.dtype == dtypes.storage_numpy_dtype("bfloat16"):  # torch does not read ml_dtypes arrays: same bits
         return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(values)
 

@@ -6,12 +6,12 @@ import os
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from model.dtypes import AUTO, COMPUTE_DTYPES, STORAGE_CHOICES, resolve_storage_dtype
 from model.hooks import HOOKS
 from pipeline.lease import DEFAULT_TIMEOUT_S as DEFAULT_LEASE_TIMEOUT_S
 
 DEFAULT_DATASET = "barc0/200k_HEAVY_gpt4o-description-gpt4omini-code_generated_problems"
 HOOK_CHOICES = HOOKS
-STORAGE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 # model.qwen2.ATTENTION_IMPLEMENTATIONS, named here without importing JAX (a test keeps the two equal).
 ATTENTION_CHOICES = ("auto", "xla", "cudnn", "splash", "xla_dense")
 # Parquet encoding (ZSTD) and hashing are the host's heaviest work per token; leave cores for Beam and JAX.
@@ -78,10 +78,10 @@ class ExtractOptions(PipelineOptions):
                            help="Layers to capture: one index (12), a comma list (0,6,12) or 'all'.")
         group.add_argument("--hooks", default="resid_post",
                            help=f"Comma list of hook points among {','.join(HOOK_CHOICES)}.")
-        group.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+        group.add_argument("--dtype", default="bfloat16", choices=COMPUTE_DTYPES,
                            help="Compute dtype of the model.")
         group.add_argument(
-            "--activation_dtype", default="auto", choices=STORAGE_DTYPES,
+            "--activation_dtype", default=AUTO, choices=STORAGE_CHOICES,
             help="Storage dtype of activations. auto: the compute dtype itself, which is exact (bfloat16 "
                  "compute: the bf16 bits, 2 bytes before ZSTD). float32 widens bf16 exactly but stores more; "
                  "float16 is lossy for bf16 compute: values that overflow are counted and reported.")
@@ -149,4 +149,4 @@ class ExtractOptions(PipelineOptions):
 
 def storage_dtype(opts: ExtractOptions) -> str:
     """The concrete storage dtype behind --activation_dtype=auto: the compute dtype, stored exactly."""
-    return opts.dtype if opts.activation_dtype == "auto" else opts.activation_dtype
+    return resolve_storage_dtype(opts.dtype, opts.activation_dtype)

@@ -14,9 +14,9 @@ import numpy as np
 from apache_beam.transforms import window
 from apache_beam.utils import shared
 
+from model.dtypes import to_storage, transfer_dtype
 from model.hooks import hook_name
 from transforms.metrics import NAMESPACE
-from transforms.output_format import storage_numpy_dtype
 
 _LOG = logging.getLogger(__name__)
 
@@ -33,14 +33,6 @@ class ExtractConfig:
     progress_interval: float = 10.0
 
 
-def transfer_dtype(compute_dtype: str, storage_dtype: str) -> str:
-    """What leaves the device: never more bytes than storage needs, never a lossy step storage would not take.
-    float32 storage of bf16 compute travels as bf16 and is widened exactly on the host."""
-    if storage_dtype == "float32":
-        return compute_dtype
-    return storage_dtype
-
-
 def real_token_index(placements, batch_shape) -> tuple[np.ndarray, np.ndarray]:
     """Row and column indices of every real token, in sample order then position order."""
     rows, cols = [], []
@@ -53,12 +45,6 @@ def real_token_index(placements, batch_shape) -> tuple[np.ndarray, np.ndarray]:
     if rows.size and (rows.max() >= batch_shape[0] or cols.max() >= batch_shape[1]):
         raise ValueError(f"placements reach outside the batch of shape {batch_shape}")
     return rows, cols
-
-
-def to_storage(values: np.ndarray, storage_dtype: str) -> np.ndarray:
-    """Host-side conversion to the storage representation; float32 widening of bf16/f16 is exact."""
-    with np.errstate(over="ignore"):  # float16: the writer counts every value that became inf
-        return values.astype(storage_numpy_dtype(storage_dtype), copy=False)
 
 
 class _ModelHandle:
@@ -135,7 +121,7 @@ class ExtractActivations(beam.DoFn):
         for hook in self._config.hooks:
             for layer in self._config.layers:
                 values = np.asarray(outputs[hook_name(layer, hook)])
-                activations[(hook, layer)] = to_storage(values[rows, cols], self._config.storage_dtype)
+                activations[(hook, layer)], _ = to_storage(values[rows, cols], self._config.storage_dtype)
         if self._started is None:
             self._started = dispatched
             self._compile.update(int((time.perf_counter() - dispatched) * 1000))

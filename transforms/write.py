@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from model.dtypes import STORAGE_DTYPES, to_storage
 from model.hooks import BLOCK_HOOKS, FINAL_NORM_HOOK, transformer_lens_name  # noqa: F401 - re-exported
 from transforms import activation_stats
 from transforms.annotations import PART_NAMES
@@ -46,7 +47,6 @@ from transforms.output_format import (  # noqa: F401 - the format's names, re-ex
     KEY_STORAGE_DTYPE,
     ROW_GROUP_BYTES,
     SAMPLES_DIR,
-    STORAGE_DTYPES,
     TEMP_PREFIX,
     V1_BFLOAT16_ENCODING,
     ZSTD_LEVEL,
@@ -63,7 +63,6 @@ from transforms.output_format import (  # noqa: F401 - the format's names, re-ex
     samples_relpath,
     shard_name,
     shard_worker,
-    storage_numpy_dtype,
     temp_name,
     temp_target_name,
     vectors_to_column,
@@ -83,43 +82,6 @@ def _temp_path(final_path: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- tables
-
-def _to_storage(activation: np.ndarray, storage_dtype: str) -> tuple[np.ndarray, int]:
-    """The array Arrow will hold, and how many finite values overflowed to infinity (float16 only)."""
-    import ml_dtypes
-
-    activation = np.asarray(activation)
-    if activation.ndim != 2:
-        raise ValueError(f"activation must be [n_real_tokens, d_model], got shape {activation.shape}")
-    source = activation.dtype
-    allowed = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
-    if source not in allowed:
-        raise ValueError(
-            f"activation dtype {source} is not a compute or storage dtype (float32, bfloat16, float16): "
-            "convert on the device, not through float64")
-    if storage_dtype == "float32":
-        # Widening bf16 or f16 to f32 is exact: every value comes back bit for bit.
-        return activation.astype(np.float32, copy=False), 0
-    if storage_dtype == "float16":
-        if source == np.float16:
-            # Converted before it reached us (on the device): any infinity there is an overflow or an
-            # infinity of the model itself; both are counted, not hidden.
-            return activation, int(np.isinf(activation).sum())
-        with np.errstate(over="ignore"):  # counted just below, reported in metadata and counters
-            stored = activation.astype(np.float16)
-        overflow = int((np.isinf(stored) & np.isfinite(activation)).sum())
-        return stored, overflow
-    if storage_dtype == "bfloat16":
-        if source == ml_dtypes.bfloat16:
-            return activation, 0
-        rounded = activation.astype(ml_dtypes.bfloat16)
-        if not np.array_equal(rounded.astype(np.float32), activation.astype(np.float32), equal_nan=True):
-            raise ValueError(
-                f"bfloat16 storage would round these {source} activations: use --activation_dtype=float32 "
-                "(exact) or float16")
-        return rounded, 0
-    raise ValueError(f"unknown storage dtype {storage_dtype!r}: expected one of {', '.join(STORAGE_DTYPES)}")
-
 
 def _annotation(sample: dict, key: str, dtype, n: int) -> np.ndarray:
     annotations = sample.get("annotations")
@@ -162,7 +124,7 @@ def activation_table(samples: Sequence[dict], placements: Sequence[Sequence[int]
         raise ValueError(
             f"{transformer_lens_name(hook, layer)}: activation has shape {activation.shape}, expected "
             f"({total}, d_model) for the {len(samples)} samples' {total} real tokens")
-    stored, overflow = _to_storage(activation, storage_dtype)
+    stored, overflow = to_storage(activation, storage_dtype)
     d_model = int(stored.shape[1])
     sample_index = np.repeat(np.arange(len(samples), dtype=np.int32), lengths)
     if total:

@@ -135,8 +135,8 @@ class SyntheticActivations:
         return buffer
 
     def capture(self, tokens, segment_ids, positions, spec, right_padded=None) -> dict:
+        from model.dtypes import storage_numpy_dtype
         from model.hooks import hook_name
-        from transforms.output_format import storage_numpy_dtype
 
         if spec.logits or spec.final_norm:
             raise ValueError("SyntheticActivations produces block hooks only, not logits or the final norm")
@@ -217,7 +217,7 @@ def measure_mode(run, host: HostSettings, mode: str) -> dict:
     argv = _pipeline_argv(host, mode, output)
     import cProfile
 
-    from transforms.output_format import storage_numpy_dtype
+    from model.dtypes import storage_numpy_dtype
 
     # Made before the clock starts, so that no phase of the run counts the random draws.
     source.buffer(storage_numpy_dtype("bfloat16"),
