@@ -16,6 +16,7 @@ from apache_beam.utils import shared
 
 from model.dtypes import to_storage, transfer_dtype
 from model.hooks import hook_name
+from transforms.elements import ExtractedBatch, Placement
 from transforms.metrics import NAMESPACE
 
 _LOG = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class ExtractConfig:
     progress_interval: float = 10.0
 
 
-def real_token_index(placements, batch_shape) -> tuple[np.ndarray, np.ndarray]:
+def real_token_index(placements: list[Placement], batch_shape) -> tuple[np.ndarray, np.ndarray]:
     """Row and column indices of every real token, in sample order then position order."""
     rows, cols = [], []
     for _, row, start, length in placements:
@@ -76,7 +77,7 @@ class _ModelHandle:
 
 
 class ExtractActivations(beam.DoFn):
-    """Batch dict -> ExtractedBatch dict (docs/design.md), one batch in flight on the device."""
+    """Batch -> ExtractedBatch (transforms.elements), one batch in flight on the device."""
 
     def __init__(self, config: ExtractConfig, shared_handle: shared.Shared | None = None):
         self._config = config
@@ -114,7 +115,7 @@ class ExtractActivations(beam.DoFn):
             value.copy_to_host_async()
         return batch, outputs, time.perf_counter()
 
-    def _collect(self, pending):
+    def _collect(self, pending) -> ExtractedBatch:
         batch, outputs, dispatched = pending
         rows, cols = real_token_index(batch["placements"], np.shape(batch["tokens"]))
         activations = {}

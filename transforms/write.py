@@ -29,6 +29,7 @@ from model.hooks import BLOCK_HOOKS, FINAL_NORM_HOOK, transformer_lens_name  # n
 from transforms import activation_stats
 from transforms.annotations import PART_NAMES
 from transforms.batching import stable_group
+from transforms.elements import ExtractedBatch, HookLayer, Placement, TokenizedSample
 from transforms.metrics import NAMESPACE
 from transforms.output_format import (  # noqa: F401 - the format's names, re-exported for the writer's callers
     ACTIVATIONS_DIR,
@@ -95,7 +96,7 @@ def _annotation(sample: dict, key: str, dtype, n: int) -> np.ndarray:
     return values.astype(dtype, copy=False)
 
 
-def _check_placements(samples: Sequence[dict], placements: Sequence[Sequence[int]]) -> list[int]:
+def _check_placements(samples: Sequence[TokenizedSample], placements: Sequence[Placement]) -> list[int]:
     if len(samples) != len(placements):
         raise ValueError(f"{len(samples)} samples but {len(placements)} placements")
     lengths = []
@@ -110,7 +111,7 @@ def _check_placements(samples: Sequence[dict], placements: Sequence[Sequence[int
     return lengths
 
 
-def activation_table(samples: Sequence[dict], placements: Sequence[Sequence[int]], activation: np.ndarray,
+def activation_table(samples: Sequence[TokenizedSample], placements: Sequence[Placement], activation: np.ndarray,
                      hook: str, layer: int, storage_dtype: str = "float32") -> pa.Table:
     """One row per real token: sample_id, position, token_id, activation, part, example_index, row, col, color.
 
@@ -164,7 +165,7 @@ def activation_table(samples: Sequence[dict], placements: Sequence[Sequence[int]
     })
 
 
-def samples_table(samples: Sequence[dict]) -> pa.Table:
+def samples_table(samples: Sequence[TokenizedSample]) -> pa.Table:
     """One row per sample: sample_id, dataset, task_id, test_index, augmentation, num_tokens, token_ids, prompt."""
     token_ids = [np.asarray(s["token_ids"], np.int32) for s in samples]
     offsets = np.zeros(len(samples) + 1, np.int32)
@@ -283,8 +284,8 @@ class ShardWriter:
                  "sha256": hashlib.sha256(memoryview(data)).hexdigest(), KEY_OVERFLOW: int(metadata[KEY_OVERFLOW])}
         return {"file": entry, "temp": temp, "final": final, "d_model": d_model, "stats": stats}
 
-    def write_shard(self, batch_id: str, samples: Sequence[dict], placements: Sequence[Sequence[int]],
-                    activations: dict[tuple[str, int], np.ndarray],
+    def write_shard(self, batch_id: str, samples: Sequence[TokenizedSample], placements: Sequence[Placement],
+                    activations: dict[HookLayer, np.ndarray],
                     executor: concurrent.futures.Executor | None = None) -> dict:
         """Writes every activation file of the batch, then the samples file (the commit marker). With an
         `executor`, the activation files are encoded and uploaded on it in parallel (a shard of all 24 layers is
@@ -359,7 +360,7 @@ def default_writer_memory_bytes() -> int:
     return int(min(16 << 30, physical // 4))
 
 
-def _activation_bytes(extracted: dict) -> int:
+def _activation_bytes(extracted: ExtractedBatch) -> int:
     return int(sum(np.asarray(values).nbytes for values in extracted["activations"].values()))
 
 
