@@ -278,7 +278,9 @@ class HookedQwen:
         """How many (shape, spec) variants the jitted forward holds."""
         return self._forward._cache_size()
 
-    def _prepare(self, tokens, segment_ids, positions, spec: CaptureSpec, right_padded: bool | None = None):
+    def prepare(self, tokens, segment_ids, positions, spec: CaptureSpec, right_padded: bool | None = None):
+        """A batch ready for `run`: checked, its mask kind chosen (right padding detected for numpy inputs)
+        and placed on the devices; returns the forward's (arguments, static arguments)."""
         spec.validate(self.config.num_hidden_layers)
         arrays = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
         shape = np.shape(tokens)
@@ -324,12 +326,15 @@ class HookedQwen:
 
         `right_padded` says every row holds one sequence from index 0, which lets cuDNN skip the mask. None:
         detected for numpy inputs, assumed False for device arrays (the general mask, always correct)."""
-        args, statics = self._prepare(tokens, segment_ids, positions, spec, right_padded)
+        return self.run(*self.prepare(tokens, segment_ids, positions, spec, right_padded))
+
+    def run(self, args, statics) -> dict[str, jax.Array]:
+        """The jitted forward on a prepared batch (`prepare`), without waiting for the device."""
         return self._forward(*args, **statics)
 
     def make_jaxpr(self, tokens, segment_ids, positions, spec: CaptureSpec):
         """The traced program of one capture (for inspecting what runs, e.g. how many layers)."""
-        args, statics = self._prepare(tokens, segment_ids, positions, spec)
+        args, statics = self.prepare(tokens, segment_ids, positions, spec)
         return jax.make_jaxpr(functools.partial(forward, **statics))(*args)
 
     def describe(self) -> dict:

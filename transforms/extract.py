@@ -1,7 +1,9 @@
 """Activation extraction: a DoFn that holds the hooked JAX Qwen, loaded once per worker process.
 
 The accelerator is kept busy by dispatching batch n before fetching batch n-1: JAX dispatch is asynchronous, so
-while the host strips padding from, encodes and writes the previous batch, the device computes the next one.
+while the host strips padding from, encodes and writes the previous batch, the device computes the next one. The
+model's side of each step (load for the local devices, prepare, dispatch, fetch) is model.handler's; the DoFn
+only pipelines those calls and counts.
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ from apache_beam.transforms import window
 from apache_beam.utils import shared
 
 from model.dtypes import to_storage, transfer_dtype
-from model.hooks import hook_name
 from transforms.elements import ExtractedBatch, Placement
 from transforms.metrics import NAMESPACE
 
@@ -54,21 +55,13 @@ class _ModelHandle:
     def __init__(self, config: ExtractConfig):
         import jax
 
-        from model import CaptureSpec, load_model
+        from model import CaptureSpec
+        from model.handler import CaptureHandler
 
-        mesh = None
-        devices = jax.local_devices()  # on a multi-host TPU slice each host works alone on its own share
-        if len(devices) > 1:
-            from model.sharding import make_mesh
-
-            model_axis = config.model_parallelism
-            if len(devices) % model_axis:
-                raise ValueError(
-                    f"--model_parallelism={model_axis} does not divide the {len(devices)} local devices")
-            mesh = make_mesh(data=len(devices) // model_axis, model=model_axis)
-        started = time.perf_counter()
-        self.model = load_model(config.model, dtype=config.dtype, mesh=mesh, attention=config.attention)
-        self.load_seconds = time.perf_counter() - started
+        self.handler = CaptureHandler(config.model, config.dtype, config.attention, config.model_parallelism)
+        self.model = self.handler.load_model()
+        mesh, devices = self.handler.mesh, jax.local_devices()
+        self.load_seconds = self.handler.load_seconds
         self.mesh = mesh
         self.spec = CaptureSpec(
             hooks=config.hooks, layers=config.layers,
@@ -97,32 +90,18 @@ class ExtractActivations(beam.DoFn):
         self._last_report = getattr(self, "_last_report", 0.0)
 
     def _dispatch(self, batch):
-        import jax
-
         handle = self._handle
         arrays = [np.asarray(batch[k], dtype=np.int32) for k in ("tokens", "segment_ids", "positions")]
-        right_padded = None  # detected by the model from numpy inputs
-        if handle.mesh is not None:
-            from model.qwen2 import is_right_padded
-
-            right_padded = is_right_padded(arrays[1])  # device arrays hide it; cuDNN skips the mask when true
-            from jax.sharding import NamedSharding, PartitionSpec
-
-            sharding = NamedSharding(handle.mesh, PartitionSpec("data"))
-            arrays = [jax.device_put(a, sharding) for a in arrays]
-        outputs = handle.model.capture(*arrays, handle.spec, right_padded=right_padded)
-        for value in outputs.values():
-            value.copy_to_host_async()
+        # numpy in: the model checks the batch and detects right padding before placing it on the devices.
+        outputs = handle.handler.dispatch(handle.model, handle.handler.prepare(handle.model, *arrays, handle.spec))
         return batch, outputs, time.perf_counter()
 
     def _collect(self, pending) -> ExtractedBatch:
         batch, outputs, dispatched = pending
         rows, cols = real_token_index(batch["placements"], np.shape(batch["tokens"]))
-        activations = {}
-        for hook in self._config.hooks:
-            for layer in self._config.layers:
-                values = np.asarray(outputs[hook_name(layer, hook)])
-                activations[(hook, layer)], _ = to_storage(values[rows, cols], self._config.storage_dtype)
+        keys = [(hook, layer) for hook in self._config.hooks for layer in self._config.layers]
+        activations = {key: to_storage(values, self._config.storage_dtype)[0]
+                       for key, values in self._handle.handler.fetch(outputs, keys, rows, cols).items()}
         if self._started is None:
             self._started = dispatched
             self._compile.update(int((time.perf_counter() - dispatched) * 1000))

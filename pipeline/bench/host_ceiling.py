@@ -109,8 +109,9 @@ class _HostArray(np.ndarray):
 
 
 class SyntheticActivations:
-    """Stands in for `HookedQwen` inside the pipeline: `capture` has its signature and returns, per requested
-    hook, a view of a fixed random buffer of the real shape and dtype; it records when it was called."""
+    """Stands in for `HookedQwen` inside the pipeline: `prepare`, `run` and `capture` have its signatures;
+    `capture` returns, per requested hook, a view of a fixed random buffer of the real shape and dtype, and
+    records when it was called."""
 
     def __init__(self, config, seed: int = 0):
         self.config = config
@@ -133,6 +134,13 @@ class SyntheticActivations:
             values = rng.standard_normal((needed, self.config.hidden_size), dtype=np.float32)
             buffer = self._buffers[dtype] = values.astype(dtype)
         return buffer
+
+    def prepare(self, tokens, segment_ids, positions, spec, right_padded=None) -> tuple[tuple, dict]:
+        """HookedQwen.prepare's signature (the extractor's model.handler calls it); nothing to place."""
+        return (tokens, segment_ids, positions), {"spec": spec, "right_padded": right_padded}
+
+    def run(self, args, statics) -> dict:
+        return self.capture(*args, **statics)
 
     def capture(self, tokens, segment_ids, positions, spec, right_padded=None) -> dict:
         from model.dtypes import storage_numpy_dtype

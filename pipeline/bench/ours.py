@@ -31,15 +31,13 @@ def ours_copy(model, batches, warmup: int, layers, dtype: str, profile=None) -> 
 
     from model import CaptureSpec
     from model.dtypes import transfer_dtype
+    from model.handler import CaptureHandler
 
     spec = CaptureSpec(hooks=(HOOK,), layers=tuple(layers), out_dtype=transfer_dtype(dtype, dtype))
     first: dict = {}
 
     def dispatch(batch):
-        out = model.capture(*batch, spec)
-        for value in out.values():
-            value.copy_to_host_async()
-        return out
+        return CaptureHandler.dispatch(model, CaptureHandler.prepare(model, *batch, spec))
 
     def collect(out):
         host = {name: np.asarray(value) for name, value in out.items()}
