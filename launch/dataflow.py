@@ -38,6 +38,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from launch import launcher_parser
+
 _LOG = logging.getLogger("launch.dataflow")
 
 TARGETS = ("gpu", "tpu")
@@ -319,11 +321,10 @@ def _boolean(text: str) -> bool:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m launch.dataflow",
-        description="Run the extraction pipeline on Dataflow GPU or TPU workers. Flags this launcher does not "
+    parser = launcher_parser(
+        "dataflow", "Run the extraction pipeline on Dataflow GPU or TPU workers. Flags this launcher does not "
                     "know (--model, --dataset, --layers, any Beam option) go to python -m pipeline.run.",
-        epilog="docs/launch.md: building the worker images, quotas, and what each flag is for.")
+        "docs/launch.md: building the worker images, quotas, and what each flag is for.")
     parser.add_argument("target", choices=TARGETS, help="worker accelerator family")
     parser.add_argument("--project", help="Google Cloud project id")
     parser.add_argument("--region", help="Dataflow region, e.g. us-central1")

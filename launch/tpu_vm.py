@@ -32,6 +32,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from launch import launcher_parser
+
 _LOG = logging.getLogger("launch.tpu_vm")
 
 # Flags the launcher sets for every host; a second value among the pipeline flags would split the run.
@@ -342,11 +344,10 @@ def _int_or_auto(text: str):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m launch.tpu_vm",
-        description="Run the pipeline on TPU VMs, each host on its share of the input, into one gs:// output. "
-                    "Pipeline flags (--model, --dataset, --layers, ...) go after `--`.",
-        epilog="docs/launch.md walks through both set-ups.")
+    parser = launcher_parser(
+        "tpu_vm", "Run the pipeline on TPU VMs, each host on its share of the input, into one gs:// output. "
+                  "Pipeline flags (--model, --dataset, --layers, ...) go after `--`.",
+        "docs/launch.md walks through both set-ups.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def cloud(sub):

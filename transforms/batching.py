@@ -20,8 +20,8 @@ import apache_beam as beam
 import numpy as np
 
 from transforms.elements import Batch, Placement, TokenizedSample
+from transforms.metrics import NAMESPACE
 
-METRICS_NAMESPACE = "arc_activations"
 MIN_BUCKET = 256
 DEFAULT_BATCHES_PER_GROUP = 64
 BATCH_ID_HEX_CHARS = 16
@@ -200,11 +200,10 @@ class _PackGroup(beam.DoFn):
         self._batch_size = batch_size
         self._buckets = buckets
         self._packing = packing
-        self._batches = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "batches")
-        self._padding_tokens = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "padding_tokens")
-        self._real_tokens = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "real_tokens")
+        self._batches, self._padding_tokens, self._real_tokens = (
+            beam.metrics.Metrics.counter(NAMESPACE, name) for name in ("batches", "padding_tokens", "real_tokens"))
         # Distributions take integers: the padding fraction is reported in per mille.
-        self._padding_permille = beam.metrics.Metrics.distribution(METRICS_NAMESPACE, "padding_permille")
+        self._padding_permille = beam.metrics.Metrics.distribution(NAMESPACE, "padding_permille")
 
     def process(self, keyed_group):
         _, samples = keyed_group

@@ -103,6 +103,26 @@ class JsonlLinesSource(filebasedsource.FileBasedSource):
         return coders.TupleCoder([coders.StrUtf8Coder(), coders.VarIntCoder(), coders.BytesCoder()])
 
 
+def _first_records(files, limit: int, records, locator_kind: str, unreadable: str):
+    """``(path, locator_kind, locator, payload)`` for the first ``limit`` records of ``files`` in order, where
+    ``records(path)`` yields a file's ``(locator, payload)``; blank lines do not count. A file that cannot be
+    read is one dead letter (``unreadable``, then the error) and the next file is read."""
+    emitted = 0
+    for path in files:
+        try:
+            for locator, payload in records(path):
+                if emitted >= limit:
+                    return
+                if not (isinstance(payload, (bytes, str)) and not payload.strip()):
+                    emitted += 1
+                yield path, locator_kind, locator, payload
+        except Exception as error:
+            if emitted >= limit:
+                return
+            emitted += 1
+            yield path, locator_kind, -1, read_failure(f"{unreadable}: {describe_error(error)}")
+
+
 class _ReadJsonlPrefix(beam.DoFn):
     """The first ``limit`` lines of the files in order, on one worker, for deterministic --max_samples runs."""
 
@@ -110,20 +130,9 @@ class _ReadJsonlPrefix(beam.DoFn):
         self._files, self._limit, self._max_bytes = list(files), limit, max_record_bytes
 
     def process(self, _):
-        emitted = 0
-        for path in self._files:
-            try:
-                for offset, line in iter_jsonl_lines(path, limit=self._max_bytes):
-                    if emitted >= self._limit:
-                        return
-                    if line.strip():
-                        emitted += 1
-                    yield path, BYTE, offset, line
-            except Exception as error:  # the file cannot be opened: one dead letter, the next file is read
-                if emitted >= self._limit:
-                    return
-                emitted += 1
-                yield path, BYTE, -1, read_failure(f"the file cannot be read: {describe_error(error)}")
+        yield from _first_records(self._files, self._limit,
+                                  lambda path: iter_jsonl_lines(path, limit=self._max_bytes), BYTE,
+                                  "the file cannot be read")
 
 
 def _tag_jsonl(record):
@@ -161,19 +170,9 @@ class _ReadParquetPrefix(beam.DoFn):
         self._max_bytes = max_record_bytes
 
     def process(self, _):
-        emitted = 0
-        for path in self._files:
-            try:
-                for index, row in iter_parquet_rows(path, self._columns, max_row_bytes=self._max_bytes):
-                    if emitted >= self._limit:
-                        return
-                    emitted += 1
-                    yield path, ROW, index, row
-            except Exception as error:  # the file cannot be opened: one dead letter, the next file is read
-                if emitted >= self._limit:
-                    return
-                emitted += 1
-                yield path, ROW, -1, read_failure(f"the file cannot be read as Parquet: {describe_error(error)}")
+        yield from _first_records(self._files, self._limit,
+                                  lambda path: iter_parquet_rows(path, self._columns, max_row_bytes=self._max_bytes),
+                                  ROW, "the file cannot be read as Parquet")
 
 
 class _ParseRawRecords(beam.DoFn):
