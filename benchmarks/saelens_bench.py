@@ -21,7 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def main(argv=None) -> int:
+def _parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root")
     parser.add_argument("--hook", default="resid_post")
@@ -32,12 +32,14 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the SAE")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
 
     import torch
-    from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
-    from sae_lens.config import SAETrainerConfig
 
     from pipeline.dataset import open_activations
 
@@ -58,6 +60,24 @@ def main(argv=None) -> int:
     loader_s = time.perf_counter() - started
     del loader
 
+    d_sae, loop_s, waited_s = _train(args, ds.d_model, batches(2))
+    tokens = args.steps * args.batch_tokens
+    print(json.dumps({
+        "d_model": ds.d_model, "d_sae": d_sae, "k": args.k, "batch_tokens": args.batch_tokens,
+        "steps": args.steps, "num_workers": args.num_workers, "torch_threads": torch.get_num_threads(),
+        "loader_tok_s": round(tokens / loader_s), "loop_tok_s": round(tokens / loop_s),
+        "fraction_of_loader_rate": round(loader_s / loop_s, 4), "loop_s": round(loop_s, 2),
+        "waiting_for_data_s": round(waited_s, 2), "waiting_share_of_loop": round(waited_s / loop_s, 4),
+        "load_average": os.getloadavg()}))
+    return 0
+
+
+def _train(args, d_model: int, source) -> tuple[int, float, float]:
+    """A TopK SAE trained for args.steps batches from `source`: (d_sae, seconds of the loop, seconds of them
+    spent waiting for data)."""
+    from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+
     waited = [0.0]
 
     def provider(source):
@@ -67,26 +87,15 @@ def main(argv=None) -> int:
             waited[0] += time.perf_counter() - before
             yield batch
 
-    source = batches(2)
     next(source)
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=ds.d_model, d_sae=args.d_sae or 4 * ds.d_model, k=args.k))
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_model, d_sae=args.d_sae or 4 * d_model, k=args.k))
     cfg = SAETrainerConfig(total_training_samples=args.steps * args.batch_tokens,
                            train_batch_size_samples=args.batch_tokens, lr=3e-4, lr_end=3e-4, device="cpu",
                            logger=LoggingConfig(log_to_wandb=False))
     trainer = SAETrainer(cfg, sae, provider(source))
     started = time.perf_counter()
     trainer.fit()
-    loop_s = time.perf_counter() - started
-
-    tokens = args.steps * args.batch_tokens
-    print(json.dumps({
-        "d_model": ds.d_model, "d_sae": sae.cfg.d_sae, "k": args.k, "batch_tokens": args.batch_tokens,
-        "steps": args.steps, "num_workers": args.num_workers, "torch_threads": torch.get_num_threads(),
-        "loader_tok_s": round(tokens / loader_s), "loop_tok_s": round(tokens / loop_s),
-        "fraction_of_loader_rate": round(loader_s / loop_s, 4), "loop_s": round(loop_s, 2),
-        "waiting_for_data_s": round(waited[0], 2), "waiting_share_of_loop": round(waited[0] / loop_s, 4),
-        "load_average": os.getloadavg()}))
-    return 0
+    return sae.cfg.d_sae, time.perf_counter() - started, waited[0]
 
 
 if __name__ == "__main__":

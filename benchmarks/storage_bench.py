@@ -30,12 +30,13 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from transforms.output_format import ZSTD_LEVEL, activations_to_numpy, parquet_bytes, row_group_rows  # noqa: E402
+from transforms.elements import Placement  # noqa: E402
 from transforms.write import activation_table  # noqa: E402
 
 SAMPLE_TOKENS = 2048
 
 
-def make_samples(tokens: int, rng) -> tuple[list[dict], list[tuple]]:
+def make_samples(tokens: int, rng) -> tuple[list[dict], list[Placement]]:
     samples, placements, left = [], [], tokens
     while left:
         n = min(SAMPLE_TOKENS, left)
@@ -47,7 +48,7 @@ def make_samples(tokens: int, rng) -> tuple[list[dict], list[tuple]]:
                             "row": rng.integers(-1, 30, n).astype(np.int16),
                             "col": rng.integers(-1, 30, n).astype(np.int16),
                             "color": rng.integers(-1, 10, n).astype(np.int8)}})
-        placements.append((index, index, 0, n))
+        placements.append(Placement(index, index, 0, n))
         left -= n
     return samples, placements
 

@@ -38,6 +38,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from launch import launcher_parser
+
 _LOG = logging.getLogger("launch.dataflow")
 
 TARGETS = ("gpu", "tpu")
@@ -180,42 +182,9 @@ def build_flags(target: str, *, project: str | None, region: str | None, temp_lo
     that the launcher would also set (say --disk_size_gb or --number_of_worker_harness_threads) replaces the
     launcher's default, except the flags that define the target, which conflict and raise LaunchError.
     """
-    if target not in TARGETS:
-        raise LaunchError(f"unknown target {target!r}: use one of {', '.join(TARGETS)}")
-    if not project:
-        raise LaunchError("--project is required: the Google Cloud project that runs the Dataflow job")
-    if not _PROJECT_ID.fullmatch(project):
-        raise LaunchError(f"--project={project!r} is not a project id (lower case letters, digits and hyphens)")
-    if not region:
-        raise LaunchError("--region is required: the Dataflow region, e.g. us-central1 (TPUs: a region that has "
-                          "them, e.g. us-west1 or us-east5)")
-    if not _REGION.fullmatch(region):
-        raise LaunchError(f"--region={region!r} is not a region such as us-central1")
-    _check_gcs("temp_location", temp_location)
-    if staging_location is not None:
-        _check_gcs("staging_location", staging_location)
-    _check_gcs("output", output)
-    if harness_threads < 1:
-        raise LaunchError(f"--harness_threads must be at least 1, got {harness_threads}")
-
+    _check_job(target, project, region, temp_location, staging_location, output, harness_threads)
     extra = list(extra)
-    given = _flag_names(extra)
-    owned = {"--runner", "--project", "--region", "--temp_location", "--output", "--sdk_container_image",
-             "--dataflow_service_options", "--staging_location"}
-    clashes = sorted(given & owned)
-    if clashes:
-        raise LaunchError(
-            f"{', '.join(clashes)} set twice: pass them as the launcher's own options (python -m launch.dataflow "
-            "--help), not among the pipeline flags")
-    if {"--machine_type", "--worker_machine_type"} & given:
-        raise LaunchError("pass --machine_type as the launcher's option so it is checked against the accelerator")
-    for option in ("--model", "--dataset"):
-        for flag in extra:
-            if flag.startswith(option + "=") and _is_local_path(flag.split("=", 1)[1]):
-                raise LaunchError(
-                    f"{flag}: a local path on this machine, which Dataflow workers cannot read; copy it to "
-                    "gs:// (or use a hub id / built-in dataset) and pass that instead")
-
+    given = _check_extra(extra)
     if target == "gpu":
         accelerator = gpu_accelerator(gpu_type, gpu_count, machine_type=machine_type, nvidia_driver=nvidia_driver)
     else:
@@ -248,6 +217,50 @@ def build_flags(target: str, *, project: str | None, region: str | None, temp_lo
     if dry_run and "--dry_run" not in given:
         flags.append("--dry_run=True")
     return flags + extra
+
+
+def _check_job(target: str, project: str | None, region: str | None, temp_location: str | None,
+               staging_location: str | None, output: str | None, harness_threads: int) -> None:
+    """The launcher's own options, before anything is built from them."""
+    if target not in TARGETS:
+        raise LaunchError(f"unknown target {target!r}: use one of {', '.join(TARGETS)}")
+    if not project:
+        raise LaunchError("--project is required: the Google Cloud project that runs the Dataflow job")
+    if not _PROJECT_ID.fullmatch(project):
+        raise LaunchError(f"--project={project!r} is not a project id (lower case letters, digits and hyphens)")
+    if not region:
+        raise LaunchError("--region is required: the Dataflow region, e.g. us-central1 (TPUs: a region that has "
+                          "them, e.g. us-west1 or us-east5)")
+    if not _REGION.fullmatch(region):
+        raise LaunchError(f"--region={region!r} is not a region such as us-central1")
+    _check_gcs("temp_location", temp_location)
+    if staging_location is not None:
+        _check_gcs("staging_location", staging_location)
+    _check_gcs("output", output)
+    if harness_threads < 1:
+        raise LaunchError(f"--harness_threads must be at least 1, got {harness_threads}")
+
+
+def _check_extra(extra: list[str]) -> set[str]:
+    """The names of the pipeline flags given, once none of them clashes with the launcher's or names a path
+    only this machine can read."""
+    given = _flag_names(extra)
+    owned = {"--runner", "--project", "--region", "--temp_location", "--output", "--sdk_container_image",
+             "--dataflow_service_options", "--staging_location"}
+    clashes = sorted(given & owned)
+    if clashes:
+        raise LaunchError(
+            f"{', '.join(clashes)} set twice: pass them as the launcher's own options (python -m launch.dataflow "
+            "--help), not among the pipeline flags")
+    if {"--machine_type", "--worker_machine_type"} & given:
+        raise LaunchError("pass --machine_type as the launcher's option so it is checked against the accelerator")
+    for option in ("--model", "--dataset"):
+        for flag in extra:
+            if flag.startswith(option + "=") and _is_local_path(flag.split("=", 1)[1]):
+                raise LaunchError(
+                    f"{flag}: a local path on this machine, which Dataflow workers cannot read; copy it to "
+                    "gs:// (or use a hub id / built-in dataset) and pass that instead")
+    return given
 
 
 # --- dry run: the job Dataflow would receive, built offline ------------------------------------------------------
@@ -308,11 +321,10 @@ def _boolean(text: str) -> bool:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m launch.dataflow",
-        description="Run the extraction pipeline on Dataflow GPU or TPU workers. Flags this launcher does not "
+    parser = launcher_parser(
+        "dataflow", "Run the extraction pipeline on Dataflow GPU or TPU workers. Flags this launcher does not "
                     "know (--model, --dataset, --layers, any Beam option) go to python -m pipeline.run.",
-        epilog="docs/launch.md: building the worker images, quotas, and what each flag is for.")
+        "docs/launch.md: building the worker images, quotas, and what each flag is for.")
     parser.add_argument("target", choices=TARGETS, help="worker accelerator family")
     parser.add_argument("--project", help="Google Cloud project id")
     parser.add_argument("--region", help="Dataflow region, e.g. us-central1")

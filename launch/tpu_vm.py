@@ -32,6 +32,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from launch import launcher_parser
+
 _LOG = logging.getLogger("launch.tpu_vm")
 
 # Flags the launcher sets for every host; a second value among the pipeline flags would split the run.
@@ -342,11 +344,10 @@ def _int_or_auto(text: str):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m launch.tpu_vm",
-        description="Run the pipeline on TPU VMs, each host on its share of the input, into one gs:// output. "
-                    "Pipeline flags (--model, --dataset, --layers, ...) go after `--`.",
-        epilog="docs/launch.md walks through both set-ups.")
+    parser = launcher_parser(
+        "tpu_vm", "Run the pipeline on TPU VMs, each host on its share of the input, into one gs:// output. "
+                  "Pipeline flags (--model, --dataset, --layers, ...) go after `--`.",
+        "docs/launch.md walks through both set-ups.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def cloud(sub):
@@ -396,65 +397,79 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(own)
     try:
         if args.command == "host":
-            index = args.host_index if args.host_index is not None else metadata_host_index()
-            command = host_pipeline_argv(pipeline_args, host_index=index, num_hosts=args.num_hosts,
-                                         output=args.output, python=sys.executable)
-            _LOG.info("host %d of %d: %s", index, args.num_hosts, shlex.join(command))
-            outcome = run_host(command, max_attempts=args.max_attempts, backoff_seconds=args.backoff_seconds)
-            marker = write_host_marker(args.output, index, args.num_hosts, outcome)
-            if not outcome.succeeded:
-                print(f"error: host {index} failed {outcome.attempts} time(s), exit codes {outcome.returncodes}; "
-                      f"see {marker}", file=sys.stderr)
-                return outcome.returncodes[-1] or 1
-            print(marker)
-            return 0
-
+            return _run_host(args, pipeline_args)
         target = TpuTarget(zone=args.zone, accelerator_type=args.accelerator_type, project=args.project,
                            runtime_version=args.runtime_version or runtime_version(args.accelerator_type),
                            spot=not getattr(args, "on_demand", False))
         if args.command == "slice":
-            line = host_shell_command(pipeline_args, num_hosts=args.num_hosts, output=args.output, host_index=None,
-                                      max_attempts=args.max_attempts, package=args.package)
-            ssh = target.ssh_all(args.name, line)
-            if not args.execute:
-                print(shlex.join(ssh))
-                return 0
-            return subprocess.call(ssh)
-
-        names = vm_names(args.name, args.num_vms)
-        lines = [host_shell_command(pipeline_args, num_hosts=len(names), output=args.output, host_index=index,
-                                    max_attempts=args.max_attempts, package=args.package)
-                 for index in range(len(names))]
-        script_dir = args.script_dir or tempfile.mkdtemp(prefix="arc-activations-startup-")
-        scripts = []
-        for name, line in zip(names, lines):
-            path = f"{script_dir}/{name}.sh"
-            with open(path, "w", encoding="utf-8") as handle:
-                handle.write(startup_script(line))
-            scripts.append(path)
-        if not args.execute:
-            for name, path in zip(names, scripts):
-                print(shlex.join(target.create(name, path)))
-            print(f"# startup scripts in {script_dir}; --execute creates the VMs and recreates preempted ones "
-                  f"until every host has written {done_marker(args.output, 0, len(names)).replace('000-of', 'III-of')}")
-            return 0
-        Supervisor(target=target, names=names, output=args.output, scripts=scripts, run=_gcloud,
-                   exists=_gcs_exists, max_recreations=args.max_recreations,
-                   poll_seconds=args.poll_seconds).supervise()
-        from pipeline.manifest import rebuild_manifest
-
-        # Hosts finishing together can each miss the other's last shards in their manifest: one final rebuild.
-        counts = rebuild_manifest(args.output)["counts"]
-        print(f"all {len(names)} hosts done: {args.output} ({counts['samples']} samples, {counts['tokens']} tokens)")
-        for name in names:
-            _LOG.info("delete with: %s", shlex.join(target.delete(name)))
-        return 0
+            return _run_slice(args, target, pipeline_args)
+        return _run_vms(args, target, pipeline_args)
     except LaunchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:  # the supervisor gave up on a host
         print(f"error: {err}", file=sys.stderr)
         return 1
+
+
+def _run_host(args, pipeline_args: list[str]) -> int:
+    """`host`: this machine's share of the run, retried, then its done marker."""
+    index = args.host_index if args.host_index is not None else metadata_host_index()
+    command = host_pipeline_argv(pipeline_args, host_index=index, num_hosts=args.num_hosts,
+                                 output=args.output, python=sys.executable)
+    _LOG.info("host %d of %d: %s", index, args.num_hosts, shlex.join(command))
+    outcome = run_host(command, max_attempts=args.max_attempts, backoff_seconds=args.backoff_seconds)
+    marker = write_host_marker(args.output, index, args.num_hosts, outcome)
+    if not outcome.succeeded:
+        print(f"error: host {index} failed {outcome.attempts} time(s), exit codes {outcome.returncodes}; "
+              f"see {marker}", file=sys.stderr)
+        return outcome.returncodes[-1] or 1
+    print(marker)
+    return 0
+
+
+def _run_slice(args, target: TpuTarget, pipeline_args: list[str]) -> int:
+    """`slice`: one command on every host of a multi-host slice (printed unless --execute)."""
+    line = host_shell_command(pipeline_args, num_hosts=args.num_hosts, output=args.output, host_index=None,
+                              max_attempts=args.max_attempts, package=args.package)
+    ssh = target.ssh_all(args.name, line)
+    if not args.execute:
+        print(shlex.join(ssh))
+        return 0
+    return subprocess.call(ssh)
+
+
+def _run_vms(args, target: TpuTarget, pipeline_args: list[str]) -> int:
+    """`vms`: one single-host VM per share with a startup script (printed unless --execute), supervised until
+    every host is done, then one final manifest."""
+    names = vm_names(args.name, args.num_vms)
+    lines = [host_shell_command(pipeline_args, num_hosts=len(names), output=args.output, host_index=index,
+                                max_attempts=args.max_attempts, package=args.package)
+             for index in range(len(names))]
+    script_dir = args.script_dir or tempfile.mkdtemp(prefix="arc-activations-startup-")
+    scripts = []
+    for name, line in zip(names, lines):
+        path = f"{script_dir}/{name}.sh"
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(startup_script(line))
+        scripts.append(path)
+    if not args.execute:
+        for name, path in zip(names, scripts):
+            print(shlex.join(target.create(name, path)))
+        print(f"# startup scripts in {script_dir}; --execute creates the VMs and recreates preempted ones "
+              f"until every host has written {done_marker(args.output, 0, len(names)).replace('000-of', 'III-of')}")
+        return 0
+    Supervisor(target=target, names=names, output=args.output, scripts=scripts, run=_gcloud,
+               exists=_gcs_exists, max_recreations=args.max_recreations,
+               poll_seconds=args.poll_seconds).supervise()
+    from pipeline.manifest import rebuild_manifest
+
+    # Hosts finishing together can each miss the other's last shards in their manifest: one final rebuild.
+    counts = rebuild_manifest(args.output)["counts"]
+    print(f"all {len(names)} hosts done: {args.output} ({counts['samples']} samples, {counts['tokens']} tokens)")
+    for name in names:
+        _LOG.info("delete with: %s", shlex.join(target.delete(name)))
+    return 0
 
 
 if __name__ == "__main__":

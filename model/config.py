@@ -105,56 +105,13 @@ class QwenConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> "QwenConfig":
         """Reads a Hugging Face Qwen2 config dict; rejects anything this forward pass would get wrong."""
-        model_type = data.get("model_type")
-        if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
-                f"{source}: key 'model_type' is {model_type!r}; only Qwen2/Qwen2.5 checkpoints "
-                f"(model_type 'qwen2', architectures {list(SUPPORTED_ARCHITECTURES)}) are supported"
-            )
-        architectures = data.get("architectures")
-        if architectures is not None and not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
-            raise ConfigError(
-                f"{source}: key 'architectures' is {architectures!r}; only {list(SUPPORTED_ARCHITECTURES)} "
-                "is supported"
-            )
-        if model_type is None and architectures is None:
-            raise ConfigError(
-                f"{source}: neither 'model_type' nor 'architectures' is set, so this is not recognisably a "
-                "Qwen2 config.json"
-            )
+        _check_architecture(data, source)
+        rope_theta = _rope_theta(data, source)
 
         def required(key: str):
             if key not in data or data[key] is None:
                 raise ConfigError(f"{source}: required key {key!r} is missing")
             return data[key]
-
-        hidden_act = data.get("hidden_act", "silu")
-        if hidden_act != "silu":
-            raise ConfigError(f"{source}: key 'hidden_act' is {hidden_act!r}; Qwen2 uses 'silu'")
-        if data.get("use_sliding_window"):
-            raise ConfigError(
-                f"{source}: key 'use_sliding_window' is true; sliding-window attention is not implemented "
-                "(no released Qwen2.5 model enables it)"
-            )
-        layer_types = data.get("layer_types")
-        if layer_types and any(t != "full_attention" for t in layer_types):
-            raise ConfigError(
-                f"{source}: key 'layer_types' lists {sorted(set(layer_types))}; only 'full_attention' is implemented"
-            )
-
-        rope_theta = data.get("rope_theta")
-        rope_parameters = data.get("rope_parameters")
-        if isinstance(rope_parameters, Mapping):
-            _check_rope_type(rope_parameters, f"{source}: key 'rope_parameters'")
-            if rope_theta is None:
-                rope_theta = rope_parameters.get("rope_theta")
-        rope_scaling = data.get("rope_scaling")
-        if rope_scaling is not None:
-            if not isinstance(rope_scaling, Mapping):
-                raise ConfigError(f"{source}: key 'rope_scaling' must be null or an object, got {rope_scaling!r}")
-            _check_rope_type(rope_scaling, f"{source}: key 'rope_scaling'")
-        if rope_theta is None:
-            raise ConfigError(f"{source}: key 'rope_theta' (or 'rope_parameters.rope_theta') is missing")
 
         hidden_size = int(required("hidden_size"))
         num_attention_heads = int(required("num_attention_heads"))
@@ -183,6 +140,58 @@ class QwenConfig:
             )
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from e
+
+
+def _check_architecture(data: Mapping[str, Any], source: str) -> None:
+    """A Qwen2 config whose attention and activation this forward pass implements."""
+    model_type = data.get("model_type")
+    if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"{source}: key 'model_type' is {model_type!r}; only Qwen2/Qwen2.5 checkpoints "
+            f"(model_type 'qwen2', architectures {list(SUPPORTED_ARCHITECTURES)}) are supported"
+        )
+    architectures = data.get("architectures")
+    if architectures is not None and not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
+        raise ConfigError(
+            f"{source}: key 'architectures' is {architectures!r}; only {list(SUPPORTED_ARCHITECTURES)} "
+            "is supported"
+        )
+    if model_type is None and architectures is None:
+        raise ConfigError(
+            f"{source}: neither 'model_type' nor 'architectures' is set, so this is not recognisably a "
+            "Qwen2 config.json"
+        )
+    hidden_act = data.get("hidden_act", "silu")
+    if hidden_act != "silu":
+        raise ConfigError(f"{source}: key 'hidden_act' is {hidden_act!r}; Qwen2 uses 'silu'")
+    if data.get("use_sliding_window"):
+        raise ConfigError(
+            f"{source}: key 'use_sliding_window' is true; sliding-window attention is not implemented "
+            "(no released Qwen2.5 model enables it)"
+        )
+    layer_types = data.get("layer_types")
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        raise ConfigError(
+            f"{source}: key 'layer_types' lists {sorted(set(layer_types))}; only 'full_attention' is implemented"
+        )
+
+
+def _rope_theta(data: Mapping[str, Any], source: str) -> float:
+    """rope_theta (or rope_parameters.rope_theta), once the RoPE is known to be the default kind."""
+    rope_theta = data.get("rope_theta")
+    rope_parameters = data.get("rope_parameters")
+    if isinstance(rope_parameters, Mapping):
+        _check_rope_type(rope_parameters, f"{source}: key 'rope_parameters'")
+        if rope_theta is None:
+            rope_theta = rope_parameters.get("rope_theta")
+    rope_scaling = data.get("rope_scaling")
+    if rope_scaling is not None:
+        if not isinstance(rope_scaling, Mapping):
+            raise ConfigError(f"{source}: key 'rope_scaling' must be null or an object, got {rope_scaling!r}")
+        _check_rope_type(rope_scaling, f"{source}: key 'rope_scaling'")
+    if rope_theta is None:
+        raise ConfigError(f"{source}: key 'rope_theta' (or 'rope_parameters.rope_theta') is missing")
+    return rope_theta
 
 
 def _check_rope_type(params: Mapping[str, Any], where: str) -> None:

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from model import dtypes
 from model import sharding as sharding_lib
-from model import weights as weights_lib
 from model.qwen2 import apply_rope, rms_norm, rope_tables
 
 # Room for the end-of-turn marker and a model that writes a slightly different header than asked.
@@ -160,23 +160,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
     `max_seq_len`: refuse prompts whose length plus max_new_tokens exceeds it."""
     started = time.perf_counter()
     config = model.config
-    if not prompts:
-        raise ValueError("generate: no prompts given")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not np.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"generate: temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    prompts = [np.asarray(p) for p in prompts]
-    for row, ids in enumerate(prompts):
-        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"generate: prompt {row} must be a non-empty 1-D list of token ids, got shape "
-                             f"{ids.shape} dtype {ids.dtype}")
-        if ids.min() < 0 or ids.max() >= config.vocab_size:
-            raise ValueError(f"generate: prompt {row} holds token id {int(ids.max() if ids.max() >= 0 else ids.min())}"
-                             f" outside the vocabulary 0..{config.vocab_size - 1}")
-        if max_seq_len is not None and ids.size + max_new_tokens > max_seq_len:
-            raise ValueError(f"generate: prompt {row} has {ids.size} tokens; with max_new_tokens={max_new_tokens} "
-                             f"that is {ids.size + max_new_tokens} > max_seq_len={max_seq_len}")
+    prompts = _checked_prompts(prompts, config.vocab_size, max_new_tokens, temperature, max_seq_len)
     longest = max(p.size for p in prompts)
     bucket = bucket_length(longest) if bucket is None else int(bucket)
     if bucket < longest:
@@ -191,23 +175,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
     pad_id = int(model.tokenizer.pad_token_id or 0)
     tokens, lengths = left_pad(prompts, bucket, pad_id)
     batch = len(prompts)
-    seeds = (np.asarray(seed, np.int64) + np.arange(batch) if np.ndim(seed) == 0 else np.asarray(seed, np.int64))
-    if seeds.shape != (batch,):
-        raise ValueError(f"generate: seed must be one int or one per prompt ({batch}), got shape {seeds.shape}")
-    seeds = seeds.astype(np.uint32)
-
-    cache_sharding = activation_sharding = None
-    if model.mesh is not None:
-        mesh = model.mesh
-        tokens, lengths, seeds = (jax.device_put(v, sharding_lib.batch_sharding(mesh, v.shape))
-                                  for v in (tokens, lengths, seeds))
-        cache_shape = (config.num_hidden_layers, batch, bucket + max_new_tokens, config.num_key_value_heads,
-                       config.head_dim)
-        cache_sharding = jax.sharding.NamedSharding(
-            mesh, sharding_lib.logical_spec(mesh, (None, "batch", None, "kv_heads", None), cache_shape))
-        activation_sharding = sharding_lib.batch_sharding(mesh, (batch, bucket, config.hidden_size))
-    else:
-        tokens, lengths, seeds = jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(seeds)
+    seeds = _row_seeds(seed, batch)
+    tokens, lengths, seeds, cache_sharding, activation_sharding = _place(
+        model, tokens, lengths, seeds, bucket + max_new_tokens)
     prepared = time.perf_counter()
     stops, stop_lengths = stop_table(stop_sequences)
     out = _generate_jit(
@@ -217,21 +187,72 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
         activation_sharding=activation_sharding)
     jax.block_until_ready(out)
     ran = time.perf_counter()
-    out = jax.device_get(out)
-    names = [s.name for s in stop_sequences]
-    n = out["lengths"]
-    result = GenerationResult(
-        tokens=[out["tokens"][row, :n[row]] for row in range(batch)],
-        logprobs=[out["logprobs"][row, :n[row]] for row in range(batch)],
-        stop_reasons=[names[r - 1] if r > 0 else NO_STOP for r in out["reasons"]],
-        steps=int(out["steps"]),
-        timings={},
-        logits=out.get("logits"),
-    )
+    result = _result(jax.device_get(out), [s.name for s in stop_sequences])
     done = time.perf_counter()
     result.timings = {"prepare_s": prepared - started, "device_s": ran - prepared, "fetch_s": done - ran,
                       "total_s": done - started}
     return result
+
+
+def _checked_prompts(prompts, vocab_size: int, max_new_tokens, temperature, max_seq_len) -> list[np.ndarray]:
+    """The prompts as arrays, once the request is known to be one generate can serve."""
+    if not prompts:
+        raise ValueError("generate: no prompts given")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not np.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"generate: temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    prompts = [np.asarray(p) for p in prompts]
+    for row, ids in enumerate(prompts):
+        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"generate: prompt {row} must be a non-empty 1-D list of token ids, got shape "
+                             f"{ids.shape} dtype {ids.dtype}")
+        if ids.min() < 0 or ids.max() >= vocab_size:
+            raise ValueError(f"generate: prompt {row} holds token id {int(ids.max() if ids.max() >= 0 else ids.min())}"
+                             f" outside the vocabulary 0..{vocab_size - 1}")
+        if max_seq_len is not None and ids.size + max_new_tokens > max_seq_len:
+            raise ValueError(f"generate: prompt {row} has {ids.size} tokens; with max_new_tokens={max_new_tokens} "
+                             f"that is {ids.size + max_new_tokens} > max_seq_len={max_seq_len}")
+    return prompts
+
+
+def _row_seeds(seed, batch: int) -> np.ndarray:
+    """One uint32 seed per row: seed + row for one int, else the given per-row seeds."""
+    seeds = (np.asarray(seed, np.int64) + np.arange(batch) if np.ndim(seed) == 0 else np.asarray(seed, np.int64))
+    if seeds.shape != (batch,):
+        raise ValueError(f"generate: seed must be one int or one per prompt ({batch}), got shape {seeds.shape}")
+    return seeds.astype(np.uint32)
+
+
+def _place(model, tokens, lengths, seeds, slots: int):
+    """The inputs on the model's devices, with the KV cache's and the activations' shardings (None without a
+    mesh)."""
+    config = model.config
+    if model.mesh is None:
+        return jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(seeds), None, None
+    mesh = model.mesh
+    batch, bucket = tokens.shape
+    tokens, lengths, seeds = (jax.device_put(v, sharding_lib.batch_sharding(mesh, v.shape))
+                              for v in (tokens, lengths, seeds))
+    cache_shape = (config.num_hidden_layers, batch, slots, config.num_key_value_heads, config.head_dim)
+    cache_sharding = jax.sharding.NamedSharding(
+        mesh, sharding_lib.logical_spec(mesh, (None, "batch", None, "kv_heads", None), cache_shape))
+    activation_sharding = sharding_lib.batch_sharding(mesh, (batch, bucket, config.hidden_size))
+    return tokens, lengths, seeds, cache_sharding, activation_sharding
+
+
+def _result(out: dict, stop_names: list[str]) -> GenerationResult:
+    """The fetched device output, each row trimmed to what it generated."""
+    n = out["lengths"]
+    rows = range(len(n))
+    return GenerationResult(
+        tokens=[out["tokens"][row, :n[row]] for row in rows],
+        logprobs=[out["logprobs"][row, :n[row]] for row in rows],
+        stop_reasons=[stop_names[r - 1] if r > 0 else NO_STOP for r in out["reasons"]],
+        steps=int(out["steps"]),
+        timings={},
+        logits=out.get("logits"),
+    )
 
 
 # --------------------------------------------------------------------------------------------- device program
@@ -300,7 +321,7 @@ def _choose(logits, step, seeds, temperature, sample):
 
 def _generate(params, tokens, prompt_lengths, seeds, temperature, stops, stop_lengths, *, config, dtype,
               max_new_tokens, sample, return_logits, pad_id, cache_sharding, activation_sharding):
-    compute = jnp.dtype(weights_lib.np_dtype(dtype))
+    compute = jnp.dtype(dtypes.numpy_dtype(dtype))
     # float32 means float32, as in the forward: no TF32/bf16 matmul passes on GPUs and TPUs.
     precision = jax.default_matmul_precision("highest") if compute == jnp.float32 else contextlib.nullcontext()
     with precision:
@@ -322,55 +343,11 @@ def _generate_body(params, tokens, prompt_lengths, seeds, temperature, stops, st
     cache_shape = (config.num_hidden_layers, batch, slots, config.num_key_value_heads, config.head_dim)
     k_cache = constrain(jnp.zeros(cache_shape, compute), cache_sharding)
     v_cache = constrain(jnp.zeros(cache_shape, compute), cache_sharding)
-
-    # Prefill: causal over the bucket, padding keys masked; a padding query sees itself so no softmax row is empty.
     pads = bucket - prompt_lengths
-    index = jnp.arange(bucket)
-    positions = jnp.maximum(index[None, :] - pads[:, None], 0)
-    real_key = index[None, :] >= pads[:, None]
-    causal = index[:, None] >= index[None, :]
-    mask = causal[None] & (real_key[:, None, :] | jnp.eye(bucket, dtype=bool)[None])
-    cos, sin = rope_tables(positions, config.head_dim, config.rope_theta, compute)
-    x, k_cache, v_cache = _run_layers(params, constrain(embed(tokens)), cos, sin, mask, k_cache, v_cache, 0, True,
-                                      config, constrain)
-    logits = _last_logits(params, x, config)
-
-    width = stops.shape[1]
-    # Only the last `length` columns of a stop's row are compared; the others are -1 and count as matching.
-    compared = jnp.arange(width)[None, :] >= (width - stop_lengths)[:, None]
-
-    def record(state, step, logits):
-        token, logprob = _choose(logits, step, seeds, temperature, sample)
-        was_done = state["done"]
-        history = jnp.concatenate([state["history"][:, 1:], token[:, None]], axis=1)
-        # hits[b, s]: row b's generated tokens end with stop s (the stop fits in what was generated).
-        equal = (history[:, None, :] == stops[None]) | ~compared[None]
-        hits = jnp.all(equal, axis=2) & (stop_lengths > 0)[None] & (stop_lengths <= step + 1)[None]
-        hit = jnp.any(hits, axis=1)
-        # Earlier stop sequences win when several end at the same token; reasons count from 1.
-        reasons = jnp.where(hit & ~was_done, jnp.argmax(hits, axis=1) + 1, state["reasons"])
-        done = was_done | hit
-        new = dict(state)
-        new.update(
-            token=token, history=history, done=done, reasons=reasons,
-            lengths=jnp.where(was_done, state["lengths"], step + 1),
-            tokens=state["tokens"].at[:, step].set(jnp.where(was_done, pad_id, token)),
-            logprobs=state["logprobs"].at[:, step].set(jnp.where(was_done, 0.0, logprob)),
-        )
-        if return_logits:
-            new["logits"] = state["logits"].at[:, step].set(logits)
-        return new
-
-    state = {
-        "step": jnp.int32(1), "k_cache": k_cache, "v_cache": v_cache,
-        "token": jnp.zeros((batch,), jnp.int32), "history": jnp.full((batch, width), -1, jnp.int32),
-        "done": jnp.zeros((batch,), bool), "reasons": jnp.zeros((batch,), jnp.int32),
-        "lengths": jnp.zeros((batch,), jnp.int32),
-        "tokens": jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
-        "logprobs": jnp.zeros((batch, max_new_tokens), jnp.float32),
-    }
-    if return_logits:
-        state["logits"] = jnp.zeros((batch, max_new_tokens, logits.shape[-1]), jnp.float32)
+    logits, k_cache, v_cache = _prefill(params, embed(tokens), pads, k_cache, v_cache, config, compute, constrain)
+    record = _recorder(seeds, temperature, sample, stops, stop_lengths, pad_id, return_logits)
+    state = _initial_state(k_cache, v_cache, stops.shape[1], max_new_tokens, pad_id,
+                           logits.shape[-1] if return_logits else None)
     state = record(state, 0, logits)
 
     def keep_going(state):
@@ -398,6 +375,71 @@ def _generate_body(params, tokens, prompt_lengths, seeds, temperature, stops, st
     if return_logits:
         out["logits"] = state["logits"]
     return out
+
+
+def _prefill(params, x, pads, k_cache, v_cache, config, compute, constrain):
+    """The prompts x [B, bucket, D] (left-padded by `pads`) through every layer, filling the cache's first slots;
+    returns the last position's logits and the cache. Causal over the bucket, padding keys masked; a padding
+    query sees itself so no softmax row is empty."""
+    bucket = x.shape[1]
+    index = jnp.arange(bucket)
+    positions = jnp.maximum(index[None, :] - pads[:, None], 0)
+    real_key = index[None, :] >= pads[:, None]
+    causal = index[:, None] >= index[None, :]
+    mask = causal[None] & (real_key[:, None, :] | jnp.eye(bucket, dtype=bool)[None])
+    cos, sin = rope_tables(positions, config.head_dim, config.rope_theta, compute)
+    x, k_cache, v_cache = _run_layers(params, constrain(x), cos, sin, mask, k_cache, v_cache, 0, True,
+                                      config, constrain)
+    return _last_logits(params, x, config), k_cache, v_cache
+
+
+def _initial_state(k_cache, v_cache, width: int, max_new_tokens: int, pad_id: int, vocab: int | None) -> dict:
+    """The decode loop's state before the first token: `width` columns of token history for stop matching,
+    and room for the logits of every step when `vocab` is given."""
+    batch = k_cache.shape[1]
+    state = {
+        "step": jnp.int32(1), "k_cache": k_cache, "v_cache": v_cache,
+        "token": jnp.zeros((batch,), jnp.int32), "history": jnp.full((batch, width), -1, jnp.int32),
+        "done": jnp.zeros((batch,), bool), "reasons": jnp.zeros((batch,), jnp.int32),
+        "lengths": jnp.zeros((batch,), jnp.int32),
+        "tokens": jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+        "logprobs": jnp.zeros((batch, max_new_tokens), jnp.float32),
+    }
+    if vocab is not None:
+        state["logits"] = jnp.zeros((batch, max_new_tokens, vocab), jnp.float32)
+    return state
+
+
+def _recorder(seeds, temperature, sample, stops, stop_lengths, pad_id, return_logits):
+    """record(state, step, logits): chooses step's token from its logits and records it, its log-probability
+    and whether a stop sequence ended there."""
+    width = stops.shape[1]
+    # Only the last `length` columns of a stop's row are compared; the others are -1 and count as matching.
+    compared = jnp.arange(width)[None, :] >= (width - stop_lengths)[:, None]
+
+    def record(state, step, logits):
+        token, logprob = _choose(logits, step, seeds, temperature, sample)
+        was_done = state["done"]
+        history = jnp.concatenate([state["history"][:, 1:], token[:, None]], axis=1)
+        # hits[b, s]: row b's generated tokens end with stop s (the stop fits in what was generated).
+        equal = (history[:, None, :] == stops[None]) | ~compared[None]
+        hits = jnp.all(equal, axis=2) & (stop_lengths > 0)[None] & (stop_lengths <= step + 1)[None]
+        hit = jnp.any(hits, axis=1)
+        # Earlier stop sequences win when several end at the same token; reasons count from 1.
+        reasons = jnp.where(hit & ~was_done, jnp.argmax(hits, axis=1) + 1, state["reasons"])
+        done = was_done | hit
+        new = dict(state)
+        new.update(
+            token=token, history=history, done=done, reasons=reasons,
+            lengths=jnp.where(was_done, state["lengths"], step + 1),
+            tokens=state["tokens"].at[:, step].set(jnp.where(was_done, pad_id, token)),
+            logprobs=state["logprobs"].at[:, step].set(jnp.where(was_done, 0.0, logprob)),
+        )
+        if return_logits:
+            new["logits"] = state["logits"].at[:, step].set(logits)
+        return new
+
+    return record
 
 
 _generate_jit = jax.jit(_generate, static_argnames=(

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from model.dtypes import TRANSFER_DTYPES
+
 # Short names, in the order they occur inside a block. The writer, the options, the reader and the bench take
 # the vocabulary from here.
 HOOKS: tuple[str, ...] = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
@@ -12,7 +14,6 @@ BLOCK_HOOKS = HOOKS
 FINAL_NORM_HOOK = "ln_final"
 FINAL_NORM_NAME = "ln_final.hook_normalized"
 LOGITS_NAME = "logits"
-OUT_DTYPES = ("float32", "bfloat16", "float16")
 
 _HOOK_NAME = re.compile(r"^blocks\.(\d+)\.hook_(\w+)$")
 
@@ -128,8 +129,8 @@ class CaptureSpec:
         object.__setattr__(self, "layers", tuple(sorted(set(layers))))
         if self.layers and not self.hooks:
             raise ValueError("CaptureSpec: layers are given but hooks is empty; name at least one hook")
-        if self.out_dtype is not None and self.out_dtype not in OUT_DTYPES:
-            raise ValueError(f"CaptureSpec.out_dtype: {self.out_dtype!r} is not one of {', '.join(OUT_DTYPES)}")
+        if self.out_dtype is not None and self.out_dtype not in TRANSFER_DTYPES:
+            raise ValueError(f"CaptureSpec.out_dtype: {self.out_dtype!r} is not one of {', '.join(TRANSFER_DTYPES)}")
         if not self.layers and not self.logits and not self.final_norm:
             raise ValueError("CaptureSpec asks for nothing: give layers (with hooks), final_norm=True or logits=True")
 

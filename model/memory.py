@@ -26,6 +26,7 @@ import math
 import os
 
 from model.config import QwenConfig
+from model.dtypes import itemsize
 from model.hooks import CaptureSpec
 
 GIB = 1 << 30
@@ -64,10 +65,6 @@ def gib(value: float) -> str:
     return f"{value / GIB:.2f} GiB"
 
 
-def _itemsize(dtype: str) -> int:
-    return 2 if dtype in ("bfloat16", "float16") else 4
-
-
 def param_count(config: QwenConfig) -> int:
     from model.weights import param_shapes
 
@@ -82,7 +79,7 @@ def attention_workspace(config: QwenConfig, batch: int, length: int, dtype: str,
     """Bytes of one layer's attention temporaries for `attention` (a resolved implementation, not auto)."""
     from model.flash_attention import DEFAULT_BLOCK, effective_block
 
-    c = _itemsize(dtype)
+    c = itemsize(dtype)
     t = 4  # transients: see the module docstring
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     qkv_out = batch * length * (2 * heads + 2 * kv_heads) * head_dim * c
@@ -104,8 +101,8 @@ def estimate_forward_memory(config: QwenConfig, batch: int, length: int, spec: C
     """Peak device bytes of one capture of a [batch, length] bucket on one device (see the module docstring).
     `model_parallelism` devices share each weight (tensors that do not divide stay whole, such as 2 KV heads
     over 4 devices: a small part of a model, not counted)."""
-    c = _itemsize(dtype)
-    out = _itemsize(spec.out_dtype or dtype)
+    c = itemsize(dtype)
+    out = itemsize(spec.out_dtype or dtype)
     tokens = batch * length
     d = config.hidden_size
     captured = len(spec.hooks) * len(spec.layers) + int(spec.final_norm)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from model import dtypes
 from model import sharding as sharding_lib
 from model import weights as weights_lib
 from model.config import QwenConfig, parse_random_spec
@@ -200,8 +201,8 @@ def forward(params, tokens, segment_ids, positions, *, config: QwenConfig, spec:
             implementation: str, mask_kind: str, activation_sharding=None) -> dict[str, jax.Array]:
     """The captured tensors of one batch, keyed by TransformerLens names. Pure: jit it with everything after `*`
     static."""
-    compute = jnp.dtype(weights_lib.np_dtype(dtype))
-    out_dtype = jnp.dtype(weights_lib.np_dtype(spec.out_dtype)) if spec.out_dtype else compute
+    compute = jnp.dtype(dtypes.numpy_dtype(dtype))
+    out_dtype = jnp.dtype(dtypes.numpy_dtype(spec.out_dtype)) if spec.out_dtype else compute
     # float32 means float32: without this, GPUs and TPUs would run float32 matmuls at TF32/bf16 precision.
     precision = "highest" if compute == jnp.float32 else None
     with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
@@ -277,7 +278,9 @@ class HookedQwen:
         """How many (shape, spec) variants the jitted forward holds."""
         return self._forward._cache_size()
 
-    def _prepare(self, tokens, segment_ids, positions, spec: CaptureSpec, right_padded: bool | None = None):
+    def prepare(self, tokens, segment_ids, positions, spec: CaptureSpec, right_padded: bool | None = None):
+        """A batch ready for `run`: checked, its mask kind chosen (right padding detected for numpy inputs)
+        and placed on the devices; returns the forward's (arguments, static arguments)."""
         spec.validate(self.config.num_hidden_layers)
         arrays = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
         shape = np.shape(tokens)
@@ -323,12 +326,15 @@ class HookedQwen:
 
         `right_padded` says every row holds one sequence from index 0, which lets cuDNN skip the mask. None:
         detected for numpy inputs, assumed False for device arrays (the general mask, always correct)."""
-        args, statics = self._prepare(tokens, segment_ids, positions, spec, right_padded)
+        return self.run(*self.prepare(tokens, segment_ids, positions, spec, right_padded))
+
+    def run(self, args, statics) -> dict[str, jax.Array]:
+        """The jitted forward on a prepared batch (`prepare`), without waiting for the device."""
         return self._forward(*args, **statics)
 
     def make_jaxpr(self, tokens, segment_ids, positions, spec: CaptureSpec):
         """The traced program of one capture (for inspecting what runs, e.g. how many layers)."""
-        args, statics = self._prepare(tokens, segment_ids, positions, spec)
+        args, statics = self.prepare(tokens, segment_ids, positions, spec)
         return jax.make_jaxpr(functools.partial(forward, **statics))(*args)
 
     def describe(self) -> dict:
@@ -393,7 +399,7 @@ def load_model(spec: str, dtype: str = "bfloat16", mesh=None, attention: str = "
     ATTENTION_IMPLEMENTATIONS."""
     from model.tokenizer import load_tokenizer
 
-    weights_lib.np_dtype(dtype)
+    dtypes.numpy_dtype(dtype)
     implementation = resolve_attention(attention, dtype, mesh)
     spec = str(spec)
     if spec.startswith("random:"):

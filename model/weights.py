@@ -24,10 +24,10 @@ from typing import Callable
 import numpy as np
 
 from model.config import QwenConfig
+from model.dtypes import numpy_dtype
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("bfloat16", "float32", "float16")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Buffers some old exports saved; they are recomputed from rope_theta, so they carry no information.
 _DERIVED_KEYS = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
@@ -160,14 +160,6 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def np_dtype(dtype: str):
-    import ml_dtypes
-
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    return np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
-
-
 # --------------------------------------------------------------------------------------------- locating files
 
 
@@ -298,9 +290,41 @@ def load_checkpoint_params(directory: Path, config: QwenConfig, dtype: str = "bf
     against `config`, in the parameter tree layout. Missing or unexpected keys are errors."""
     import jax
 
-    target = np_dtype(dtype)
+    target = numpy_dtype(dtype)
     located = checkpoint_files(directory)
     needed = expected_keys(config)
+    tied_head = _check_keys(directory, config, located, needed)
+    params: dict = {}
+    for entry in table_for(config):
+        _set(params, entry.path, np.empty(entry.param_shape(config), dtype=target))
+
+    by_file: dict[Path, list[str]] = {}
+    for key in needed:
+        by_file.setdefault(located[key], []).append(key)
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        for path, keys in by_file.items():
+            with open_safetensors(path) as f:
+                for key in keys:
+                    entry, layer = needed[key]
+                    tensor = _read_tensor(f, path, key, entry.hf_shape(config), config)
+                    value = entry.to_param(tensor, config).astype(target)
+                    leaf = _get(params, entry.path)
+                    if layer is None:
+                        leaf[...] = value
+                    else:
+                        leaf[layer] = value
+        if tied_head:
+            # After the loop: the embedding may live in a later shard than the head.
+            path = located["lm_head.weight"]
+            with open_safetensors(path) as f:
+                _check_tied_head(f, "lm_head.weight", path, params["embed"], target)
+    return params
+
+
+def _check_keys(directory: Path, config: QwenConfig, located: dict, needed: dict) -> bool:
+    """Every tensor the config needs is there and none it does not know; returns whether the checkpoint
+    also holds a head that the config ties to the embedding."""
     missing = [k for k in needed if k not in located]
     if missing:
         raise CheckpointError(
@@ -320,52 +344,30 @@ def load_checkpoint_params(directory: Path, config: QwenConfig, dtype: str = "bf
             f"{', '.join(unexpected[:3])} in {located[unexpected[0]].name}; is config.json "
             "(num_hidden_layers, tie_word_embeddings) the one that belongs to these weights?"
         )
+    return tied_head
 
-    params: dict = {}
-    for entry in table_for(config):
-        _set(params, entry.path, np.empty(entry.param_shape(config), dtype=target))
 
-    by_file: dict[Path, list[str]] = {}
-    for key in needed:
-        by_file.setdefault(located[key], []).append(key)
-    cpu = jax.devices("cpu")[0]
-    with jax.default_device(cpu):
-        for path, keys in by_file.items():
-            with open_safetensors(path) as f:
-                for key in keys:
-                    try:
-                        tensor_slice = f.get_slice(key)
-                    except Exception as error:
-                        raise unreadable_safetensors(path, error) from error
-                    found = tuple(tensor_slice.get_shape())
-                    if tensor_slice.get_dtype() not in _FLOAT_DTYPES:
-                        raise CheckpointError(
-                            f"{path}: tensor {key} has dtype {tensor_slice.get_dtype()}; expected one of "
-                            f"{', '.join(_FLOAT_DTYPES)} (quantised checkpoints are not supported)"
-                        )
-                    entry, layer = needed[key]
-                    expected = entry.hf_shape(config)
-                    if found != expected:
-                        raise CheckpointError(
-                            f"{path}: tensor {key} has shape {list(found)}, expected {list(expected)} from "
-                            f"{config.name or 'config.json'}"
-                        )
-                    try:
-                        tensor = np.asarray(f.get_tensor(key))
-                    except Exception as error:
-                        raise unreadable_safetensors(path, error) from error
-                    value = entry.to_param(tensor, config).astype(target)
-                    leaf = _get(params, entry.path)
-                    if layer is None:
-                        leaf[...] = value
-                    else:
-                        leaf[layer] = value
-        if tied_head:
-            # After the loop: the embedding may live in a later shard than the head.
-            path = located["lm_head.weight"]
-            with open_safetensors(path) as f:
-                _check_tied_head(f, "lm_head.weight", path, params["embed"], target)
-    return params
+def _read_tensor(f, path: Path, key: str, expected: tuple, config: QwenConfig) -> np.ndarray:
+    """One tensor of an open safetensors file, once its dtype and shape are known to be right."""
+    try:
+        tensor_slice = f.get_slice(key)
+    except Exception as error:
+        raise unreadable_safetensors(path, error) from error
+    found = tuple(tensor_slice.get_shape())
+    if tensor_slice.get_dtype() not in _FLOAT_DTYPES:
+        raise CheckpointError(
+            f"{path}: tensor {key} has dtype {tensor_slice.get_dtype()}; expected one of "
+            f"{', '.join(_FLOAT_DTYPES)} (quantised checkpoints are not supported)"
+        )
+    if found != expected:
+        raise CheckpointError(
+            f"{path}: tensor {key} has shape {list(found)}, expected {list(expected)} from "
+            f"{config.name or 'config.json'}"
+        )
+    try:
+        return np.asarray(f.get_tensor(key))
+    except Exception as error:
+        raise unreadable_safetensors(path, error) from error
 
 
 def _check_tied_head(f, key, path, embed, target) -> None:
@@ -398,7 +400,7 @@ def random_params(config: QwenConfig, seed: int = 0, dtype: str = "bfloat16") ->
     biases N(0, 0.02^2)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    target = np_dtype(dtype)
+    target = numpy_dtype(dtype)
     params: dict = {}
     jobs = []
     for index, entry in enumerate(table_for(config)):

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from model import dtypes
 from model.hooks import BLOCK_HOOKS, FINAL_NORM_HOOK
 from pipeline.loader import DEFAULT_BUFFER_BYTES, ActivationBatches, MappedBatches, torch_dataset_class
 from transforms import output_format as fmt
@@ -406,7 +407,7 @@ class ActivationDataset:
                 if where is not None:
                     rows = _matching_rows(tokens, where)
                     if not len(rows):
-                        return np.zeros((0, self.d_model), fmt.storage_numpy_dtype(self.storage_dtype)), rows, (
+                        return np.zeros((0, self.d_model), dtypes.storage_numpy_dtype(self.storage_dtype)), rows, (
                             _columns(tokens.take(rows)) if metadata else None)
                     if len(rows) < unit.rows:
                         tokens = tokens.take(rows)
@@ -437,11 +438,11 @@ class ActivationDataset:
         exactly. With with_metadata, also a dict of the token columns (and sample fields where `where` joined
         them) as numpy arrays."""
         where, join = self.check_where(where)
-        dtype = fmt.read_dtype(dtype, self.storage_dtype)
+        dtype = dtypes.read_dtype(dtype, self.storage_dtype)
         parts = fmt.parallel_map(lambda unit: self.read_unit(unit, where, join, with_metadata), self.units(hook, layer))
         values = np.concatenate([p[0] for p in parts]) if parts else np.zeros(
-            (0, self.d_model), fmt.storage_numpy_dtype(self.storage_dtype))
-        values = fmt.widen(values, dtype)
+            (0, self.d_model), dtypes.storage_numpy_dtype(self.storage_dtype))
+        values = dtypes.widen(values, dtype)
         if not with_metadata:
             return values
         return values, {name: np.concatenate([p[2][name] for p in parts]) for name in parts[0][2]} if parts else {}

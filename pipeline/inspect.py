@@ -116,89 +116,30 @@ def inspect_output(output: str, *, parts: bool = True, now: float | None = None)
     store = _store(output)
     now = time.time() if now is None else now
     problems = []
-    manifest = None
-    if store.exists(fmt.MANIFEST_NAME):
-        try:
-            manifest = json.loads(store.read_bytes(fmt.MANIFEST_NAME))
-        except ValueError as err:
-            problems.append(f"{store.path(fmt.MANIFEST_NAME)} is not valid JSON ({err})")
+    manifest = _manifest(store, problems)
     marker_paths = sorted(p for p in store.list(fmt.SAMPLES_DIR)
                           if p.endswith(fmt.PARQUET_SUFFIX) and not fmt.is_temp_name(fmt.basename(p)))
     markers = []
     for meta in parallel_map(lambda p: _marker(store, p), marker_paths):
         (problems.append(meta["error"]) if "error" in meta else markers.append(meta))
-    runs = _json_files(store, fmt.RUNS_DIR)
     leases = _leases(store, now)
     problems += [lease["error"] for lease in leases.values() if "error" in lease]
-
-    # hosts: shard workers, run records, leases
-    hosts: dict[str, dict] = defaultdict(lambda: {"shards": 0, "samples": 0, "tokens": 0, "run": None,
-                                                  "lease": None})
-    for meta in markers:
-        host = hosts[fmt.shard_worker(meta.get(fmt.KEY_SHARD, "")) or "?"]
-        host["shards"] += 1
-        host["samples"] += int(meta.get(fmt.KEY_NUM_SAMPLES, 0))
-        host["tokens"] += int(meta.get(fmt.KEY_NUM_TOKENS, 0))
-    for host, run in runs.items():
-        hosts[host]["run"] = ({k: run.get(k) for k in ("state", "started", "finished")} if isinstance(run, dict)
-                              else {"error": run})
-    for share, lease in leases.items():
-        hosts[share]["lease"] = lease
-
-    # activations: committed per hook and layer, then what no marker lists
+    hosts = _hosts(markers, _json_files(store, fmt.RUNS_DIR), leases)
     listed = store.list(fmt.ACTIVATIONS_DIR)
-    committed = {}
-    pairs: dict[tuple[str, int], dict] = {}
-    for meta in markers:
-        for entry in meta.get(fmt.KEY_FILES, []):
-            committed[entry["path"]] = entry
-            pair = pairs.setdefault((entry["hook"], int(entry["layer"])), {"tokens": 0, "files": 0, "bytes": 0})
-            pair["tokens"] += int(entry["rows"])
-            pair["files"] += 1
-            pair["bytes"] += int(entry["bytes"])
+    committed, pairs = _committed_activations(markers)
     uncommitted = sorted(p for p in listed if p not in committed)
-    missing = sorted(p for p in committed if p not in listed)
-    problems += [f"{store.path(p)} is listed by its commit marker but missing" for p in missing]
-
-    # dtypes: every marker should agree
-    dtypes = {}
-    for key in (fmt.KEY_D_MODEL, fmt.KEY_STORAGE_DTYPE, fmt.KEY_DTYPE, fmt.KEY_FORMAT_VERSION, "model"):
-        values = sorted({str(m.get(key)) for m in markers})
-        dtypes[key] = (int(values[0]) if values[0].isdigit() else values[0]) if len(values) == 1 else values
-        if len(values) > 1:
-            problems.append(f"shards disagree on {key}: {', '.join(values)}")
-
-    datasets: dict[str, dict] = defaultdict(lambda: {"samples": 0, "tokens": 0})
-    for meta in markers:
-        table = meta["datasets"]
-        for name, tokens in zip(table.column("dataset").to_pylist(), table.column("num_tokens").to_pylist()):
-            datasets[name]["samples"] += 1
-            datasets[name]["tokens"] += int(tokens)
-
+    problems += [f"{store.path(p)} is listed by its commit marker but missing"
+                 for p in sorted(p for p in committed if p not in listed)]
+    dtypes = _agreed_metadata(markers, problems)
+    datasets = _datasets(markers)
     part_counts, parts_of = None, None
     if parts and pairs:
         hook, layer = min(pairs)
         parts_of = {"hook": hook, "layer": layer}
         part_counts = _part_counts(store, sorted(p for p, e in committed.items()
                                                  if e["hook"] == hook and int(e["layer"]) == layer and p in listed))
-
-    # state
     live = sorted(share for share, lease in leases.items() if lease.get("live"))
-    in_manifest = ({f["path"] for f in manifest.get("files", []) if f.get("kind") == "samples"}
-                   if isinstance(manifest, dict) else set())
-    after_manifest = [p for p in marker_paths if p not in in_manifest]
-    if live:
-        state, why = "running", f"live lease held by {', '.join(live)}"
-    elif isinstance(manifest, dict) and not after_manifest and markers:
-        state, why = "finished", f"manifest.json written {manifest.get('written')} lists every commit marker"
-    elif not markers:
-        state, why = "empty", "no committed shard yet"
-    else:
-        state = "incomplete"
-        why = (f"{len(after_manifest)} commit markers " + ("that manifest.json does not list" if manifest else
-               "and no manifest.json") + " and no live lease: a run stopped before its manifest, or one without "
-               f"leases is still going; resume it, or rebuild the manifest with python -m pipeline.manifest {output}")
-
+    state, why = _state(output, manifest, markers, marker_paths, live)
     sample_bytes = sum(size for p, size in store.list(fmt.SAMPLES_DIR).items() if p in set(marker_paths))
     dead = _dead_letters(store)
     activation_bytes = sum(e["bytes"] for e in pairs.values())
@@ -222,6 +163,85 @@ def inspect_output(output: str, *, parts: bool = True, now: float | None = None)
         "dead_letters": dead,
         "problems": problems,
     }
+
+
+def _manifest(store, problems: list[str]) -> dict | None:
+    if not store.exists(fmt.MANIFEST_NAME):
+        return None
+    try:
+        return json.loads(store.read_bytes(fmt.MANIFEST_NAME))
+    except ValueError as err:
+        problems.append(f"{store.path(fmt.MANIFEST_NAME)} is not valid JSON ({err})")
+        return None
+
+
+def _hosts(markers: list[dict], runs: dict, leases: dict) -> dict[str, dict]:
+    """Per host: the shards its workers committed, its run record and its lease."""
+    hosts: dict[str, dict] = defaultdict(lambda: {"shards": 0, "samples": 0, "tokens": 0, "run": None,
+                                                  "lease": None})
+    for meta in markers:
+        host = hosts[fmt.shard_worker(meta.get(fmt.KEY_SHARD, "")) or "?"]
+        host["shards"] += 1
+        host["samples"] += int(meta.get(fmt.KEY_NUM_SAMPLES, 0))
+        host["tokens"] += int(meta.get(fmt.KEY_NUM_TOKENS, 0))
+    for host, run in runs.items():
+        hosts[host]["run"] = ({k: run.get(k) for k in ("state", "started", "finished")} if isinstance(run, dict)
+                              else {"error": run})
+    for share, lease in leases.items():
+        hosts[share]["lease"] = lease
+    return hosts
+
+
+def _committed_activations(markers: list[dict]) -> tuple[dict[str, dict], dict[tuple[str, int], dict]]:
+    """The activation files the markers list (path -> entry), and their totals per (hook, layer)."""
+    committed = {}
+    pairs: dict[tuple[str, int], dict] = {}
+    for meta in markers:
+        for entry in meta.get(fmt.KEY_FILES, []):
+            committed[entry["path"]] = entry
+            pair = pairs.setdefault((entry["hook"], int(entry["layer"])), {"tokens": 0, "files": 0, "bytes": 0})
+            pair["tokens"] += int(entry["rows"])
+            pair["files"] += 1
+            pair["bytes"] += int(entry["bytes"])
+    return committed, pairs
+
+
+def _agreed_metadata(markers: list[dict], problems: list[str]) -> dict[str, Any]:
+    """Model, dtypes and format version, which every marker should record alike (a list where they differ)."""
+    agreed = {}
+    for key in (fmt.KEY_D_MODEL, fmt.KEY_STORAGE_DTYPE, fmt.KEY_DTYPE, fmt.KEY_FORMAT_VERSION, "model"):
+        values = sorted({str(m.get(key)) for m in markers})
+        agreed[key] = (int(values[0]) if values[0].isdigit() else values[0]) if len(values) == 1 else values
+        if len(values) > 1:
+            problems.append(f"shards disagree on {key}: {', '.join(values)}")
+    return agreed
+
+
+def _datasets(markers: list[dict]) -> dict[str, dict]:
+    datasets: dict[str, dict] = defaultdict(lambda: {"samples": 0, "tokens": 0})
+    for meta in markers:
+        table = meta["datasets"]
+        for name, tokens in zip(table.column("dataset").to_pylist(), table.column("num_tokens").to_pylist()):
+            datasets[name]["samples"] += 1
+            datasets[name]["tokens"] += int(tokens)
+    return datasets
+
+
+def _state(output: str, manifest, markers: list[dict], marker_paths: list[str], live: list[str]) -> tuple[str, str]:
+    """running, finished, empty or incomplete, and why."""
+    in_manifest = ({f["path"] for f in manifest.get("files", []) if f.get("kind") == "samples"}
+                   if isinstance(manifest, dict) else set())
+    after_manifest = [p for p in marker_paths if p not in in_manifest]
+    if live:
+        return "running", f"live lease held by {', '.join(live)}"
+    if isinstance(manifest, dict) and not after_manifest and markers:
+        return "finished", f"manifest.json written {manifest.get('written')} lists every commit marker"
+    if not markers:
+        return "empty", "no committed shard yet"
+    return "incomplete", (
+        f"{len(after_manifest)} commit markers " + ("that manifest.json does not list" if manifest else
+        "and no manifest.json") + " and no live lease: a run stopped before its manifest, or one without "
+        f"leases is still going; resume it, or rebuild the manifest with python -m pipeline.manifest {output}")
 
 
 def _size(n: int) -> str:

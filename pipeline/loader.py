@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from transforms import output_format as fmt
+from model import dtypes
 
 if TYPE_CHECKING:
     from pipeline.dataset import ActivationDataset
@@ -73,8 +73,8 @@ class ActivationBatches:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.seed, self.shuffle, self.drop_last, self.with_metadata = int(seed), bool(shuffle), bool(drop_last), \
             bool(with_metadata)
-        self.dtype = fmt.read_dtype(dtype, dataset.storage_dtype)
-        self._storage = fmt.storage_numpy_dtype(dataset.storage_dtype)
+        self.dtype = dtypes.read_dtype(dtype, dataset.storage_dtype)
+        self._storage = dtypes.storage_numpy_dtype(dataset.storage_dtype)
         if buffer_tokens is None:
             buffer_tokens = max(self.batch_tokens, DEFAULT_BUFFER_BYTES // (dataset.d_model * self._storage.itemsize))
         self.buffer_tokens = _positive("buffer_tokens", buffer_tokens)
@@ -257,7 +257,7 @@ class ActivationBatches:
             return np.take(self._raw, picks, axis=0).view(self._storage)
         out = np.empty((len(picks), self._ds.d_model), self.dtype)
         tile = self._scratch()
-        bfloat16 = self._storage == fmt.storage_numpy_dtype("bfloat16")
+        bfloat16 = self._storage == dtypes.storage_numpy_dtype("bfloat16")
         wide = out.view(np.uint32) if bfloat16 else out
         for start in range(0, len(picks), _TILE_ROWS):
             chunk = picks[start:start + _TILE_ROWS]
@@ -334,7 +334,7 @@ _TORCH_CLASS = None
 
 
 def _to_torch(torch, values: np.ndarray):
-    if values.dtype == fmt.storage_numpy_dtype("bfloat16"):  # torch does not read ml_dtypes arrays: same bits
+    if values.dtype == dtypes.storage_numpy_dtype("bfloat16"):  # torch does not read ml_dtypes arrays: same bits
         return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(values)
 

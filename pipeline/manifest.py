@@ -75,86 +75,37 @@ def build_manifest(output_root: str, run_info: dict[str, Any]) -> dict[str, Any]
     say: shards, samples, tokens, activation rows per hook and layer, rejected records per stage."""
     output_root = output_root.rstrip("/")
     shards = committed_shards(output_root)
-    files: list[dict[str, Any]] = []
-    rows_per_hook_layer: dict[str, dict[str, int]] = defaultdict(dict)
-    samples = tokens = overflow = 0
-    storage_dtypes, compute_dtypes, d_models = set(), set(), set()
-    listed_activation_files = set()
-
-    samples_paths = [join(output_root, meta["path"]) for meta in shards.values()]
-    digests = dict(zip(samples_paths, parallel_map(file_digest, samples_paths)))
-    for shard in sorted(shards):
-        meta = shards[shard]
-        size, sha = digests[join(output_root, meta["path"])]
-        samples += int(meta["num_samples"])
-        tokens += int(meta["num_tokens"])
-        overflow += int(meta.get(KEY_OVERFLOW, 0))
-        storage_dtypes.add(meta.get("storage_dtype"))
-        compute_dtypes.add(meta.get("dtype"))
-        d_models.add(meta.get("d_model"))
-        files.append({"path": meta["path"], "kind": "samples", "shard": shard, "rows": int(meta["num_samples"]),
-                      "bytes": size, "sha256": sha})
-        for entry in meta["files"]:
-            listed_activation_files.add(entry["path"])
-            layers = rows_per_hook_layer[entry["hook"]]
-            layers[str(entry["layer"])] = layers.get(str(entry["layer"]), 0) + int(entry["rows"])
-            files.append({"path": entry["path"], "kind": "activations", "shard": shard, "hook": entry["hook"],
-                          "layer": int(entry["layer"]), "rows": int(entry["rows"]), "bytes": int(entry["bytes"]),
-                          "sha256": entry["sha256"]})
-        stats_entry = activation_stats.marker_entry(meta)
-        if stats_entry is not None:
-            files.append({"path": stats_entry["path"], "kind": activation_stats.KIND, "shard": shard,
-                          "rows": int(stats_entry.get("layers", 0)), "bytes": int(stats_entry["bytes"]),
-                          "sha256": stats_entry["sha256"]})
-        predictions_entry = predictions_marker_entry(meta)
-        if predictions_entry is not None:
-            files.append({**{k: predictions_entry[k] for k in ("path", "kind", "rows", "bytes", "sha256")},
-                          "shard": shard})
-
+    tally = _ShardTally()
+    tally.add_shards(output_root, shards)
     rejected_by_stage: Counter = Counter()
     dead_paths = dead_letter_files(output_root)
     for path, (size, sha, stages) in zip(dead_paths, parallel_map(scan_dead_letters, dead_paths)):
         rejected_by_stage.update(stages)
-        files.append({"path": relative_to(output_root, path), "kind": "dead_letter", "rows": sum(stages.values()),
-                      "bytes": size, "sha256": sha})
-
-    warnings = []
-    for meta in FileSystems.match([join(output_root, f"{ACTIVATIONS_DIR}/**")])[0].metadata_list:
-        relpath = relative_to(output_root, meta.path)
-        if basename(meta.path).startswith(TEMP_PREFIX):
-            warnings.append(f"temporary file {relpath} (a killed or running writer left it)")
-        elif relpath not in listed_activation_files:
-            warnings.append(f"uncommitted activation file {relpath}: no samples file lists it")
-    for label, values in (("storage dtypes", storage_dtypes), ("compute dtypes", compute_dtypes),
-                          ("d_model values", d_models)):
-        if len(values) > 1:
-            warnings.append(f"shards disagree on {label}: {sorted(map(str, values))}")
-    mismatched = identity_lib.mismatched_shards(shards, identity_lib.read_identity_file(output_root))
-    warnings += [f"run identity: samples/{shard}.parquet was written by another run: {'; '.join(diffs)}"
-                 for shard, diffs in mismatched]
-    recorded = [key for key in identity_lib.group_by_identity(shards) if key is not None]
-
+        tally.files.append({"path": relative_to(output_root, path), "kind": "dead_letter",
+                            "rows": sum(stages.values()), "bytes": size, "sha256": sha})
+    rows = tally.rows_per_hook_layer
     computed = {
         "shards": len(shards),
-        "samples": samples,
-        "tokens": tokens,
-        "activation_rows": sum(sum(layers.values()) for layers in rows_per_hook_layer.values()),
+        "samples": tally.samples,
+        "tokens": tally.tokens,
+        "activation_rows": sum(sum(layers.values()) for layers in rows.values()),
         "tokens_per_hook_layer": {hook: dict(sorted(layers.items(), key=lambda kv: int(kv[0])))
-                                  for hook, layers in sorted(rows_per_hook_layer.items())},
+                                  for hook, layers in sorted(rows.items())},
         "rejected": sum(rejected_by_stage.values()),
         "rejected_by_stage": dict(sorted(rejected_by_stage.items())),
-        "float16_overflow": overflow,
-        "bytes": sum(f["bytes"] for f in files),
+        "float16_overflow": tally.overflow,
+        "bytes": sum(f["bytes"] for f in tally.files),
     }
+    recorded = [key for key in identity_lib.group_by_identity(shards) if key is not None]
     manifest = dict(run_info)
     manifest["format_version"] = FORMAT_VERSION
     if len(recorded) == 1:
         manifest["identity"] = identity_lib.decode(recorded[0])
     manifest["written"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
     manifest["counts"] = {**dict(run_info.get("counts", {})), **computed}
-    manifest["files"] = files
-    manifest["warnings"] = warnings
-    if any(f["kind"] == "predictions" for f in files):
+    manifest["files"] = tally.files
+    manifest["warnings"] = warnings = _warnings(output_root, shards, tally)
+    if any(f["kind"] == "predictions" for f in tally.files):
         manifest["predictions"] = _predictions_section(output_root, shards, warnings)
     return manifest
 
@@ -169,6 +120,69 @@ def _predictions_section(output_root: str, shards: dict[str, dict], warnings: li
         warnings.append(f"predictions not summarized ({type(error).__name__}: {error}): run python -m "
                         f"pipeline.verify {output_root}")
         return {}
+
+
+class _ShardTally:
+    """The committed shards' files and totals, as their commit markers record them."""
+
+    def __init__(self):
+        self.files: list[dict[str, Any]] = []
+        self.rows_per_hook_layer: dict[str, dict[str, int]] = defaultdict(dict)
+        self.samples = self.tokens = self.overflow = 0
+        self.storage_dtypes, self.compute_dtypes, self.d_models = set(), set(), set()
+        self.activation_files: set[str] = set()
+
+    def add_shards(self, output_root: str, shards: dict[str, dict]) -> None:
+        samples_paths = [join(output_root, meta["path"]) for meta in shards.values()]
+        digests = dict(zip(samples_paths, parallel_map(file_digest, samples_paths)))
+        for shard in sorted(shards):
+            meta = shards[shard]
+            self.add(shard, meta, *digests[join(output_root, meta["path"])])
+
+    def add(self, shard: str, meta: dict, size: int, sha: str) -> None:
+        self.samples += int(meta["num_samples"])
+        self.tokens += int(meta["num_tokens"])
+        self.overflow += int(meta.get(KEY_OVERFLOW, 0))
+        self.storage_dtypes.add(meta.get("storage_dtype"))
+        self.compute_dtypes.add(meta.get("dtype"))
+        self.d_models.add(meta.get("d_model"))
+        self.files.append({"path": meta["path"], "kind": "samples", "shard": shard, "rows": int(meta["num_samples"]),
+                           "bytes": size, "sha256": sha})
+        for entry in meta["files"]:
+            self.activation_files.add(entry["path"])
+            layers = self.rows_per_hook_layer[entry["hook"]]
+            layers[str(entry["layer"])] = layers.get(str(entry["layer"]), 0) + int(entry["rows"])
+            self.files.append({"path": entry["path"], "kind": "activations", "shard": shard, "hook": entry["hook"],
+                               "layer": int(entry["layer"]), "rows": int(entry["rows"]),
+                               "bytes": int(entry["bytes"]), "sha256": entry["sha256"]})
+        stats_entry = activation_stats.marker_entry(meta)
+        if stats_entry is not None:
+            self.files.append({"path": stats_entry["path"], "kind": activation_stats.KIND, "shard": shard,
+                               "rows": int(stats_entry.get("layers", 0)), "bytes": int(stats_entry["bytes"]),
+                               "sha256": stats_entry["sha256"]})
+        predictions_entry = predictions_marker_entry(meta)
+        if predictions_entry is not None:
+            self.files.append({**{k: predictions_entry[k] for k in ("path", "kind", "rows", "bytes", "sha256")},
+                               "shard": shard})
+
+
+def _warnings(output_root: str, shards: dict[str, dict], tally: _ShardTally) -> list[str]:
+    """Stray activation files, shards that disagree on dtypes or d_model, shards of another run."""
+    warnings = []
+    for meta in FileSystems.match([join(output_root, f"{ACTIVATIONS_DIR}/**")])[0].metadata_list:
+        relpath = relative_to(output_root, meta.path)
+        if basename(meta.path).startswith(TEMP_PREFIX):
+            warnings.append(f"temporary file {relpath} (a killed or running writer left it)")
+        elif relpath not in tally.activation_files:
+            warnings.append(f"uncommitted activation file {relpath}: no samples file lists it")
+    for label, values in (("storage dtypes", tally.storage_dtypes), ("compute dtypes", tally.compute_dtypes),
+                          ("d_model values", tally.d_models)):
+        if len(values) > 1:
+            warnings.append(f"shards disagree on {label}: {sorted(map(str, values))}")
+    mismatched = identity_lib.mismatched_shards(shards, identity_lib.read_identity_file(output_root))
+    warnings += [f"run identity: samples/{shard}.parquet was written by another run: {'; '.join(diffs)}"
+                 for shard, diffs in mismatched]
+    return warnings
 
 
 def write_manifest(output_root: str, manifest: dict[str, Any]) -> str:

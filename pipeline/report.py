@@ -345,6 +345,68 @@ def load_inputs(output: str) -> tuple[dict, dict, dict, str]:
     return manifest, host_runs(root), stats, source
 
 
+def _norm_sections(plt, stats, hooks, out_dir) -> list[str]:
+    summary = [[s.hook, s.layer, s.tokens, s.mean_norm(), s.norm_std()] + [s.norm_percentile(q) for q in PERCENTILES]
+               + [s.norm_min if s.norm_count else None, s.norm_max if s.norm_count else None, s.saelens_scale(),
+                  s.non_finite, s.float16_overflow] for s in (stats[k] for k in sorted(stats))]
+    body = ["<h2>Token norms</h2>", _img(plot_norms_by_layer(plt, hooks, out_dir), "norm against layer"),
+            _table(summary, ["hook", "layer", "tokens", "mean", "std", "p1", "p50", "p99", "min", "max",
+                             "SAELens scale", "non-finite", "f16 overflow"], set(range(1, 13))),
+            "<p class=note>SAELens scale = sqrt(d_model) / mean norm. Percentiles interpolate geometrically "
+            f"within 1/{S.BINS_PER_OCTAVE}-octave histogram bins (within a factor "
+            f"{2 ** (1 / S.BINS_PER_OCTAVE):.3f} of the exact value).</p>"]
+    body.append("<h2>Norm histograms</h2>")
+    for hook, layers in hooks.items():
+        body.append(_img(plot_histograms(plt, hook, layers, out_dir), f"{hook} norm histograms"))
+    return body
+
+
+def _part_section(plt, stats, hooks, out_dir) -> list[str]:
+    body = ["<h2>Prompt parts</h2>", _img(plot_parts(plt, hooks, out_dir), "mean norm by prompt part")]
+    part_rows = [[s.hook, s.layer, part, g.tokens, g.mean_norm] for s in (stats[k] for k in sorted(stats))
+                 for part, g in sorted(s.by_part.items(), key=lambda kv: PART_NAMES.index(kv[0]))]
+    body.append(f"<details><summary>table</summary>{_table(part_rows, ['hook', 'layer', 'part', 'tokens', 'mean norm'], {1, 3, 4})}</details>")
+    return body
+
+
+def _dimension_section(plt, hooks, out_dir) -> list[str]:
+    body = [f"<h2>Dimensions</h2><p class=note>Massive: largest |value| at least {MASSIVE_FACTOR:g}x the "
+            "median dimension's (red, labelled with the dimension index).</p>"]
+    for hook, layers in hooks.items():
+        images = []
+        for s in layers:
+            name, massive = plot_dimensions(plt, s, out_dir)
+            images.append(_img(name, f"{hook} layer {s.layer} dimensions"))
+        body.append(f"<details open><summary>{html.escape(hook)}</summary>{''.join(images)}</details>")
+    return body
+
+
+def _cell_section(plt, stats, hooks, out_dir) -> list[str]:
+    body = ["<h2>Grid cells</h2>"]
+    for hook, layers in hooks.items():
+        images = [_img(plot_cells(plt, s, out_dir), f"{hook} layer {s.layer} grid cells") for s in layers]
+        body.append(f"<details open><summary>{html.escape(hook)}</summary>"
+                    f"{''.join(images) or '<p>no grid-cell tokens</p>'}</details>")
+    color_rows = [[s.hook, s.layer, int(c), g.tokens, g.mean_norm] for s in (stats[k] for k in sorted(stats))
+                  for c, g in sorted(s.by_color.items(), key=lambda kv: int(kv[0]))]
+    body.append(f"<details><summary>mean norm by colour</summary>"
+                f"{_table(color_rows, ['hook', 'layer', 'colour', 'tokens', 'mean norm'], {1, 2, 3, 4})}</details>")
+    return body
+
+
+def _top_token_section(stats, texts, text_note) -> list[str]:
+    body = [f"<h2>Tokens of largest norm</h2><p class=note>{S.TOP_K} per hook and layer. "
+            f"{html.escape(text_note)}</p>"]
+    for key in sorted(stats):
+        s = stats[key]
+        rows = [[t.norm, t.sample_id, t.position, t.token_id, repr(texts[t.token_id]) if t.token_id in texts else "",
+                 t.part] for t in s.top]
+        body.append(f"<details{' open' if key == min(stats) else ''}><summary>{html.escape(s.hook)} layer {s.layer}"
+                    f"</summary>{_table(rows, ['norm', 'sample', 'position', 'token id', 'text', 'part'], {0, 2, 3})}"
+                    "</details>")
+    return body
+
+
 def write_report(output: str, out_dir: str | None = None) -> str:
     """Writes the report; returns the path of its index.html."""
     manifest, runs, stats, source = load_inputs(output)
@@ -365,52 +427,11 @@ def write_report(output: str, out_dir: str | None = None) -> str:
             "<h2>Run</h2>", _table(run_facts(manifest, runs, stats), ["fact", "value"]),
             _img(plot_throughput(plt, runs, out_dir), "tokens per second of each host")]
 
-    summary = [[s.hook, s.layer, s.tokens, s.mean_norm(), s.norm_std()] + [s.norm_percentile(q) for q in PERCENTILES]
-               + [s.norm_min if s.norm_count else None, s.norm_max if s.norm_count else None, s.saelens_scale(),
-                  s.non_finite, s.float16_overflow] for s in (stats[k] for k in sorted(stats))]
-    body += ["<h2>Token norms</h2>", _img(plot_norms_by_layer(plt, hooks, out_dir), "norm against layer"),
-             _table(summary, ["hook", "layer", "tokens", "mean", "std", "p1", "p50", "p99", "min", "max",
-                              "SAELens scale", "non-finite", "f16 overflow"], set(range(1, 13))),
-             "<p class=note>SAELens scale = sqrt(d_model) / mean norm. Percentiles interpolate geometrically "
-             f"within 1/{S.BINS_PER_OCTAVE}-octave histogram bins (within a factor "
-             f"{2 ** (1 / S.BINS_PER_OCTAVE):.3f} of the exact value).</p>"]
-    body.append("<h2>Norm histograms</h2>")
-    for hook, layers in hooks.items():
-        body.append(_img(plot_histograms(plt, hook, layers, out_dir), f"{hook} norm histograms"))
-
-    body += ["<h2>Prompt parts</h2>", _img(plot_parts(plt, hooks, out_dir), "mean norm by prompt part")]
-    part_rows = [[s.hook, s.layer, part, g.tokens, g.mean_norm] for s in (stats[k] for k in sorted(stats))
-                 for part, g in sorted(s.by_part.items(), key=lambda kv: PART_NAMES.index(kv[0]))]
-    body.append(f"<details><summary>table</summary>{_table(part_rows, ['hook', 'layer', 'part', 'tokens', 'mean norm'], {1, 3, 4})}</details>")
-
-    body.append(f"<h2>Dimensions</h2><p class=note>Massive: largest |value| at least {MASSIVE_FACTOR:g}x the "
-                "median dimension's (red, labelled with the dimension index).</p>")
-    for hook, layers in hooks.items():
-        images = []
-        for s in layers:
-            name, massive = plot_dimensions(plt, s, out_dir)
-            images.append(_img(name, f"{hook} layer {s.layer} dimensions"))
-        body.append(f"<details open><summary>{html.escape(hook)}</summary>{''.join(images)}</details>")
-
-    body.append("<h2>Grid cells</h2>")
-    for hook, layers in hooks.items():
-        images = [_img(plot_cells(plt, s, out_dir), f"{hook} layer {s.layer} grid cells") for s in layers]
-        body.append(f"<details open><summary>{html.escape(hook)}</summary>"
-                    f"{''.join(images) or '<p>no grid-cell tokens</p>'}</details>")
-    color_rows = [[s.hook, s.layer, int(c), g.tokens, g.mean_norm] for s in (stats[k] for k in sorted(stats))
-                  for c, g in sorted(s.by_color.items(), key=lambda kv: int(kv[0]))]
-    body.append(f"<details><summary>mean norm by colour</summary>"
-                f"{_table(color_rows, ['hook', 'layer', 'colour', 'tokens', 'mean norm'], {1, 2, 3, 4})}</details>")
-
-    body.append(f"<h2>Tokens of largest norm</h2><p class=note>{S.TOP_K} per hook and layer. "
-                f"{html.escape(text_note)}</p>")
-    for key in sorted(stats):
-        s = stats[key]
-        rows = [[t.norm, t.sample_id, t.position, t.token_id, repr(texts[t.token_id]) if t.token_id in texts else "",
-                 t.part] for t in s.top]
-        body.append(f"<details{' open' if key == min(stats) else ''}><summary>{html.escape(s.hook)} layer {s.layer}"
-                    f"</summary>{_table(rows, ['norm', 'sample', 'position', 'token id', 'text', 'part'], {0, 2, 3})}"
-                    "</details>")
+    body += _norm_sections(plt, stats, hooks, out_dir)
+    body += _part_section(plt, stats, hooks, out_dir)
+    body += _dimension_section(plt, hooks, out_dir)
+    body += _cell_section(plt, stats, hooks, out_dir)
+    body += _top_token_section(stats, texts, text_note)
 
     page = ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>Activation report</title>"
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -48,8 +48,8 @@ def check_memory(options: PipelineOptions, opts: ExtractOptions, config, hooks, 
     launcher's memory says nothing of a Dataflow worker's."""
     if options.view_as(StandardOptions).runner not in LOCAL_RUNNERS:
         return
+    from model.dtypes import transfer_dtype
     from model.memory import check_run_memory
-    from transforms.extract import transfer_dtype
 
     check_run_memory(config, hooks, layers, batch_size=opts.batch_size, max_seq_len=opts.max_seq_len,
                      dtype=opts.dtype, out_dtype=transfer_dtype(opts.dtype, storage_dtype(opts)),

@@ -373,16 +373,38 @@ def _check_identity(root: str, manifest: dict | None, report: VerifyReport) -> N
 def verify_output(output: str, deep: bool = False) -> VerifyReport:
     root = output.rstrip("/")
     report = VerifyReport(output=root)
-    manifest = None
+    manifest = _read_manifest(root, report)
+    data_files = _data_files(root)
+    _collect_markers(root, data_files, report)
+    _check_unlisted_files(root, data_files, report)
+    _check_identity(root, manifest, report)
+    checked = _check_against_manifest(root, manifest, report)
+    expected_keys = _expected_keys(manifest, report.markers)
+    samples, tokens, non_finite = _check_shards(root, expected_keys, deep, report)
+    if manifest is not None:
+        counts = manifest.get("counts", {})
+        for key, value in (("samples", samples), ("tokens", tokens), ("shards", len(report.markers))):
+            if key in counts and counts[key] != value:
+                report.fail(MANIFEST_NAME, f"counts.{key} is {counts[key]}, the files hold {value}",
+                            REBUILD_MANIFEST)
+    report.stats.update({"shards": len(report.markers), "samples": samples, "tokens": tokens,
+                         "hooks_layers": len(expected_keys), "files_checked": checked})
+    if deep:
+        report.stats["non_finite_values"] = non_finite
+    return report
+
+
+def _read_manifest(root: str, report: VerifyReport) -> dict | None:
     try:
-        manifest = read_manifest(root)
+        return read_manifest(root)
     except Exception as error:
         report.fail(MANIFEST_NAME, f"missing or {_unreadable(error)}; the driver writes it when the run ends",
                     REBUILD_MANIFEST)
+        return None
 
-    # Commit markers, and every other file under the data folders.
-    data_files = _data_files(root)
-    markers: dict[str, dict] = report.markers
+
+def _collect_markers(root: str, data_files: list[str], report: VerifyReport) -> None:
+    """The commit markers into report.markers; temporary and foreign files among them reported."""
     for relpath in data_files:
         name = relpath.rsplit("/", 1)[-1]
         if name.startswith(TEMP_PREFIX):
@@ -402,8 +424,12 @@ def verify_output(output: str, deep: bool = False) -> VerifyReport:
         if metadata.get(KEY_SHARD) != shard or KEY_FILES not in metadata:
             report.fail(relpath, "not a commit marker (no shard/files metadata): a foreign file", REMOVE)
             continue
-        markers[shard] = metadata
-    in_markers = {entry["path"] for marker in markers.values() for entry in _shard_files(marker)}
+        report.markers[shard] = metadata
+
+
+def _check_unlisted_files(root: str, data_files: list[str], report: VerifyReport) -> None:
+    """Activation and statistics files no commit marker lists, and dead-letter temporary files."""
+    in_markers = {entry["path"] for marker in report.markers.values() for entry in _shard_files(marker)}
     for relpath in data_files:
         name = relpath.rsplit("/", 1)[-1]
         if name.startswith(TEMP_PREFIX) or relpath in in_markers:
@@ -419,44 +445,53 @@ def verify_output(output: str, deep: bool = False) -> VerifyReport:
                                  "file)", REMOVE)
     for relpath in _dead_letter_temp_files(root):
         report.warn(relpath, "temporary file left by a killed writer", REMOVE)
-    _check_identity(root, manifest, report)
 
-    # Samples and dead-letter files against the manifest.
-    checked = 0
-    if manifest is not None:
-        listed = {entry["path"]: entry for entry in manifest.get("files", [])}
-        for shard, marker in markers.items():
-            if samples_relpath(shard) not in listed:
-                report.fail(samples_relpath(shard), f"committed shard not in {MANIFEST_NAME} (written after it)",
-                            REBUILD_MANIFEST)
-            for entry in marker[KEY_FILES]:
-                if entry["path"] in listed and listed[entry["path"]].get("sha256") != entry["sha256"]:
-                    report.fail(entry["path"], f"sha256 in {MANIFEST_NAME} and in {samples_relpath(shard)} "
-                                               "disagree", REBUILD_MANIFEST)
-        for path in dead_letter_files(root):
-            if relative_to(root, path) not in listed:
-                report.fail(relative_to(root, path), f"dead-letter file not in {MANIFEST_NAME}", REBUILD_MANIFEST)
-        entries = [entry for entry in listed.values() if entry.get("kind") in ("samples", "dead_letter")]
-        checked = len(listed)
-        for entry, problems in zip(entries, parallel_map(lambda entry: _check_file(root, entry), entries)):
-            for problem in problems:
-                if entry["kind"] == "samples":
-                    report.fail(entry["path"], problem, UNCOMMIT, entry.get("shard") or _shard_of(entry["path"]))
-                else:
-                    report.fail(entry["path"], problem, REWRITE_DEAD_LETTERS)
-        merged_stats = manifest.get("stats") or {}
-        if merged_stats.get("path"):
-            checked += 1
-            for problem in _check_file(root, {**merged_stats, "kind": "merged_stats", "rows": None}):
-                report.fail(merged_stats["path"], problem, REBUILD_MANIFEST)
-    else:
-        checked = sum(len(marker[KEY_FILES]) for marker in markers.values())
 
-    # Shards: their activation files, uniqueness and completeness of their samples.
+def _check_against_manifest(root: str, manifest: dict | None, report: VerifyReport) -> int:
+    """Samples, dead-letter and merged statistics files against the manifest; returns how many files it
+    checked (without a manifest: how many the commit markers list)."""
+    markers = report.markers
+    if manifest is None:
+        return sum(len(marker[KEY_FILES]) for marker in markers.values())
+    listed = {entry["path"]: entry for entry in manifest.get("files", [])}
+    for shard, marker in markers.items():
+        if samples_relpath(shard) not in listed:
+            report.fail(samples_relpath(shard), f"committed shard not in {MANIFEST_NAME} (written after it)",
+                        REBUILD_MANIFEST)
+        for entry in marker[KEY_FILES]:
+            if entry["path"] in listed and listed[entry["path"]].get("sha256") != entry["sha256"]:
+                report.fail(entry["path"], f"sha256 in {MANIFEST_NAME} and in {samples_relpath(shard)} "
+                                           "disagree", REBUILD_MANIFEST)
+    for path in dead_letter_files(root):
+        if relative_to(root, path) not in listed:
+            report.fail(relative_to(root, path), f"dead-letter file not in {MANIFEST_NAME}", REBUILD_MANIFEST)
+    entries = [entry for entry in listed.values() if entry.get("kind") in ("samples", "dead_letter")]
+    checked = len(listed)
+    for entry, problems in zip(entries, parallel_map(lambda entry: _check_file(root, entry), entries)):
+        for problem in problems:
+            if entry["kind"] == "samples":
+                report.fail(entry["path"], problem, UNCOMMIT, entry.get("shard") or _shard_of(entry["path"]))
+            else:
+                report.fail(entry["path"], problem, REWRITE_DEAD_LETTERS)
+    merged_stats = manifest.get("stats") or {}
+    if merged_stats.get("path"):
+        checked += 1
+        for problem in _check_file(root, {**merged_stats, "kind": "merged_stats", "rows": None}):
+            report.fail(merged_stats["path"], problem, REBUILD_MANIFEST)
+    return checked
+
+
+def _expected_keys(manifest: dict | None, markers: dict[str, dict]) -> set[tuple[str, int]]:
+    """The (hook, layer) files every shard should hold: the manifest's, else those any marker lists."""
     if manifest is not None and manifest.get("hooks") and manifest.get("layers") is not None:
-        expected_keys = {(hook, int(layer)) for hook in manifest["hooks"] for layer in manifest["layers"]}
-    else:
-        expected_keys = {(e["hook"], int(e["layer"])) for m in markers.values() for e in m[KEY_FILES]}
+        return {(hook, int(layer)) for hook in manifest["hooks"] for layer in manifest["layers"]}
+    return {(e["hook"], int(e["layer"])) for m in markers.values() for e in m[KEY_FILES]}
+
+
+def _check_shards(root: str, expected_keys, deep: bool, report: VerifyReport) -> tuple[int, int, int]:
+    """Each shard's activation files, and sample ids unique across shards; returns (samples, tokens,
+    non-finite values)."""
+    markers = report.markers
     owner: dict[str, str] = {}
     samples = tokens = non_finite = 0
     for shard, (errors, warnings, counts) in zip(
@@ -475,18 +510,7 @@ def verify_output(output: str, deep: bool = False) -> VerifyReport:
         samples += len(counts.get("sample_ids", []))
         tokens += counts.get("tokens", 0)
         non_finite += counts.get("non_finite", 0)
-
-    if manifest is not None:
-        counts = manifest.get("counts", {})
-        for key, value in (("samples", samples), ("tokens", tokens), ("shards", len(markers))):
-            if key in counts and counts[key] != value:
-                report.fail(MANIFEST_NAME, f"counts.{key} is {counts[key]}, the files hold {value}",
-                            REBUILD_MANIFEST)
-    report.stats.update({"shards": len(markers), "samples": samples, "tokens": tokens,
-                         "hooks_layers": len(expected_keys), "files_checked": checked})
-    if deep:
-        report.stats["non_finite_values"] = non_finite
-    return report
+    return samples, tokens, non_finite
 
 
 def _delete(root: str, relpaths) -> list[str]:

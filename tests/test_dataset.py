@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
+from model.dtypes import storage_numpy_dtype
 from pipeline.dataset import open_activations
 from tests.test_write import D_MODEL, extracted, make_batch
 from transforms import output_format
@@ -33,7 +34,7 @@ def write_output(root: str, shards: int = 6, storage="bfloat16", first=0) -> dic
         writer.write_shard(batch["batch_id"], batch["samples"], batch["placements"], acts)
         keys = [(s["sample_id"], p) for s in batch["samples"] for p in range(len(s["token_ids"]))]
         for key, values in acts.items():
-            stored = values.astype(output_format.storage_numpy_dtype(storage))
+            stored = values.astype(storage_numpy_dtype(storage))
             truth[key].update(zip(keys, stored))
     return truth
 

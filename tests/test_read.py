@@ -15,9 +15,9 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from transforms import datasets
 from transforms.datasets import DatasetUnavailableError, resolve_dataset
-from transforms.read import (
-    ReadTasks, RecordError, barc_row_to_task, decode_json_line, iter_arc_challenges, load_arc_task_file,
-)
+from transforms.read import ReadTasks
+from transforms.read_arc import barc_row_to_task, iter_arc_challenges, load_arc_task_file
+from transforms.read_json import RecordError, decode_json_line
 
 G = [[1, 2], [3, 4]]  # a valid grid
 

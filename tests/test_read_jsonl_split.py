@@ -12,7 +12,8 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms.read import JsonlLinesSource, ReadTasks, iter_jsonl_lines
+from transforms.read import JsonlLinesSource, ReadTasks
+from transforms.read_records import iter_jsonl_lines
 
 
 def random_row(rng: random.Random) -> dict:

@@ -469,17 +469,23 @@ def test_writer_resume_and_verify_on_gcs_emulator(gcs_emulator):
     assert table.num_rows == 2 * 17
 
 
-def test_extractor_storage_conversion():
+def test_host_storage_conversion():
     import warnings
 
-    from transforms.extract import to_storage
+    from model.dtypes import to_storage
 
     values = bf16_activations(5)
-    assert to_storage(values, "bfloat16") is values  # the default: what left the device is what is stored
-    widened = to_storage(values, "float32")
+    assert to_storage(values, "bfloat16")[0] is values  # the default: what left the device is what is stored
+    widened, overflow = to_storage(values, "float32")
+    assert overflow == 0
     np.testing.assert_array_equal(widened.astype(ml_dtypes.bfloat16).view(np.uint16), values.view(np.uint16))
+    assert to_storage(widened, "float32")[0] is widened  # a second call (the writer's) changes nothing
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert np.isinf(to_storage(np.array([[1e6]], np.float32), "float16")).all()  # counted by the writer
+        stored, overflow = to_storage(np.array([[1e6, np.inf]], np.float32), "float16")
+        assert np.isinf(stored).all() and overflow == 1  # an overflow here; the model's own inf is not one
+        assert to_storage(stored, "float16")[1] == 2  # arriving as float16, every inf counts
     with pytest.raises(ValueError, match="unknown storage dtype 'int8'"):
         to_storage(values, "int8")
+    with pytest.raises(ValueError, match="convert on the device"):
+        to_storage(values.astype(np.float64), "float32")

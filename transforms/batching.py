@@ -14,18 +14,17 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import apache_beam as beam
 import numpy as np
 
-METRICS_NAMESPACE = "arc_activations"
+from transforms.elements import Batch, Placement, TokenizedSample
+from transforms.metrics import NAMESPACE
+
 MIN_BUCKET = 256
 DEFAULT_BATCHES_PER_GROUP = 64
 BATCH_ID_HEX_CHARS = 16
-
-TokenizedSample = dict[str, Any]
-Batch = dict[str, Any]
 
 
 def choose_buckets(max_seq_len: int, min_bucket: int = MIN_BUCKET) -> tuple[int, ...]:
@@ -159,7 +158,7 @@ def _build_batch(samples, lengths, rows, batch_size, length) -> Batch:
             tokens[row_index, start:start + n] = np.asarray(sample["token_ids"], np.int32)
             segment_ids[row_index, start:start + n] = segment
             positions[row_index, start:start + n] = np.arange(n, dtype=np.int32)
-            placements.append((len(batch_samples), row_index, start, n))
+            placements.append(Placement(len(batch_samples), row_index, start, n))
             batch_samples.append(sample)
             start += n
     return {
@@ -179,7 +178,7 @@ def real_token_mask(batch: Batch) -> np.ndarray:
 
 
 def num_real_tokens(batch: Batch) -> int:
-    return int(sum(p[3] for p in batch["placements"]))
+    return int(sum(length for _, _, _, length in batch["placements"]))
 
 
 def padding_fraction(batch: Batch) -> float:
@@ -201,11 +200,10 @@ class _PackGroup(beam.DoFn):
         self._batch_size = batch_size
         self._buckets = buckets
         self._packing = packing
-        self._batches = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "batches")
-        self._padding_tokens = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "padding_tokens")
-        self._real_tokens = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "real_tokens")
+        self._batches, self._padding_tokens, self._real_tokens = (
+            beam.metrics.Metrics.counter(NAMESPACE, name) for name in ("batches", "padding_tokens", "real_tokens"))
         # Distributions take integers: the padding fraction is reported in per mille.
-        self._padding_permille = beam.metrics.Metrics.distribution(METRICS_NAMESPACE, "padding_permille")
+        self._padding_permille = beam.metrics.Metrics.distribution(NAMESPACE, "padding_permille")
 
     def process(self, keyed_group):
         _, samples = keyed_group

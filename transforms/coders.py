@@ -20,12 +20,15 @@ import numpy as np
 from apache_beam.coders import coder_impl
 from apache_beam.coders.coders import FastCoder
 
+from transforms.elements import ExtractedBatch
+
 
 class ExtractedBatchHint:
-    """Type hint of the PCollection of extracted batch dicts (docs/design.md); it only selects the coder."""
+    """Type hint of the PCollection of extracted batches (transforms.elements.ExtractedBatch, a dict at run
+    time); it only selects the coder."""
 
 
-def extracted_batch_size(extracted: dict) -> int:
+def extracted_batch_size(extracted: ExtractedBatch) -> int:
     """Bytes of the batch pickled: its activation arrays' bytes plus the pickled size of everything else."""
     arrays = sum(np.asarray(values).nbytes for values in extracted["activations"].values())
     rest = {key: value for key, value in extracted.items() if key != "activations"}

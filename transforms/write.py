@@ -24,10 +24,12 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from model.dtypes import STORAGE_DTYPES, to_storage
 from model.hooks import BLOCK_HOOKS, FINAL_NORM_HOOK, transformer_lens_name  # noqa: F401 - re-exported
 from transforms import activation_stats, stats_kernel
 from transforms.annotations import PART_NAMES
 from transforms.batching import stable_group
+from transforms.elements import ExtractedBatch, HookLayer, Placement, TokenizedSample
 from transforms.metrics import NAMESPACE
 from transforms.output_format import (  # noqa: F401 - the format's names, re-exported for the writer's callers
     ACTIVATION_COMPRESSIONS,
@@ -50,7 +52,6 @@ from transforms.output_format import (  # noqa: F401 - the format's names, re-ex
     KEY_STORAGE_DTYPE,
     ROW_GROUP_BYTES,
     SAMPLES_DIR,
-    STORAGE_DTYPES,
     TEMP_PREFIX,
     V1_BFLOAT16_ENCODING,
     ZSTD_LEVEL,
@@ -67,7 +68,6 @@ from transforms.output_format import (  # noqa: F401 - the format's names, re-ex
     samples_relpath,
     shard_name,
     shard_worker,
-    storage_numpy_dtype,
     temp_name,
     temp_target_name,
     vectors_to_column,
@@ -88,43 +88,6 @@ def _temp_path(final_path: str) -> str:
 
 # ------------------------------------------------------------------------------------------- tables
 
-def _to_storage(activation: np.ndarray, storage_dtype: str) -> tuple[np.ndarray, int]:
-    """The array Arrow will hold, and how many finite values overflowed to infinity (float16 only)."""
-    import ml_dtypes
-
-    activation = np.asarray(activation)
-    if activation.ndim != 2:
-        raise ValueError(f"activation must be [n_real_tokens, d_model], got shape {activation.shape}")
-    source = activation.dtype
-    allowed = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
-    if source not in allowed:
-        raise ValueError(
-            f"activation dtype {source} is not a compute or storage dtype (float32, bfloat16, float16): "
-            "convert on the device, not through float64")
-    if storage_dtype == "float32":
-        # Widening bf16 or f16 to f32 is exact: every value comes back bit for bit.
-        return activation.astype(np.float32, copy=False), 0
-    if storage_dtype == "float16":
-        if source == np.float16:
-            # Converted before it reached us (on the device): any infinity there is an overflow or an
-            # infinity of the model itself; both are counted, not hidden.
-            return activation, int(np.isinf(activation).sum())
-        with np.errstate(over="ignore"):  # counted just below, reported in metadata and counters
-            stored = activation.astype(np.float16)
-        overflow = int((np.isinf(stored) & np.isfinite(activation)).sum())
-        return stored, overflow
-    if storage_dtype == "bfloat16":
-        if source == ml_dtypes.bfloat16:
-            return activation, 0
-        rounded = activation.astype(ml_dtypes.bfloat16)
-        if not np.array_equal(rounded.astype(np.float32), activation.astype(np.float32), equal_nan=True):
-            raise ValueError(
-                f"bfloat16 storage would round these {source} activations: use --activation_dtype=float32 "
-                "(exact) or float16")
-        return rounded, 0
-    raise ValueError(f"unknown storage dtype {storage_dtype!r}: expected one of {', '.join(STORAGE_DTYPES)}")
-
-
 def _annotation(sample: dict, key: str, dtype, n: int) -> np.ndarray:
     annotations = sample.get("annotations")
     if not isinstance(annotations, dict) or key not in annotations:
@@ -137,7 +100,7 @@ def _annotation(sample: dict, key: str, dtype, n: int) -> np.ndarray:
     return values.astype(dtype, copy=False)
 
 
-def _check_placements(samples: Sequence[dict], placements: Sequence[Sequence[int]]) -> list[int]:
+def _check_placements(samples: Sequence[TokenizedSample], placements: Sequence[Placement]) -> list[int]:
     if len(samples) != len(placements):
         raise ValueError(f"{len(samples)} samples but {len(placements)} placements")
     lengths = []
@@ -152,7 +115,7 @@ def _check_placements(samples: Sequence[dict], placements: Sequence[Sequence[int
     return lengths
 
 
-def activation_table(samples: Sequence[dict], placements: Sequence[Sequence[int]], activation: np.ndarray,
+def activation_table(samples: Sequence[TokenizedSample], placements: Sequence[Placement], activation: np.ndarray,
                      hook: str, layer: int, storage_dtype: str = "float32") -> pa.Table:
     """One row per real token: sample_id, position, token_id, activation, part, example_index, row, col, color.
 
@@ -166,7 +129,7 @@ def activation_table(samples: Sequence[dict], placements: Sequence[Sequence[int]
         raise ValueError(
             f"{transformer_lens_name(hook, layer)}: activation has shape {activation.shape}, expected "
             f"({total}, d_model) for the {len(samples)} samples' {total} real tokens")
-    stored, overflow = _to_storage(activation, storage_dtype)
+    stored, overflow = to_storage(activation, storage_dtype)
     d_model = int(stored.shape[1])
     sample_index = np.repeat(np.arange(len(samples), dtype=np.int32), lengths)
     if total:
@@ -206,7 +169,7 @@ def activation_table(samples: Sequence[dict], placements: Sequence[Sequence[int]
     })
 
 
-def samples_table(samples: Sequence[dict]) -> pa.Table:
+def samples_table(samples: Sequence[TokenizedSample]) -> pa.Table:
     """One row per sample: sample_id, dataset, task_id, test_index, augmentation, num_tokens, token_ids, prompt."""
     token_ids = [np.asarray(s["token_ids"], np.int32) for s in samples]
     offsets = np.zeros(len(samples) + 1, np.int32)
@@ -386,8 +349,8 @@ class ShardWriter:
             metadata[KEY_IDENTITY] = self.identity
         return metadata
 
-    def write_shard(self, batch_id: str, samples: Sequence[dict], placements: Sequence[Sequence[int]],
-                    activations: dict[tuple[str, int], np.ndarray],
+    def write_shard(self, batch_id: str, samples: Sequence[TokenizedSample], placements: Sequence[Placement],
+                    activations: dict[HookLayer, np.ndarray],
                     executor: concurrent.futures.Executor | None = None,
                     predictions: Sequence[dict] | None = None) -> dict:
         """Writes every activation file of the batch, then the samples file (the commit marker). With an
@@ -462,7 +425,7 @@ def default_writer_memory_bytes() -> int:
     return int(min(16 << 30, physical // 4))
 
 
-def _activation_bytes(extracted: dict) -> int:
+def _activation_bytes(extracted: ExtractedBatch) -> int:
     return int(sum(np.asarray(values).nbytes for values in extracted["activations"].values()))
 
 

@@ -84,17 +84,6 @@ def profiled(profile_dir: Optional[Path], name: str):
     return jax.profiler.trace(str(profile_dir / name))
 
 
-def local_mesh(model_parallelism: int):
-    """With several local devices, the mesh the pipeline's extractor builds on this host; else None."""
-    import jax
-
-    if jax.device_count() <= 1:
-        return None
-    from model.sharding import make_mesh
-
-    return make_mesh(model=model_parallelism)
-
-
 def device_description(baseline_device: Optional[str]) -> dict:
     import jax
 

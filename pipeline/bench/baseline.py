@@ -108,7 +108,7 @@ def baseline_copy_and_write(model, device: TorchDevice, batches, warmup: int, la
     `write_batches` timed batches) written by transforms.write.ShardWriter, one step after the other as a
     plain transformers script would. hidden_states[l + 1] is the output of layer l (transformers' last entry
     is the final-normed value; the bytes moved and written are the same)."""
-    from transforms.extract import transfer_dtype
+    from model.dtypes import transfer_dtype
     from transforms.write import ShardWriter
 
     storage = dtype  # what the pipeline stores by default (--activation_dtype=auto): the compute dtype, exactly

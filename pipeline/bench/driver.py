@@ -263,7 +263,9 @@ def _start(settings: Settings, argv: list[str], work: Path) -> Run:
     dtype = settings.dtype or ("float32" if device.platform == "cpu" else "bfloat16")
     device_peak = settings.peak_tflops or accelerator.default_peak_tflops(device.device_kind, device.platform, dtype)
     peak_tflops = device_peak * jax.device_count() if device_peak else None
-    mesh = accelerator.local_mesh(settings.model_parallelism)
+    from model.handler import local_mesh
+
+    mesh = local_mesh(settings.model_parallelism)  # the extractor's mesh on this host
     skipped: list[str] = []
     baseline_device = None
     if settings.skip_baseline:

@@ -124,8 +124,9 @@ class _HostArray(np.ndarray):
 
 
 class SyntheticActivations:
-    """Stands in for `HookedQwen` inside the pipeline: `capture` has its signature and returns, per requested
-    hook, a view of a fixed random buffer of the real shape and dtype; it records when it was called."""
+    """Stands in for `HookedQwen` inside the pipeline: `prepare`, `run` and `capture` have its signatures;
+    `capture` returns, per requested hook, a view of a fixed random buffer of the real shape and dtype, and
+    records when it was called."""
 
     def __init__(self, config, seed: int = 0):
         self.config = config
@@ -149,9 +150,16 @@ class SyntheticActivations:
             buffer = self._buffers[dtype] = values.astype(dtype)
         return buffer
 
+    def prepare(self, tokens, segment_ids, positions, spec, right_padded=None) -> tuple[tuple, dict]:
+        """HookedQwen.prepare's signature (the extractor's model.handler calls it); nothing to place."""
+        return (tokens, segment_ids, positions), {"spec": spec, "right_padded": right_padded}
+
+    def run(self, args, statics) -> dict:
+        return self.capture(*args, **statics)
+
     def capture(self, tokens, segment_ids, positions, spec, right_padded=None) -> dict:
+        from model.dtypes import storage_numpy_dtype
         from model.hooks import hook_name
-        from transforms.output_format import storage_numpy_dtype
 
         if spec.logits or spec.final_norm:
             raise ValueError("SyntheticActivations produces block hooks only, not logits or the final norm")
@@ -232,7 +240,7 @@ def measure_mode(run, host: HostSettings, mode: str) -> dict:
     argv = _pipeline_argv(host, mode, output)
     import cProfile
 
-    from transforms.output_format import storage_numpy_dtype
+    from model.dtypes import storage_numpy_dtype
 
     # Made before the clock starts, so that no phase of the run counts the random draws.
     source.buffer(storage_numpy_dtype("bfloat16"),

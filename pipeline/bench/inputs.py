@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pipeline.bench.settings import MAX_ORDINARY_TOKEN, BenchError
 from pipeline.bench.timing import Stopwatch
+from transforms.elements import Placement
 
 
 def token_batches(count: int, batch_size: int, length: int, seed: int):
@@ -59,7 +60,7 @@ def write_text_corpus(path: Path, tokenizer, num_docs: int, doc_tokens: int, see
     return total
 
 
-def bench_samples(tokens, batch_index: int) -> tuple[list[dict], list[tuple[int, int, int, int]]]:
+def bench_samples(tokens, batch_index: int) -> tuple[list[dict], list[Placement]]:
     """TokenizedSample dicts and placements for a full random batch (one sample per row), so the baseline
     writes through the same `ShardWriter` as the pipeline, with the same columns."""
     import numpy as np
@@ -73,7 +74,7 @@ def bench_samples(tokens, batch_index: int) -> tuple[list[dict], list[tuple[int,
         "test_index": 0, "augmentation": "{}", "prompt": "", "token_ids": np.asarray(tokens[row]),
         "annotations": annotations,
     } for row in range(rows)]
-    return samples, [(row, row, 0, length) for row in range(rows)]
+    return samples, [Placement(row, row, 0, length) for row in range(rows)]
 
 
 def estimated_bytes_per_token(config, num_layers: int, dtype: str) -> float:

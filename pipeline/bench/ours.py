@@ -25,21 +25,19 @@ def ours_forward(model, batches, warmup: int) -> dict:
 
 
 def ours_copy(model, batches, warmup: int, layers, dtype: str, profile=None) -> dict:
-    """The requested hooks copied to host in the dtype the extractor moves (transforms.extract.transfer_dtype),
+    """The requested hooks copied to host in the dtype the extractor moves (model.dtypes.transfer_dtype),
     batch n+1 dispatched and its copy started before batch n is fetched, as ExtractActivations does."""
     import numpy as np
 
     from model import CaptureSpec
-    from transforms.extract import transfer_dtype
+    from model.dtypes import transfer_dtype
+    from model.handler import CaptureHandler
 
     spec = CaptureSpec(hooks=(HOOK,), layers=tuple(layers), out_dtype=transfer_dtype(dtype, dtype))
     first: dict = {}
 
     def dispatch(batch):
-        out = model.capture(*batch, spec)
-        for value in out.values():
-            value.copy_to_host_async()
-        return out
+        return CaptureHandler.dispatch(model, CaptureHandler.prepare(model, *batch, spec))
 
     def collect(out):
         host = {name: np.asarray(value) for name, value in out.items()}

@@ -74,10 +74,11 @@ def checkpoint_weights(reference, directory: Path, seed: int) -> Weights:
 def seeded_weights(reference, model_name: str, config, dtype: str, seed: int) -> Weights:
     """The baseline's random init (torch.manual_seed(seed)) converted in memory through the weight table that
     reads checkpoints, so ours and the pipeline run exactly the baseline's values."""
-    from model.weights import expected_keys, np_dtype, table_for
+    from model.dtypes import numpy_dtype
+    from model.weights import expected_keys, table_for
     from pipeline.bench.baseline import torch_to_numpy
 
-    target = np_dtype(dtype)
+    target = numpy_dtype(dtype)
     params: dict = {}
     leaves = {}
     for entry in table_for(config):
