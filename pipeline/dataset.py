@@ -76,7 +76,8 @@ class _LocalStore:
         return os.path.isfile(self.path(relpath))
 
     def open(self, relpath: str):
-        return pa.OSFile(self.path(relpath), "rb")
+        # Mapped: pages are read straight from the page cache, without a copy through a read buffer.
+        return pa.memory_map(self.path(relpath), "r")
 
     def read_bytes(self, relpath: str) -> bytes:
         with open(self.path(relpath), "rb") as handle:
