@@ -15,6 +15,8 @@ STORAGE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 # model.qwen2.ATTENTION_IMPLEMENTATIONS, named here without importing JAX (a test keeps the two equal).
 ATTENTION_CHOICES = ("auto", "xla", "cudnn", "splash", "xla_dense")
 # Parquet encoding (ZSTD) and hashing are the host's heaviest work per token; leave cores for Beam and JAX.
+# Input bytes per wave of the local runner: about 1.5M tokens of English text, a few hundred MB of working set.
+DEFAULT_WAVE_BYTES = 8 << 20
 DEFAULT_WRITER_THREADS = min(16, max(2, (os.cpu_count() or 4) - 2))
 
 
@@ -132,6 +134,15 @@ class ExtractOptions(PipelineOptions):
                                 "when this run stops renewing its lease (it renews every quarter of this).")
         group.add_argument("--progress_interval", type=float, default=10.0,
                            help="Seconds between progress lines on the local runner (0: none).")
+        group.add_argument(
+            "--wave_bytes", type=_non_negative_int("wave_bytes"), default=DEFAULT_WAVE_BYTES,
+            help="Local runner: read the input in waves of about this many bytes of input, each tokenized, packed, "
+                 "extracted and committed before the next is extracted (the next is read meanwhile), so memory "
+                 "does not grow with the input. 0: the whole input as one wave (the Dataflow graph).")
+        group.add_argument(
+            "--max_tokens", type=_positive_int("max_tokens"), default=None,
+            help="Token budget: the samples in input order while their tokens add up to at most this many; "
+                 "reading stops there (local runner, in waves). A larger budget on --resume extends the output.")
 
     def validate_extract(self) -> None:
         """Checks that need several options at once."""
