@@ -223,12 +223,21 @@ def build_front(p: beam.Pipeline, opts: ExtractOptions, *, committed=frozenset()
     return tokenized.samples, dead
 
 
+def extract_config(opts: ExtractOptions, hooks, layers):
+    from transforms.extract import ExtractConfig
+
+    return ExtractConfig(
+        model=opts.model, dtype=opts.dtype, hooks=tuple(hooks), layers=tuple(layers),
+        storage_dtype=storage_dtype(opts), attention=opts.attention,
+        model_parallelism=opts.model_parallelism, progress_interval=opts.progress_interval)
+
+
 def build_back(samples, opts: ExtractOptions, *, hooks, layers, identity: dict | None = None, shared_handle=None):
     """Tokenized samples -> fixed-shape batches -> extract -> write shards. Returns the per-shard write
     summaries. `shared_handle` (a beam.utils.shared.Shared) lets successive pipelines share one loaded model."""
     from transforms.batching import BatchSamples
     from transforms.coders import ExtractedBatchHint
-    from transforms.extract import ExtractActivations, ExtractConfig
+    from transforms.extract import ExtractActivations
     from transforms.write import WriteShards
 
     total_tokens = (
@@ -238,10 +247,7 @@ def build_back(samples, opts: ExtractOptions, *, hooks, layers, identity: dict |
     batches = samples | "Batch" >> BatchSamples(
         batch_size=opts.batch_size, max_seq_len=opts.max_seq_len, num_groups=opts.pack_groups,
         packing=opts.packing, total_tokens=total_tokens)
-    config = ExtractConfig(
-        model=opts.model, dtype=opts.dtype, hooks=tuple(hooks), layers=tuple(layers),
-        storage_dtype=storage_dtype(opts), attention=opts.attention,
-        model_parallelism=opts.model_parallelism, progress_interval=opts.progress_interval)
+    config = extract_config(opts, hooks, layers)
     # The hint selects a coder that sizes these large elements without pickling them (transforms/coders.py).
     extracted = batches | "Extract" >> beam.ParDo(
         ExtractActivations(config, shared_handle), total_tokens=beam.pvalue.AsSingleton(total_tokens)

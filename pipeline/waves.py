@@ -206,6 +206,14 @@ class WaveRun:
         labels = file_labels(plan.dataset.files) if plan.dataset.files else {}
         self.label_index = {label: i for i, label in enumerate(labels[path] for path in plan.dataset.files)}
 
+    def load_model(self):
+        """Loads the model the backs will share (while the first front reads), and holds it for the run."""
+        from pipeline.run import extract_config
+        from transforms.extract import _ModelHandle
+
+        config = extract_config(self.opts, self.plan.hooks, self.plan.layers)
+        self.model = WAVE_MODEL.acquire(lambda: _ModelHandle(config), tag=repr(config))
+
     def _run(self, pipeline) -> tuple[object, dict]:
         from pipeline.run import counters
 
@@ -270,6 +278,7 @@ def run_in_waves(options, plan, committed, identity):
         run = WaveRun(options, plan, committed, identity, spill_root)
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="wave-front") as front:
             pending = front.submit(run.prepare, 0)
+            run.load_model()
             while pending is not None:
                 wave = pending.result()
                 if wave is None:
