@@ -14,10 +14,10 @@ HOOK_CHOICES = HOOKS
 STORAGE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 # model.qwen2.ATTENTION_IMPLEMENTATIONS, named here without importing JAX (a test keeps the two equal).
 ATTENTION_CHOICES = ("auto", "xla", "cudnn", "splash", "xla_dense")
-# Parquet encoding (ZSTD) and hashing are the host's heaviest work per token; leave cores for Beam and JAX.
 # Input bytes per wave of the local runner: about 0.7M tokens of English text (6.3 bytes a token in the
 # benchmark corpus), about 150 MB of working set (docs/benchmarks.md).
 DEFAULT_WAVE_BYTES = 4 << 20
+# Parquet encoding (ZSTD) and hashing are the host's heaviest work per token; leave cores for Beam and JAX.
 DEFAULT_WRITER_THREADS = min(16, max(2, (os.cpu_count() or 4) - 2))
 
 

@@ -44,7 +44,6 @@ from pipeline.options import OptionError
 _LOG = logging.getLogger("pipeline.waves")
 # One loaded model for every wave of this process (a new handle per pipeline would load it again).
 WAVE_MODEL = shared.Shared()
-DEAD_LETTER_SHARDS_PER_WAVE = 16
 
 
 def _local(options) -> bool:
@@ -137,7 +136,8 @@ class WaveDeadLetters(beam.PTransform):
         from transforms.batching import stable_group
         from transforms.write import dead_letter_line
 
-        shards = DEAD_LETTER_SHARDS_PER_WAVE
+        from transforms.write import DEFAULT_DEAD_LETTER_SHARDS as shards
+
         first = self._wave * shards
         return (letters
                 | "KeyByContent" >> beam.Map(lambda letter: (stable_group(dead_letter_line(letter), shards), letter))

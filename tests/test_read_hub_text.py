@@ -134,3 +134,28 @@ def test_unreachable_hub_fails_in_seconds(monkeypatch):
     with pytest.raises(DatasetUnavailableError, match="cannot reach the Hugging Face hub within 1 s"):
         resolve_dataset("text:hf:someone/corpus", hub_timeout_s=1)
     assert time.perf_counter() - clock < 10
+
+
+def test_a_budget_stops_reading_the_hub(tmp_path, monkeypatch, tiny_checkpoint, capsys):
+    import pyarrow.dataset as ds
+
+    from tests.test_waves import run
+
+    ten = "grid cell row column pattern shape square line border corner"  # ten tokens
+    root = make_hub(tmp_path / "hub", texts_per_file=([ten] * 3, [ten] * 3, [ten] * 3))
+    monkeypatch.setattr(StandInHub, "root", root)
+    monkeypatch.setattr(StandInHub, "opened", [])
+    previous = fsspec.get_filesystem_class("hf")
+    fsspec.register_implementation("hf", StandInHub, clobber=True)
+    StandInHub.clear_instance_cache()
+    try:
+        # The card's default config names data/*/*: three files; the budget is spent in the first.
+        summary = run(capsys, f"--model={tiny_checkpoint}", "--dataset=text:hf:someone/corpus",
+                      f"--output={tmp_path / 'out'}", "--max_tokens=25", "--wave_bytes=1")
+    finally:
+        fsspec.register_implementation("hf", previous, clobber=True)
+    ids = sorted(ds.dataset(tmp_path / "out" / "samples", format="parquet").to_table(columns=["sample_id"])
+                 .column("sample_id").to_pylist())
+    assert ids == ["train-00000:row0/c0", "train-00000:row1/c0"] and summary["tokens"] == 20
+    opened = {path.rsplit("/", 1)[-1] for path in StandInHub.opened}
+    assert "train-00000.parquet" in opened and not opened & {"train-00001.parquet", "train-00002.parquet"}
