@@ -206,6 +206,16 @@ class WaveRun:
         labels = file_labels(plan.dataset.files) if plan.dataset.files else {}
         self.label_index = {label: i for i, label in enumerate(labels[path] for path in plan.dataset.files)}
 
+    def load_tokenizer(self):
+        """The tokenizer and the front's modules, loaded on this thread before the first front starts:
+        transformers' lazy imports are not safe to race with the model's loading on another thread."""
+        import transforms.read_waves  # noqa: F401 - imported here, not first on the front's thread
+        import transforms.samples  # noqa: F401
+        import transforms.validate  # noqa: F401
+        from transforms.tokenize import cached_tokenizer
+
+        cached_tokenizer(self.opts.model)
+
     def load_model(self):
         """Loads the model the backs will share (while the first front reads), and holds it for the run."""
         from pipeline.run import extract_config
@@ -277,6 +287,7 @@ def run_in_waves(options, plan, committed, identity):
     try:
         run = WaveRun(options, plan, committed, identity, spill_root)
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="wave-front") as front:
+            run.load_tokenizer()
             pending = front.submit(run.prepare, 0)
             run.load_model()
             while pending is not None:
