@@ -2,7 +2,8 @@
 
 Graph: read -> [host share] -> validate (dead letter) -> expand samples -> [first --max_samples] -> [resume filter]
 -> format + tokenize (dead letter) -> fixed-shape batches -> extract (JAX Qwen, one model per worker process)
--> write shards.
+-> write shards. The local runner runs it in waves of the input, each as a front (read -> tokenize) and a back
+(batch -> write) pipeline (pipeline/waves.py), so its memory does not grow with the input.
 """
 from __future__ import annotations
 
