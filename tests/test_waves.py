@@ -55,6 +55,24 @@ def test_waves_read_every_line_once_with_the_whole_file_ids(tmp_path):
     pipeline.run().wait_until_finish()
 
 
+def test_a_compressed_file_is_one_unit_read_whole(tmp_path):
+    import gzip
+
+    corpus = write_corpus(tmp_path / "c.jsonl", docs=5, bad_line=False)
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(corpus.read_bytes()))
+    source = resolve_dataset(f"text:{tmp_path}/c.jsonl.gz")
+    units = list(plan_units(source, 10))
+    assert len(units) == 1 and units[0].start == 0
+    pipeline = BeamTestPipeline(runner=FnApiRunner())
+    ids = record_ids(pipeline | ReadUnits(source, units), "Gz")
+    offsets, position = [], 0
+    for line in corpus.read_bytes().splitlines(keepends=True):
+        offsets.append(f"c:{position}")
+        position += len(line)
+    assert_that(ids, equal_to(offsets))
+    pipeline.run().wait_until_finish()
+
+
 def test_parquet_waves_are_row_groups(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -82,6 +100,22 @@ def test_budget_is_an_input_order_prefix_whatever_the_waves():
         assert [s["sample_id"] for s in chosen_waves] == [s["sample_id"] for s in chosen_whole]
         assert sum(len(s["token_ids"]) for s in chosen_whole) <= budget
         assert chosen_whole == order[:len(chosen_whole)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--runner=DataflowRunner", "--max_tokens=5"], "--max_tokens needs the local runner"),
+    (["--max_samples=2", "--max_tokens=5"], "pass --max_tokens alone"),
+])
+def test_budgets_waves_cannot_serve_are_refused(args, message, tmp_path):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.options import ExtractOptions, OptionError
+    from pipeline.waves import check_wave_options
+
+    options = PipelineOptions([f"--output={tmp_path}", *args])
+    dataset = resolve_dataset(f"text:{write_corpus(tmp_path / 'c.jsonl', docs=2)}")
+    with pytest.raises(OptionError, match=message):
+        check_wave_options(options, options.view_as(ExtractOptions), dataset)
 
 
 # ------------------------------------------------------------------------------------------ pipeline runs
@@ -137,6 +171,9 @@ def test_waves_match_one_wave_and_counts_add_up(runs, capsys):
                for line in path.read_text().splitlines()]
     assert len(letters) == 1 and "not json" in letters[0]
     assert waves["tokens"] == whole["tokens"]
+    from pipeline.verify import main as verify
+
+    assert verify([str(work / "waves")]) == 0
 
 
 def test_resume_across_waves_writes_each_missing_sample_once(runs, capsys, tmp_path):
