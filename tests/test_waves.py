@@ -211,3 +211,19 @@ def test_token_budget_is_a_prefix_and_a_larger_one_extends_it(runs, capsys, tmp_
         spent = np.cumsum([s["num_tokens"] for s in ordered])
         for budget, ids in ((3000, chosen), (7000, extended)):
             assert sorted(s["sample_id"] for s, total in zip(ordered, spent) if total <= budget) == ids
+
+
+def test_token_budget_on_arc_tasks(tiny_checkpoint, capsys, tmp_path):
+    from tests.arc_fixtures import write_challenges
+
+    dataset, tasks = write_challenges(tmp_path / "challenges.json", count=4, bad=True)
+    common = [f"--model={tiny_checkpoint}", f"--dataset={dataset}", "--max_seq_len=2048"]
+    whole = run(capsys, *common, f"--output={tmp_path / 'whole'}", "--max_tokens=1000000")
+    every = ds.dataset(tmp_path / "whole" / "samples", format="parquet").to_table(
+        columns=["sample_id", "num_tokens"]).to_pylist()
+    ordered = sorted(every, key=lambda s: input_order_key(s["sample_id"], {}))
+    budget = ordered[0]["num_tokens"] + ordered[1]["num_tokens"] + ordered[2]["num_tokens"] // 2
+    cut = run(capsys, *common, f"--output={tmp_path / 'cut'}", f"--max_tokens={budget}")
+    assert whole["records_read"] == len(tasks) == whole["records_valid"] + whole["records_rejected"]
+    assert committed_ids(tmp_path / "cut") == sorted(s["sample_id"] for s in ordered[:2])
+    assert cut["tokens"] == ordered[0]["num_tokens"] + ordered[1]["num_tokens"]
