@@ -31,6 +31,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 
@@ -202,19 +203,21 @@ class WaveRun:
         self.options, self.plan, self.opts = options, plan, plan.opts
         self.committed, self.identity, self.spill_root = frozenset(committed), identity, spill_root
         self.budget = Budget(self.opts.max_tokens)
+        self.tokenizer_loaded = threading.Event()
         self.waves = plan_waves(plan_units(plan.dataset, unit_bytes(self.opts.wave_bytes)), self.opts.wave_bytes)
         labels = file_labels(plan.dataset.files) if plan.dataset.files else {}
         self.label_index = {label: i for i, label in enumerate(labels[path] for path in plan.dataset.files)}
 
     def load_tokenizer(self):
-        """The tokenizer and the front's modules, loaded on this thread before the first front starts:
-        transformers' lazy imports are not safe to race with the model's loading on another thread."""
-        import transforms.read_waves  # noqa: F401 - imported here, not first on the front's thread
-        import transforms.samples  # noqa: F401
-        import transforms.validate  # noqa: F401
+        """The tokenizer, loaded once on the front's thread before the model starts loading on the main one:
+        transformers' lazy imports race an import on another thread (ImportError: cannot import name
+        'AutoTokenizer'). The model then loads while the first wave is read and tokenized."""
         from transforms.tokenize import cached_tokenizer
 
-        cached_tokenizer(self.opts.model)
+        try:
+            cached_tokenizer(self.opts.model)
+        finally:
+            self.tokenizer_loaded.set()
 
     def load_model(self):
         """Loads the model the backs will share (while the first front reads), and holds it for the run."""
@@ -236,6 +239,8 @@ class WaveRun:
         from pipeline.run import build_front, worker_prefix
         from transforms.read_waves import ReadUnits
 
+        if not self.tokenizer_loaded.is_set():
+            self.load_tokenizer()
         units = None if self.budget.spent else next(self.waves, None)
         if units is None:
             return None
@@ -287,8 +292,8 @@ def run_in_waves(options, plan, committed, identity):
     try:
         run = WaveRun(options, plan, committed, identity, spill_root)
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="wave-front") as front:
-            run.load_tokenizer()
             pending = front.submit(run.prepare, 0)
+            run.tokenizer_loaded.wait()
             run.load_model()
             while pending is not None:
                 wave = pending.result()
