@@ -225,6 +225,8 @@ def build_front(p: beam.Pipeline, opts: ExtractOptions, *, committed=frozenset()
 
 
 def extract_config(opts: ExtractOptions, hooks, layers):
+    """The extractor's config, built in one place: the model the waves preload and each wave's Extract must carry
+    the same config (it is the shared model's tag), or the model is loaded a second time."""
     from transforms.extract import ExtractConfig
 
     return ExtractConfig(
