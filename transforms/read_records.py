@@ -105,13 +105,14 @@ def iter_jsonl_lines(path: str, start: int = 0, limit: int = MAX_RECORD_BYTES) -
 
 
 def iter_parquet_rows(path: str, columns: list[str], row_groups: Optional[list[int]] = None,
-                      max_row_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, Any]]:
+                      max_row_bytes: int = MAX_RECORD_BYTES, open_file=None) -> Iterator[tuple[int, Any]]:
     """``(row_index_in_file, row)`` for the given row groups (all by default), one group in memory. A row
     over ``max_row_bytes`` of Arrow data, or a whole row group that cannot be decoded, comes back as a
-    failure payload (:func:`read_failure`) instead of a dict (for a group: at the group's first row)."""
+    failure payload (:func:`read_failure`) instead of a dict (for a group: at the group's first row).
+    ``open_file(path)`` opens the file (default: Beam's FileSystems; the hub reader passes fsspec's)."""
     import pyarrow.parquet as pq
 
-    with FileSystems.open(path) as handle:
+    with (open_file or FileSystems.open)(path) as handle:
         parquet = pq.ParquetFile(handle)
         missing = [c for c in columns if c not in parquet.schema_arrow.names]
         if missing:
