@@ -181,6 +181,6 @@ def row_group_sizes(path: str) -> list[int]:
 
 def iter_hub_rows(path: str, columns: list[str], group: int, max_row_bytes: int) -> Iterator[tuple[int, Any]]:
     """``(row_index_in_file, row)`` of one row group, read through fsspec (ranged reads, nothing cached)."""
-    from transforms.read import iter_parquet_rows
+    from transforms.read_records import iter_parquet_rows
 
     yield from iter_parquet_rows(path, columns, [group], max_row_bytes, open_file=open_hub_file)

@@ -27,9 +27,11 @@ from transforms import datasets, read_hub_text
 from transforms.datasets import DatasetSource
 from transforms.dead_letter import DEAD_LETTER_TAG
 from transforms.read import (
-    BYTE, DEFAULT_MAX_TRAIN_EXAMPLES, MAX_RECORD_BYTES, ROW, JsonlLinesSource, ReadResult, _describe_error,
-    _LoadArcChallenges, _LoadArcTaskFile, _ParseRawRecords, iter_parquet_rows, read_failure,
+    DEFAULT_MAX_TRAIN_EXAMPLES, JsonlLinesSource, ReadResult, _LoadArcChallenges, _LoadArcTaskFile, _ParseRawRecords,
 )
+from transforms.read_json import MAX_RECORD_BYTES, read_failure
+from transforms.read_json import describe_error as _describe_error
+from transforms.read_records import BYTE, ROW, iter_parquet_rows
 
 JSONL_RANGE, ROW_GROUP, HUB_ROW_GROUP, TASK_FILE, CHALLENGES = (
     "jsonl_range", "row_group", "hub_row_group", "task_file", "challenges")
