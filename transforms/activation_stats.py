@@ -588,11 +588,6 @@ def shard_file(shard: str, stats: Sequence[LayerStats]) -> tuple[bytes, dict[str
 
 def marker_entry(metadata: dict[str, Any]) -> dict[str, Any] | None:
     """The stats-file entry of a commit marker's (decoded) metadata; None for shards written without one."""
-    raw = metadata.get(MARKER_KEY)
-    if raw is None:
-        return None
-    entry = json.loads(raw) if isinstance(raw, str) else raw
-    if not isinstance(entry, dict) or not {"path", "bytes", "sha256"} <= set(entry):
-        raise ValueError(f"commit marker of shard {metadata.get('shard')!r}: metadata {MARKER_KEY!r} is not a "
-                         "{path, bytes, sha256} object")
-    return entry
+    from transforms.output_format import marker_file_entry
+
+    return marker_file_entry(metadata, MARKER_KEY, frozenset({"path", "bytes", "sha256"}))

@@ -285,6 +285,19 @@ def parquet_bytes(table: pa.Table, vector_columns: Sequence[str] = (), row_group
     return sink.getvalue()
 
 
+def marker_file_entry(metadata: dict, key: str, required: frozenset[str]) -> dict | None:
+    """The entry a commit marker's (decoded) metadata keeps under `key` for a file committed with the shard
+    (statistics, predictions): a dict with at least the `required` keys, or None for a shard without one."""
+    raw = metadata.get(key)
+    if raw is None:
+        return None
+    entry = json.loads(raw) if isinstance(raw, str) else raw
+    if not isinstance(entry, dict) or not required <= set(entry):
+        raise ValueError(f"commit marker of shard {metadata.get('shard')!r}: metadata {key!r} is not a "
+                         f"{{{', '.join(sorted(required))}}} object")
+    return entry
+
+
 # Listing, footers and digests of many small files are latency-bound (gs:// above all): a few threads hide it.
 _IO_THREADS = 16
 

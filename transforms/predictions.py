@@ -214,18 +214,9 @@ def predictions_file(shard: str, rows: Sequence[dict[str, Any]]) -> tuple[bytes,
 
 def marker_entry(metadata: dict[str, Any]) -> dict[str, Any] | None:
     """The predictions-file entry of a commit marker's (decoded) metadata; None for a shard without one."""
-    import json
+    from transforms.output_format import KEY_PREDICTIONS, marker_file_entry
 
-    from transforms.output_format import KEY_PREDICTIONS
-
-    raw = metadata.get(KEY_PREDICTIONS)
-    if raw is None:
-        return None
-    entry = json.loads(raw) if isinstance(raw, str) else raw
-    if not isinstance(entry, dict) or not {"path", "rows", "bytes", "sha256"} <= set(entry):
-        raise ValueError(f"commit marker of shard {metadata.get('shard')!r}: metadata {KEY_PREDICTIONS!r} is not a "
-                         "{path, rows, bytes, sha256} object")
-    return entry
+    return marker_file_entry(metadata, KEY_PREDICTIONS, frozenset({"path", "rows", "bytes", "sha256"}))
 
 
 def rows_from_table(table) -> list[dict[str, Any]]:
