@@ -2,6 +2,7 @@
 filesystem registered for fsspec's `hf` protocol in place of huggingface_hub's (the same glob/open calls)."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 import fsspec
@@ -64,9 +65,9 @@ def make_hub(root, texts_per_file=((["alpha beta", "gamma"], ["delta", "epsilon 
     return str(root)
 
 
-@pytest.fixture
-def stand_in_hub(tmp_path, monkeypatch):
-    root = make_hub(tmp_path / "hub")
+@contextlib.contextmanager
+def hub_at(root: str, monkeypatch):
+    """fsspec's "hf" protocol served by StandInHub over `root` while the block runs."""
     monkeypatch.setattr(StandInHub, "root", root)
     monkeypatch.setattr(StandInHub, "opened", [])
     previous = fsspec.get_filesystem_class("hf")
@@ -76,6 +77,12 @@ def stand_in_hub(tmp_path, monkeypatch):
         yield root
     finally:
         fsspec.register_implementation("hf", previous, clobber=True)
+
+
+@pytest.fixture
+def stand_in_hub(tmp_path, monkeypatch):
+    with hub_at(make_hub(tmp_path / "hub"), monkeypatch) as root:
+        yield root
 
 
 def test_default_config_lists_its_files_in_order(stand_in_hub):
@@ -143,17 +150,10 @@ def test_a_budget_stops_reading_the_hub(tmp_path, monkeypatch, tiny_checkpoint, 
 
     ten = "grid cell row column pattern shape square line border corner"  # ten tokens
     root = make_hub(tmp_path / "hub", texts_per_file=([ten] * 3, [ten] * 3, [ten] * 3))
-    monkeypatch.setattr(StandInHub, "root", root)
-    monkeypatch.setattr(StandInHub, "opened", [])
-    previous = fsspec.get_filesystem_class("hf")
-    fsspec.register_implementation("hf", StandInHub, clobber=True)
-    StandInHub.clear_instance_cache()
-    try:
+    with hub_at(root, monkeypatch):
         # The card's default config names data/*/*: three files; the budget is spent in the first.
         summary = run(capsys, f"--model={tiny_checkpoint}", "--dataset=text:hf:someone/corpus",
                       f"--output={tmp_path / 'out'}", "--max_tokens=25", "--wave_bytes=1")
-    finally:
-        fsspec.register_implementation("hf", previous, clobber=True)
     ids = sorted(ds.dataset(tmp_path / "out" / "samples", format="parquet").to_table(columns=["sample_id"])
                  .column("sample_id").to_pylist())
     assert ids == ["train-00000:row0/c0", "train-00000:row1/c0"] and summary["tokens"] == 20
