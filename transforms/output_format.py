@@ -265,6 +265,13 @@ def activations_to_numpy(table: pa.Table, column: str = ACTIVATION_COLUMN, dtype
     return values.reshape(-1, d_model)
 
 
+def check_activation_compression(codec: str) -> str:
+    """`codec` if it is one of ACTIVATION_COMPRESSIONS; ValueError naming the choices otherwise."""
+    if codec not in ACTIVATION_COMPRESSIONS:
+        raise ValueError(f"activation compression {codec!r}: expected one of {', '.join(ACTIVATION_COMPRESSIONS)}")
+    return codec
+
+
 def parquet_bytes(table: pa.Table, vector_columns: Sequence[str] = (), row_group_size: int | None = None,
                   compression_level: int = ZSTD_LEVEL,
                   vector_compression: str = DEFAULT_ACTIVATION_COMPRESSION) -> pa.Buffer:
@@ -272,9 +279,7 @@ def parquet_bytes(table: pa.Table, vector_columns: Sequence[str] = (), row_group
     `vector_compression` (one of ACTIVATION_COMPRESSIONS): dictionary encoding and statistics only cost time on
     them; the small integer and id columns get both, and ZSTD. BYTE_STREAM_SPLIT on the vectors made no smaller
     files for 2-byte values and, for float32, decoded slower (benchmarks/storage_bench.py)."""
-    if vector_compression not in ACTIVATION_COMPRESSIONS:
-        raise ValueError(f"activation compression {vector_compression!r}: expected one of "
-                         f"{', '.join(ACTIVATION_COMPRESSIONS)}")
+    check_activation_compression(vector_compression)
     sink = pa.BufferOutputStream()
     others = [name for name in table.column_names if name not in vector_columns]
     compression = {name: vector_compression if name in vector_columns else "zstd" for name in table.column_names}

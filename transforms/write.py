@@ -32,7 +32,6 @@ from transforms.batching import stable_group
 from transforms.elements import ExtractedBatch, HookLayer, Placement, TokenizedSample
 from transforms.metrics import NAMESPACE
 from transforms.output_format import (  # noqa: F401 - the format's names, re-exported for the writer's callers
-    ACTIVATION_COMPRESSIONS,
     DEFAULT_ACTIVATION_COMPRESSION,
     ACTIVATIONS_DIR,
     ANNOTATION_DTYPES,
@@ -58,6 +57,7 @@ from transforms.output_format import (  # noqa: F401 - the format's names, re-ex
     activation_relpath,
     activations_to_numpy,
     basename,
+    check_activation_compression,
     check_worker_prefix,
     dead_letter_relpath,
     decode_metadata,
@@ -256,10 +256,7 @@ class ShardWriter:
         self.compute_dtype = compute_dtype
         self.storage_dtype = storage_dtype
         self.compression_level = compression_level
-        if activation_compression not in ACTIVATION_COMPRESSIONS:
-            raise ValueError(f"activation compression {activation_compression!r}: expected one of "
-                             f"{', '.join(ACTIVATION_COMPRESSIONS)}")
-        self.activation_compression = activation_compression
+        self.activation_compression = check_activation_compression(activation_compression)
         self.skip_committed = skip_committed
         self.identity = identity
         self.statistics = statistics_enabled() if statistics is None else bool(statistics)
@@ -529,9 +526,7 @@ class WriteShards(beam.PTransform):
         if memory_bytes is not None and memory_bytes < 1:
             raise ValueError(f"writer memory must be at least 1 byte, got {memory_bytes}")
         check_worker_prefix(worker_prefix)
-        if activation_compression not in ACTIVATION_COMPRESSIONS:
-            raise ValueError(f"activation compression {activation_compression!r}: expected one of "
-                             f"{', '.join(ACTIVATION_COMPRESSIONS)}")
+        check_activation_compression(activation_compression)
         self._args = (output_root, worker_prefix, model_name, compute_dtype, storage_dtype, threads, memory_bytes,
                       identity, activation_compression)
 
