@@ -75,6 +75,7 @@ class ActivationBatches:
             bool(with_metadata)
         self.dtype = dtypes.read_dtype(dtype, dataset.storage_dtype)
         self._storage = dtypes.storage_numpy_dtype(dataset.storage_dtype)
+        self._bfloat16 = self._storage == dtypes.storage_numpy_dtype("bfloat16")
         if buffer_tokens is None:
             buffer_tokens = max(self.batch_tokens, DEFAULT_BUFFER_BYTES // (dataset.d_model * self._storage.itemsize))
         self.buffer_tokens = _positive("buffer_tokens", buffer_tokens)
@@ -257,13 +258,12 @@ class ActivationBatches:
             return np.take(self._raw, picks, axis=0).view(self._storage)
         out = np.empty((len(picks), self._ds.d_model), self.dtype)
         tile = self._scratch()
-        bfloat16 = self._storage == dtypes.storage_numpy_dtype("bfloat16")
-        wide = out.view(np.uint32) if bfloat16 else out
+        wide = out.view(np.uint32) if self._bfloat16 else out
         for start in range(0, len(picks), _TILE_ROWS):
             chunk = picks[start:start + _TILE_ROWS]
             rows = tile[:len(chunk)]
             np.take(self._raw, chunk, axis=0, out=rows)
-            if bfloat16:  # bfloat16 -> float32 is the same bits in the high half of the word: exact
+            if self._bfloat16:  # bfloat16 -> float32 is the same bits in the high half of the word: exact
                 np.left_shift(rows, 16, out=wide[start:start + len(chunk)], dtype=np.uint32)
             else:
                 wide[start:start + len(chunk)] = rows.view(self._storage)
