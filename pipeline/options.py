@@ -61,6 +61,16 @@ def _non_negative_int(name):
     return whole_number(name, 0)
 
 
+def add_device_args(group) -> None:
+    """How the model uses the local devices; the benchmark takes the same two flags."""
+    group.add_argument("--model_parallelism", type=_positive_int("model_parallelism"), default=1,
+                       help="Devices per model replica (the mesh's model axis); the rest go to the data axis.")
+    group.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
+                       help="Attention kernel. auto: splash (Pallas) on TPU, cuDNN on GPU for bf16, xla "
+                            "elsewhere. xla: blockwise (flash) attention in plain JAX, memory linear in the "
+                            "length; xla_dense: the full L x L mask and logits, for comparison.")
+
+
 def _add_capture_args(group) -> None:
     """What to read, which activations to capture and where they go."""
     group.add_argument(
@@ -138,12 +148,7 @@ def _add_run_args(group) -> None:
                             "right-padded row, which lets cuDNN attention on GPU run without a mask.")
     group.add_argument("--pack_groups", type=_positive_int("pack_groups"), default=None,
                        help="Packing groups (deterministic shuffle keys); default derived from the batch size.")
-    group.add_argument("--model_parallelism", type=_positive_int("model_parallelism"), default=1,
-                       help="Devices per model replica (the mesh's model axis); the rest go to the data axis.")
-    group.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
-                       help="Attention kernel. auto: splash (Pallas) on TPU, cuDNN on GPU for bf16, xla "
-                            "elsewhere. xla: blockwise (flash) attention in plain JAX, memory linear in the "
-                            "length; xla_dense: the full L x L mask and logits, for comparison.")
+    add_device_args(group)
     group.add_argument("--writer_threads", type=_positive_int("writer_threads"), default=DEFAULT_WRITER_THREADS,
                        help="Threads per worker process encoding and writing shards while the next batch "
                             "computes (default: the host's cores less two, 2 to 16).")

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
-from pipeline.options import ATTENTION_CHOICES, _positive_int
+from pipeline.options import _positive_int, add_device_args
 
 # The default cases: (geometry, layer selection).
 DEFAULT_CASES: tuple[tuple[str, str], ...] = (
@@ -120,12 +120,8 @@ def _add_run_flags(parser) -> None:
                         help="Also record a JAX profiler trace (TensorBoard / Perfetto) of our timed copy loop and "
                              "of each pipeline run under this folder. Tracing slows things down: profile in a "
                              "separate run from the one whose numbers you record.")
-    parser.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
-                        help="Our attention kernel (passed to load_model and the pipeline).")
-    parser.add_argument("--model_parallelism", type=_positive_int("model_parallelism"), default=1,
-                        help="With several local devices (a TPU host), devices per model replica; the rest form "
-                             "the data axis, as in the pipeline's extractor. The peak rate is per device times "
-                             "the device count.")
+    # The pipeline's own definitions: ours and the pipeline run get the same kernel and mesh.
+    add_device_args(parser)
 
 
 def _add_path_flags(parser) -> None:
