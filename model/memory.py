@@ -12,7 +12,14 @@ The estimate adds what is live at the forward's high-water mark:
   chosen kernel, whichever is larger (XLA frees one before the other starts). Transients are counted at 4 bytes
   per value whatever the compute dtype: XLA on CPU computes bfloat16 elementwise work in float32, and softmax
   is float32 everywhere, so on accelerators this part is an upper bound;
-- the logits and the final norm when they are asked for.
+- the logits and the final norm when they are asked for;
+- with --generate (model/generate.py), the KV cache of every layer, [layers, batch, prompt bucket +
+  max_new_tokens, kv_heads, head_dim] twice in the compute dtype, with the decode loop's per-step tokens and
+  log-probabilities; and the prefill's attention, which is always the dense kernel whatever --attention says, as
+  one more candidate for the largest transient. The prompt bucket is taken to be the whole length (the longest a
+  prompt's bucket can be), and the cache is counted as if alive with the captured outputs: an upper bound, since
+  generation and capture are separate programs, but the extractor keeps the previous batch's outputs on the device
+  while the next batch generates.
 
 Attention workspace per layer: the dense path holds [B, heads, L, L] float32 logits, their exponentials and the
 rounded probabilities plus a [B, L, L] mask; cuDNN on packed rows a [B, L, L] bias; the flash path one
@@ -48,16 +55,25 @@ class MemoryEstimate:
     layer_peak: int
     attention: int
     head: int
+    # --generate only: the KV cache and decode records, and the prefill's dense attention workspace.
+    generation: int = 0
+    prefill_attention: int = 0
+
+    @property
+    def transient(self) -> int:
+        return max(self.layer_peak, self.attention, self.prefill_attention)
 
     @property
     def total(self) -> int:
-        return (self.weights + 3 * self.outputs + self.stream + max(self.layer_peak, self.attention) + self.head
+        return (self.weights + 3 * self.outputs + self.stream + self.transient + self.head + self.generation
                 + OVERHEAD_BYTES)
 
     def describe(self) -> str:
+        transient = ("prefill attention" if self.prefill_attention > max(self.layer_peak, self.attention) else
+                     "attention" if self.attention >= self.layer_peak else "mlp")
         parts = {"weights": self.weights, "outputs x3": 3 * self.outputs, "residual": self.stream,
-                 "attention" if self.attention >= self.layer_peak else "mlp": max(self.layer_peak, self.attention),
-                 "head": self.head, "runtime": OVERHEAD_BYTES}
+                 transient: self.transient, "head": self.head, "kv cache": self.generation,
+                 "runtime": OVERHEAD_BYTES}
         return ", ".join(f"{name} {gib(value)}" for name, value in parts.items() if value)
 
 
@@ -95,12 +111,29 @@ def attention_workspace(config: QwenConfig, batch: int, length: int, dtype: str,
             + batch * padded * (2 * heads + 2 * kv_heads) * head_dim * c)
 
 
+def kv_cache_bytes(config: QwenConfig, batch: int, slots: int, dtype: str) -> int:
+    """Bytes of generate's K and V caches for `batch` rows of `slots` positions (model/generate.py's shape)."""
+    return 2 * config.num_hidden_layers * batch * slots * config.num_key_value_heads * config.head_dim * itemsize(dtype)
+
+
+def generation_bytes(config: QwenConfig, batch: int, length: int, max_new_tokens: int, dtype: str,
+                     model_parallelism: int = 1) -> int:
+    """The generate-only buffers that live through the decode loop: the KV cache (KV heads split over the model
+    axis when they divide, as generate places them) and each step's int32 token and float32 log-probability."""
+    if not max_new_tokens:
+        return 0
+    split = model_parallelism if config.num_key_value_heads % model_parallelism == 0 else 1
+    return (kv_cache_bytes(config, batch, length + max_new_tokens, dtype) // split
+            + batch * max_new_tokens * (4 + 4))
+
+
 def estimate_forward_memory(config: QwenConfig, batch: int, length: int, spec: CaptureSpec, dtype: str,
                             attention: str, right_padded: bool = False, platform: str = "cpu",
-                            model_parallelism: int = 1) -> MemoryEstimate:
+                            model_parallelism: int = 1, max_new_tokens: int = 0) -> MemoryEstimate:
     """Peak device bytes of one capture of a [batch, length] bucket on one device (see the module docstring).
     `model_parallelism` devices share each weight (tensors that do not divide stay whole, such as 2 KV heads
-    over 4 devices: a small part of a model, not counted)."""
+    over 4 devices: a small part of a model, not counted). `max_new_tokens` > 0: each batch is first generated
+    (--generate) from prompts bucketed to at most `length`."""
     c = itemsize(dtype)
     out = itemsize(spec.out_dtype or dtype)
     tokens = batch * length
@@ -116,6 +149,8 @@ def estimate_forward_memory(config: QwenConfig, batch: int, length: int, spec: C
         layer_peak=tokens * 4 * (config.q_size + 2 * config.kv_size + 3 * d + 3 * config.intermediate_size),
         attention=attention_workspace(config, batch, length, dtype, attention, right_padded),
         head=logits,
+        generation=generation_bytes(config, batch, length, max_new_tokens, dtype, model_parallelism),
+        prefill_attention=(attention_workspace(config, batch, length, dtype, "xla_dense") if max_new_tokens else 0),
     )
 
 
@@ -145,22 +180,26 @@ def host_memory() -> int:
 
 def check_forward_memory(config: QwenConfig, batch: int, length: int, spec: CaptureSpec, dtype: str,
                          attention: str, *, limit: int, limit_source: str, platform: str = "cpu",
-                         data_parallelism: int = 1, model_parallelism: int = 1) -> MemoryEstimate:
+                         data_parallelism: int = 1, model_parallelism: int = 1,
+                         max_new_tokens: int = 0) -> MemoryEstimate:
     """Raises DeviceMemoryError with one line (the estimate, its parts, the limit, and a --batch_size and a
     --max_seq_len that would fit) when a [batch, length] bucket does not fit one device of `limit` bytes; returns
-    the estimate otherwise. The rows are split over `data_parallelism` devices."""
+    the estimate otherwise. The rows are split over `data_parallelism` devices; `max_new_tokens` > 0 for
+    --generate."""
     usable = int(limit * USABLE_FRACTION)
     rows = -(-batch // data_parallelism)
 
     def estimate_for(rows, length):
         return estimate_forward_memory(config, rows, length, spec, dtype, attention, platform=platform,
-                                       model_parallelism=model_parallelism)
+                                       model_parallelism=model_parallelism, max_new_tokens=max_new_tokens)
 
     estimate = estimate_for(rows, length)
     if estimate.total <= usable:
         return estimate
     fitting_batch = next((b for b in range(rows - 1, 0, -1) if estimate_for(b, length).total <= usable), None)
-    fitting_length = next((n for n in _shorter(length) if estimate_for(rows, n).total <= usable), None)
+    # A length must leave room for a prompt besides the answer budget.
+    fitting_length = next((n for n in _shorter(length) if n > max_new_tokens
+                           and estimate_for(rows, n).total <= usable), None)
     advice = []
     if fitting_batch:
         advice.append(f"--batch_size={fitting_batch * data_parallelism}")
@@ -171,17 +210,19 @@ def check_forward_memory(config: QwenConfig, batch: int, length: int, spec: Capt
               f"{gib(estimate.weights)}; use a smaller model or more devices (--model_parallelism)")
     if attention == "xla_dense":
         remedy += "; --attention=xla keeps attention memory linear in the length"
+    generating = f", generating up to {max_new_tokens} tokens" if max_new_tokens else ""
     raise DeviceMemoryError(
-        f"one batch of {batch} x {length} tokens ({attention} attention, {dtype}) needs about "
+        f"one batch of {batch} x {length} tokens ({attention} attention, {dtype}{generating}) needs about "
         f"{gib(estimate.total)} ({estimate.describe()}) but the device has {gib(limit)} ({limit_source}, "
         f"{USABLE_FRACTION:.0%} usable): {remedy}.")
 
 
 def check_run_memory(config: QwenConfig, hooks, layers, *, batch_size: int, max_seq_len: int, dtype: str,
-                     out_dtype: str, attention: str, model_parallelism: int = 1) -> MemoryEstimate:
+                     out_dtype: str, attention: str, model_parallelism: int = 1,
+                     max_new_tokens: int | None = None) -> MemoryEstimate:
     """The pipeline's pre-flight check on this host's devices: the largest bucket (batch_size x max_seq_len)
     with the attention kernel `attention` resolves to here, rows over the data axis as the extractor places
-    them."""
+    them; `max_new_tokens`: --generate's resolved answer budget (None without --generate)."""
     import jax
 
     from model.qwen2 import resolve_attention
@@ -193,7 +234,8 @@ def check_run_memory(config: QwenConfig, hooks, layers, *, batch_size: int, max_
     spec = CaptureSpec(hooks=tuple(hooks), layers=tuple(layers), out_dtype=out_dtype)
     return check_forward_memory(config, batch_size, max_seq_len, spec, dtype, implementation, limit=limit,
                                 limit_source=source, platform=devices[0].platform, data_parallelism=data,
-                                model_parallelism=model_parallelism if len(devices) > 1 else 1)
+                                model_parallelism=model_parallelism if len(devices) > 1 else 1,
+                                max_new_tokens=int(max_new_tokens or 0))
 
 
 def _shorter(length: int):

@@ -6,7 +6,9 @@ are named); `incomplete` when committed shards exist that no manifest lists and 
 before its manifest, or one that predates leases is still going: resume it, or rebuild the manifest with
 `python -m pipeline.manifest`); `empty` when nothing is committed yet. Then hooks x layers x tokens, samples,
 datasets and prompt parts with token counts, dtypes, bytes, uncommitted files and dead letters by stage, all from
-the commit markers (the samples files' metadata), so a running output is described as it stands.
+the commit markers (the samples files' metadata), so a running output is described as it stands. A --generate
+output also has its predictions: the committed files and their rows (from the markers), and how many were scored
+against a ground truth and how many were correct (their `correct` column only).
 
 Reads local or gs:// outputs through pipeline.dataset's stores; imports neither Beam nor JAX nor torch.
 """
@@ -97,6 +99,48 @@ def _dead_letters(store) -> dict:
             "bytes": total_bytes}
 
 
+def _prediction_counts(store, relpath: str) -> tuple[int | None, int | None]:
+    """(scored, correct) of one predictions file from its `correct` column alone (None, None without one)."""
+    with store.open(relpath) as handle:
+        parquet = pq.ParquetFile(handle)
+        if "correct" not in parquet.schema_arrow.names:
+            return None, None
+        column = parquet.read(columns=["correct"]).column("correct")
+    return len(column) - column.null_count, int(pc.sum(column).as_py() or 0)
+
+
+def _predictions(store, markers: list[dict], problems: list[str]) -> dict | None:
+    """--generate's predictions files: those the commit markers list, their rows (from the markers), how many
+    were scored against a ground truth and found correct (the `correct` column), and files no marker lists. None
+    for an output without predictions."""
+    from transforms.predictions import marker_entry
+
+    entries = []
+    for meta in markers:
+        try:
+            entry = marker_entry(meta)
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        if entry is not None:
+            entries.append(entry)
+    listed = {p for p in store.list(fmt.PREDICTIONS_DIR)
+              if p.endswith(fmt.PARQUET_SUFFIX) and not fmt.is_temp_name(fmt.basename(p))}
+    if not entries and not listed:
+        return None
+    present = [e for e in entries if e["path"] in listed]
+    problems += [f"{store.path(e['path'])} is listed by its commit marker but missing"
+                 for e in entries if e["path"] not in listed]
+    counts = list(parallel_map(lambda e: _prediction_counts(store, e["path"]), present))
+    scored = [c for c in counts if c[0] is not None]
+    committed = {e["path"] for e in entries}
+    return {"files": len(entries), "rows": sum(int(e["rows"]) for e in entries),
+            "scored": sum(c[0] for c in scored) if scored else None,
+            "correct": sum(c[1] for c in scored) if scored else None,
+            "bytes": sum(int(e["bytes"]) for e in entries),
+            "uncommitted_files": sorted(listed - committed)}
+
+
 def _part_counts(store, paths: list[str]) -> dict[str, int]:
     def count(relpath):
         with store.open(relpath) as handle:
@@ -142,7 +186,9 @@ def inspect_output(output: str, *, parts: bool = True, now: float | None = None)
     state, why = _state(output, manifest, markers, marker_paths, live)
     sample_bytes = sum(size for p, size in store.list(fmt.SAMPLES_DIR).items() if p in set(marker_paths))
     dead = _dead_letters(store)
+    predictions = _predictions(store, markers, problems)
     activation_bytes = sum(e["bytes"] for e in pairs.values())
+    prediction_bytes = predictions["bytes"] if predictions else 0
     return {
         "output": str(store), "state": state, "state_reason": why,
         "manifest": ({"written": manifest.get("written"), "state": manifest.get("state"),
@@ -157,8 +203,10 @@ def inspect_output(output: str, *, parts: bool = True, now: float | None = None)
         "tokens": sum(d["tokens"] for d in datasets.values()),
         "datasets": [{"dataset": name, **datasets[name]} for name in sorted(datasets)],
         "parts": part_counts, "parts_of": parts_of,
-        "bytes": {"activations": activation_bytes, "samples": sample_bytes, "dead_letter": dead["bytes"],
-                  "total": activation_bytes + sample_bytes + dead["bytes"]},
+        "predictions": predictions,
+        "bytes": {"activations": activation_bytes, "samples": sample_bytes, "predictions": prediction_bytes,
+                  "dead_letter": dead["bytes"],
+                  "total": activation_bytes + sample_bytes + prediction_bytes + dead["bytes"]},
         "uncommitted_files": uncommitted,
         "dead_letters": dead,
         "problems": problems,
@@ -260,6 +308,18 @@ def _table(rows: list[list], indent: str = "  ") -> list[str]:
                                ).rstrip() for row in rows]
 
 
+def _prediction_lines(predictions: dict | None) -> list[str]:
+    if predictions is None:
+        return []
+    scored = ("none scored (no ground truth)" if not predictions["scored"] else
+              f"{predictions['scored']:,} scored, {predictions['correct']:,} correct")
+    lines = [f"predictions: {predictions['rows']:,} in {predictions['files']:,} files, {scored}"]
+    uncommitted = predictions["uncommitted_files"]
+    if uncommitted:
+        lines.append(f"  uncommitted predictions files (never read): {len(uncommitted):,}")
+    return lines
+
+
 def format_report(report: dict) -> str:
     lines = [f"{report['output']}", f"state: {report['state']} ({report['state_reason']})",
              f"model: {report['model']}  d_model {report['d_model']}  storage {report['storage_dtype']}  "
@@ -287,9 +347,11 @@ def format_report(report: dict) -> str:
     if report["parts"] is not None:
         lines.append(f"parts (tokens of {report['parts_of']['hook']} layer {report['parts_of']['layer']}):")
         lines += _table([["part", "tokens"]] + [[p, f"{n:,}"] for p, n in report["parts"].items()])
+    lines += _prediction_lines(report["predictions"])
     b = report["bytes"]
-    lines.append(f"bytes: activations {_size(b['activations'])}, samples {_size(b['samples'])}, dead letters "
-                 f"{_size(b['dead_letter'])}, total {_size(b['total'])}")
+    predictions = f", predictions {_size(b['predictions'])}" if report["predictions"] else ""
+    lines.append(f"bytes: activations {_size(b['activations'])}, samples {_size(b['samples'])}{predictions}, dead "
+                 f"letters {_size(b['dead_letter'])}, total {_size(b['total'])}")
     dead = report["dead_letters"]
     stages = ", ".join(f"{stage} {n:,}" for stage, n in dead["by_stage"].items())
     lines.append(f"dead letters: {dead['total']:,}" + (f" ({stages})" if stages else ""))

@@ -45,9 +45,11 @@ def resolve_capture(opts: ExtractOptions):
     return config, hooks, layers
 
 
-def check_memory(options: PipelineOptions, opts: ExtractOptions, config, hooks, layers) -> None:
-    """The largest bucket against this host's device memory, before any data is read. Local runners only: a
-    launcher's memory says nothing of a Dataflow worker's."""
+def check_memory(options: PipelineOptions, opts: ExtractOptions, config, hooks, layers,
+                 max_new_tokens: int | None = None) -> None:
+    """The largest bucket against this host's device memory, before any data is read, with --generate's KV
+    cache when `max_new_tokens` (the resolved answer budget) is given. Local runners only: a launcher's memory says
+    nothing of a Dataflow worker's."""
     if options.view_as(StandardOptions).runner not in LOCAL_RUNNERS:
         return
     from model.dtypes import transfer_dtype
@@ -55,22 +57,29 @@ def check_memory(options: PipelineOptions, opts: ExtractOptions, config, hooks, 
 
     check_run_memory(config, hooks, layers, batch_size=opts.batch_size, max_seq_len=opts.max_seq_len,
                      dtype=opts.dtype, out_dtype=transfer_dtype(opts.dtype, storage_dtype(opts)),
-                     attention=opts.attention, model_parallelism=opts.model_parallelism)
+                     attention=opts.attention, model_parallelism=opts.model_parallelism,
+                     max_new_tokens=max_new_tokens)
+
+
+def checked_grid_encoder(opts: ExtractOptions):
+    """The encoder --grid_encoder names, or one OptionError line."""
+    from transforms.grid_encoders import create_grid_encoder
+
+    try:
+        return create_grid_encoder(opts.grid_encoder)
+    except ValueError as err:
+        raise OptionError(f"--grid_encoder: {err}") from None
 
 
 def resolve_inputs(opts: ExtractOptions):
     """The dataset, grid encoder and prompt version, checked before any graph is built, so a mistake is one clear
     line rather than a traceback from inside a transform."""
     from transforms.datasets import DatasetUnavailableError, resolve_dataset
-    from transforms.grid_encoders import create_grid_encoder
     from transforms.prompts import PROMPT_VERSIONS
 
     if opts.prompt_version not in PROMPT_VERSIONS:
         raise OptionError(f"--prompt_version={opts.prompt_version!r} is not one of {', '.join(PROMPT_VERSIONS)}")
-    try:
-        create_grid_encoder(opts.grid_encoder)
-    except ValueError as err:
-        raise OptionError(f"--grid_encoder: {err}") from None
+    checked_grid_encoder(opts)
     try:
         return resolve_dataset(opts.dataset)
     except DatasetUnavailableError as err:
@@ -79,16 +88,16 @@ def resolve_inputs(opts: ExtractOptions):
 
 def resolve_max_new_tokens(opts: ExtractOptions) -> int | None:
     """--generate's answer budget: --max_new_tokens, or enough for a 30x30 answer grid in the grid encoder plus
-    margin (model/generate.py); None without --generate. Checked against --max_seq_len here, before any data."""
+    margin (model/generate.py); None without --generate. Checked against --max_seq_len here, before any data
+    and before the memory check, which counts the KV cache it sizes."""
     if not opts.generate:
         return None
     budget = opts.max_new_tokens
     if budget is None:
         from model.generate import default_max_new_tokens
-        from transforms.grid_encoders import create_grid_encoder
         from transforms.tokenize import cached_tokenizer
 
-        budget = default_max_new_tokens(cached_tokenizer(opts.model), create_grid_encoder(opts.grid_encoder))
+        budget = default_max_new_tokens(cached_tokenizer(opts.model), checked_grid_encoder(opts))
     if budget >= opts.max_seq_len:
         raise OptionError(
             f"--generate: the default answer budget of {budget} tokens (a 30x30 grid in --grid_encoder="
@@ -398,9 +407,9 @@ def check_before_graph(options: PipelineOptions) -> RunPlan:
     opts.validate_extract()
     check_output_location(opts)
     model_config, hooks, layers = resolve_capture(opts)
-    check_memory(options, opts, model_config, hooks, layers)
-    dataset = resolve_inputs(opts)
     max_new_tokens = resolve_max_new_tokens(opts)
+    check_memory(options, opts, model_config, hooks, layers, max_new_tokens)
+    dataset = resolve_inputs(opts)
     from pipeline.waves import check_wave_options
 
     check_wave_options(options, opts, dataset)

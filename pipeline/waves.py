@@ -19,6 +19,9 @@ input and wave size give the same names on every run). ``--resume`` skips commit
 wave they were in. ``--max_tokens`` keeps the samples in input order (file, then byte offset or row, then
 chunk) while their tokens add up to at most the budget; the selection is made before committed samples are
 dropped, so it does not depend on what a previous attempt wrote, and a larger budget selects a superset.
+
+Spills live under one root per run in the temp dir, removed when the run ends (normally or by an exception); a run
+killed outright leaves its root behind, and the next run on the host removes it once its owner process is gone.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import dataclasses
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import tempfile
@@ -139,6 +143,69 @@ def write_spill(directory: str, samples) -> list[str]:
         for sample in samples:
             handle.write(encode_sample(sample))
     return [path]
+
+
+# A run's spill root is <temp dir>/<prefix><pid>-<random>, holding a marker that names its owner: a run killed
+# outright (SIGKILL, the OOM killer) runs no finally, so the next run removes the roots whose owner is gone.
+SPILL_PREFIX = "arc-activations-waves-"
+SPILL_MARKER = "owner.json"
+_SPILL_NAME = re.compile(re.escape(SPILL_PREFIX) + r"(\d+)-[^/]+$")
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process `pid` in clock ticks since boot (None: no such process, or no /proc), which tells
+    a process from a later one that reuses its pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # Field 22; the command name before it is in parentheses and may hold spaces.
+            return stat.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def make_spill_root(parent: str | None = None) -> str:
+    """A new spill root for this process under `parent` (default: the temp dir), with its owner marker."""
+    root = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=parent)
+    owner = {"pid": os.getpid(), "host": platform.node(), "started": _process_start(os.getpid())}
+    with open(os.path.join(root, SPILL_MARKER), "w") as marker:
+        json.dump(owner, marker)
+    return root
+
+
+def _owner_alive(owner: dict) -> bool:
+    pid = int(owner["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    started = _process_start(pid)
+    return owner.get("started") is None or started is None or started == owner["started"]
+
+
+def remove_stale_spill_roots(parent: str | None = None) -> list[str]:
+    """Removes the spill roots under `parent` (default: the temp dir) left by runs of this host that died without
+    cleaning up; returns their paths. Only folders with this module's name and a matching owner marker count, and
+    a root whose owner still runs (or whose marker is not written yet) is kept, so concurrent runs are safe."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    for name in sorted(os.listdir(parent)):
+        match, path = _SPILL_NAME.match(name), os.path.join(parent, name)
+        if not match or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        try:
+            with open(os.path.join(path, SPILL_MARKER)) as marker:
+                owner = json.load(marker)
+            mine = int(owner["pid"]) == int(match.group(1)) and owner.get("host") == platform.node()
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+        if mine and not _owner_alive(owner):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        _LOG.info("removed %d spill folder(s) of runs that were killed: %s", len(removed), ", ".join(removed))
+    return removed
 
 
 class _WriteWaveDeadLetters(beam.DoFn):
@@ -316,7 +383,8 @@ def run_in_waves(options, plan, committed, identity):
     clock = time.perf_counter()
     totals: collections.Counter = collections.Counter()
     state = None
-    spill_root = tempfile.mkdtemp(prefix="arc-activations-waves-")
+    remove_stale_spill_roots()
+    spill_root = make_spill_root()
     try:
         run = WaveRun(options, plan, committed, identity, spill_root)
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="wave-front") as front:

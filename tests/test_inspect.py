@@ -92,3 +92,50 @@ def test_a_gcs_output_reads_like_the_local_one(output, gcs_emulator):
     for key in ("activations", "samples", "tokens", "datasets", "parts", "bytes", "dead_letters", "hosts",
                 "uncommitted_files", "problems"):
         assert remote[key] == local[key], key
+
+
+def _add_predictions(output) -> list[dict]:
+    """Predictions committed with every shard of `output`, written with the writer's own function and listed in
+    the shard's commit marker as the writer lists them; returns the rows."""
+    import pyarrow.parquet as pq
+
+    from transforms.output_format import KEY_PREDICTIONS
+    from transforms.predictions import predictions_file
+
+    every = []
+    for marker in sorted((output / "samples").glob("*.parquet")):
+        table = pq.read_table(marker)
+        shard = marker.stem
+        rows = []
+        for i, sample in enumerate(table.select(["sample_id", "dataset", "task_id", "test_index"]).to_pylist()):
+            truth = None if i % 2 else [[1]]
+            rows.append({**sample, "augmentation": "{}", "text": "1\n```", "token_ids": [16, 198], "stop_reason":
+                         "fence", "grid": [[1]], "parse_error": None, "grid_original": [[1]], "ground_truth": truth,
+                         "correct": None if truth is None else i % 4 == 0, "logprob_sum": -1.0})
+        data, entry = predictions_file(shard, rows)
+        (output / "predictions").mkdir(exist_ok=True)
+        (output / entry["path"]).write_bytes(data)
+        metadata = dict(table.schema.metadata)
+        metadata[KEY_PREDICTIONS.encode()] = json.dumps(entry, sort_keys=True).encode()
+        pq.write_table(table.replace_schema_metadata(metadata), marker)
+        every += rows
+    return every
+
+
+def test_predictions_of_a_generate_output_are_counted(output, tmp_path):
+    assert inspect_output(str(output), parts=False)["predictions"] is None
+    copy = tmp_path / "out"
+    shutil.copytree(output, copy)
+    rows = _add_predictions(copy)
+    stray = copy / "predictions" / "h009-0000.parquet"
+    stray.write_bytes(b"not committed")
+    report = inspect_output(str(copy), parts=False)
+    predictions = report["predictions"]
+    assert predictions["files"] == report["shards"] and predictions["rows"] == len(rows) == report["samples"]
+    assert predictions["scored"] == sum(row["correct"] is not None for row in rows) > 0
+    assert predictions["correct"] == sum(row["correct"] is True for row in rows) > 0
+    assert predictions["uncommitted_files"] == ["predictions/h009-0000.parquet"] and report["problems"] == []
+    assert report["bytes"]["predictions"] == predictions["bytes"] > 0
+    text = run_inspect(copy, "--no_parts").stdout
+    assert (f"predictions: {len(rows)} in {report['shards']} files, {predictions['scored']} scored, "
+            f"{predictions['correct']} correct") in text

@@ -100,3 +100,66 @@ def test_the_pipeline_refuses_before_reading_any_data(tmp_path, capsys):
     assert code == 2
     assert err.startswith("error: one batch of 8 x 65536 tokens (xla_dense attention, bfloat16) needs about ")
     assert str(missing) not in err and not (tmp_path / "out").exists()
+
+
+def test_generate_adds_the_kv_cache_and_decode_records():
+    from model.memory import generation_bytes
+
+    config = parse_random_spec("random:qwen2.5-0.5b?layers=2").config
+    spec = CaptureSpec(hooks=("resid_post",), layers=(1,))
+    rows, length, new_tokens = 4, 1024, 300
+    plain = estimate_forward_memory(config, rows, length, spec, "bfloat16", "xla_dense")
+    generating = estimate_forward_memory(config, rows, length, spec, "bfloat16", "xla_dense",
+                                         max_new_tokens=new_tokens)
+    # model/generate.py: K and V of [layers, rows, prompt bucket + new tokens, kv_heads, head_dim] in the compute
+    # dtype, the prompt bucket at most `length`; each step's int32 token and float32 log-probability.
+    kv_cache = (2 * config.num_hidden_layers * rows * (length + new_tokens) * config.num_key_value_heads
+                * config.head_dim * 2)
+    assert generating.generation == kv_cache + rows * new_tokens * 8
+    # The dense forward's attention workspace already covers the dense prefill over the same length.
+    assert generating.total - plain.total == kv_cache + rows * new_tokens * 8
+    assert "kv cache" in generating.describe() and "kv cache" not in plain.describe()
+    # Flash attention in the forward, but the prefill is dense: its workspace becomes the largest transient.
+    flash = estimate_forward_memory(config, rows, length, spec, "bfloat16", "xla", max_new_tokens=new_tokens)
+    assert flash.transient == flash.prefill_attention == plain.attention
+    assert "prefill attention" in flash.describe()
+    # KV heads split over the model axis where they divide (2 KV heads over 2 devices).
+    assert generation_bytes(config, rows, length, new_tokens, "bfloat16", 2) == kv_cache // 2 + rows * new_tokens * 8
+
+
+def test_kv_cache_formula_matches_the_cache_generate_builds(monkeypatch):
+    import model.generate as generate_lib
+    from model import load_model
+    from model.memory import kv_cache_bytes
+
+    model = load_model("random:tiny?layers=2", dtype="bfloat16", attention="xla")
+    seen = {}
+    initial_state = generate_lib._initial_state
+
+    def spy(k_cache, v_cache, *args):
+        seen["bytes"] = sum(c.size * c.dtype.itemsize for c in (k_cache, v_cache))
+        return initial_state(k_cache, v_cache, *args)
+
+    monkeypatch.setattr(generate_lib, "_initial_state", spy)
+    prompts, bucket, new_tokens = [[1, 2, 3], [4, 5]], 16, 3
+    generate_lib.generate(model, prompts, new_tokens, bucket=bucket,
+                          stop_sequences=[generate_lib.StopSequence("never", (7,))])
+    assert seen["bytes"] == kv_cache_bytes(model.config, len(prompts), bucket + new_tokens, "bfloat16")
+
+
+def test_a_generate_run_that_cannot_fit_is_refused_before_reading_any_data(tmp_path, capsys):
+    from pipeline.run import main
+
+    missing = tmp_path / "no-such-dataset.json"
+    common = ["--runner=DirectRunner", "--model=random:qwen2.5-0.5b?layers=2", f"--dataset={missing}",
+              "--layers=1", "--attention=xla", "--batch_size=1", "--max_seq_len=32768", "--prompt_mode=inference"]
+    # Flash attention fits this bucket in a few GiB; the dense prefill of generation needs far more than a host.
+    assert main(common + [f"--output={tmp_path / 'plain'}"]) == 2
+    assert str(missing) in capsys.readouterr().err
+    code = main(common + ["--generate", "--max_new_tokens=512", f"--output={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: one batch of 1 x 32768 tokens (xla attention, bfloat16, generating up to 512 "
+                          "tokens) needs about ")
+    assert "kv cache" in err and "\n" not in err.strip()
+    assert str(missing) not in err and not (tmp_path / "out").exists()

@@ -245,3 +245,57 @@ def test_spilled_samples_come_back_exactly_without_pickle():
         assert got.dtype == want.dtype and np.array_equal(got, want) and got.flags.writeable
     with pytest.raises(TypeError, match="cannot store"):
         encode_sample({"bad": object()})
+
+
+def _fake_spill_root(parent: Path, pid: int, owner: dict | None, tag: str = "abc123") -> Path:
+    from pipeline.waves import SPILL_MARKER, SPILL_PREFIX
+
+    root = parent / f"{SPILL_PREFIX}{pid}-{tag}"
+    (root / "wave00000-x").mkdir(parents=True)
+    (root / "wave00000-x" / "spill.jsonl").write_bytes(b"{}\n")
+    if owner is not None:
+        (root / SPILL_MARKER).write_text(json.dumps(owner))
+    return root
+
+
+def test_only_the_spill_folders_of_dead_runs_are_removed(tmp_path):
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    from pipeline.waves import SPILL_MARKER, make_spill_root, remove_stale_spill_roots
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead = int(finished.stdout)
+    host = platform.node()
+    stale = _fake_spill_root(tmp_path, dead, {"pid": dead, "host": host, "started": None})
+    # This process's pid, but a start time it never had: a killed run whose pid was reused since.
+    reused = _fake_spill_root(tmp_path, os.getpid(), {"pid": os.getpid(), "host": host, "started": "1"})
+    live = Path(make_spill_root(str(tmp_path)))
+    assert json.loads((live / SPILL_MARKER).read_text())["pid"] == os.getpid()
+    kept = [_fake_spill_root(tmp_path, dead, None, "unmarked"),  # not this tool's, or its marker not yet written
+            _fake_spill_root(tmp_path, dead, {"pid": dead, "host": host + "-other"}, "other-host"),
+            _fake_spill_root(tmp_path, dead, {"pid": os.getpid(), "host": host}, "wrong-pid"),
+            tmp_path / "arc-activations-waves-notes"]
+    kept[-1].mkdir()
+
+    removed = remove_stale_spill_roots(str(tmp_path))
+    assert sorted(removed) == sorted([str(stale), str(reused)])
+    assert sorted(tmp_path.iterdir()) == sorted(kept + [live])
+
+
+def test_a_wave_run_that_fails_removes_its_spill_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    import pipeline.waves as waves
+
+    def fail(*args):
+        raise RuntimeError("wave failed")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(waves, "WaveRun", fail)
+    with pytest.raises(RuntimeError, match="wave failed"):
+        waves.run_in_waves(None, None, (), None)
+    assert list(tmp_path.iterdir()) == []
