@@ -4,7 +4,9 @@ adapters (public contract: docs/format.md, "Reading with pipeline.dataset").
 The unit of work is one row group of one file. An epoch is a seeded permutation of every (file, row group) of the
 hook and layer across the whole output; rank r of w takes the units at positions r, r+w, ... of it, so ranks are
 disjoint and together cover every token once. Each rank streams its units into a buffer of `buffer_tokens` and
-draws each batch uniformly at random from it (a shuffle buffer at batch granularity). The iterator's state is
+draws each batch uniformly at random from it (a shuffle buffer at batch granularity). A vector is copied once
+into the buffer and once out of it: the buffer's order lives in an index (`_slot`: position -> row of the vector
+store), so drawing a batch moves indices, not vectors, and the rows it frees take the next unit's vectors. The iterator's state is
 explicit (epoch, units consumed, the identity of every buffered token, the random generator's state), so
 `load_state_dict` rebuilds the buffer by rereading only the units it came from and yields exactly the batches that
 were left. Memory: the buffer plus the row groups being decoded (`readahead`).
@@ -22,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from model import dtypes
+from pipeline import gather_kernel
 
 if TYPE_CHECKING:
     from pipeline.dataset import ActivationDataset
@@ -31,7 +34,7 @@ __all__ = ["ActivationBatches", "MappedBatches", "DEFAULT_BUFFER_BYTES", "torch_
 # Default shuffle buffer: this many bytes of vectors in the storage dtype (tokens = bytes / (d_model x itemsize)).
 DEFAULT_BUFFER_BYTES = 256 * 1024 * 1024
 _STATE_VERSION = 1
-# Rows gathered and widened at a time: a tile that stays in the L2 cache between the two passes.
+# Rows gathered and widened at a time by the numpy path: a tile that stays in the L2 cache between its two passes.
 _TILE_ROWS = 256
 
 
@@ -91,7 +94,9 @@ class ActivationBatches:
             [(u.file.path, u.file.sha256, u.row_group, u.rows) for u in self._units]).encode()).hexdigest()
         # The buffer holds up to buffer_tokens plus one row group; allocated on first use.
         self._capacity = (self.buffer_tokens if self.shuffle else self.batch_tokens) + max(u.rows for u in self._units)
-        self._vectors = self._raw = self._tile = None
+        self._raw = self._tile = self._slot = self._free = None
+        self._free_count = 0
+        self._widen = gather_kernel.load() if self._bfloat16 and self.dtype != self._storage else None
         self._columns: dict[str, np.ndarray] = {}
         self._unit_of = np.zeros(0, np.int64)
         self._row_of = np.zeros(0, np.int64)
@@ -109,6 +114,9 @@ class ActivationBatches:
         self._done = self.epochs is not None and epoch >= self.epochs
         self._order = self._epoch_order(epoch)
         self._rng = np.random.default_rng([self.seed, epoch, self.rank, self.world_size])
+        self._free_count = 0 if self._free is None else self._capacity
+        if self._free is not None:
+            self._free[:] = np.arange(self._capacity - 1, -1, -1)
         self._cancel_pending()
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
@@ -153,10 +161,11 @@ class ActivationBatches:
             if (found >= len(unit_rows)).any() or (unit_rows[np.minimum(found, len(unit_rows) - 1)]
                                                    != rows[wanted]).any():
                 raise ValueError(f"load_state_dict: {self._units[unit].file.path} lacks rows the state buffered")
-            self._raw[wanted] = values.view(self._raw.dtype)[found]
+            self._raw[wanted] = values.view(self._raw.dtype)[found]  # rows 0..n-1 hold positions 0..n-1
             for name, column in (columns or {}).items():
                 self._column(name, column.dtype)[wanted] = column[found]
         self._unit_of[:len(units)], self._row_of[:len(units)] = units, rows
+        self._slot[:len(units)] = self._claim(len(units))
         self._count = len(units)
 
     # -------------------------------------------------------------------------------- iteration
@@ -165,12 +174,25 @@ class ActivationBatches:
         return self
 
     def _ensure_buffer(self) -> None:
-        if self._vectors is None:
-            self._vectors = np.empty((self._capacity, self._ds.d_model), self._storage)
+        if self._raw is None:
             # Every copy goes through unsigned views: numpy moves ml_dtypes.bfloat16 rows element by element.
-            self._raw = self._vectors.view(f"u{self._storage.itemsize}")
+            self._raw = np.empty((self._capacity, self._ds.d_model), f"u{self._storage.itemsize}")
             self._unit_of = np.empty(self._capacity, np.int64)
             self._row_of = np.empty(self._capacity, np.int64)
+            self._slot = np.empty(self._capacity, np.int64)
+            # A stack of the free rows of `_raw`, popped from the end: the first unit fills rows 0, 1, ...
+            self._free = np.arange(self._capacity - 1, -1, -1)
+            self._free_count = self._capacity
+
+    def _claim(self, n: int) -> np.ndarray:
+        """n free rows of the vector store, ascending (so a unit's vectors are written in address order)."""
+        rows = np.sort(self._free[self._free_count - n:self._free_count])
+        self._free_count -= n
+        return rows
+
+    def _release(self, rows: np.ndarray) -> None:
+        self._free[self._free_count:self._free_count + len(rows)] = rows
+        self._free_count += len(rows)
 
     def _column(self, name: str, dtype) -> np.ndarray:
         if name not in self._columns:
@@ -205,13 +227,16 @@ class ActivationBatches:
         if self._head:  # FIFO mode: move what is left to the front before appending
             live = slice(self._head, self._count)
             size = self._count - self._head
-            self._raw[:size] = self._raw[live]
-            self._unit_of[:size], self._row_of[:size] = self._unit_of[live], self._row_of[live]
-            for column in self._columns.values():
-                column[:size] = column[live]
+            for index in (self._slot, self._unit_of, self._row_of, *self._columns.values()):
+                index[:size] = index[live]
             self._head, self._count = 0, size
         end = self._count + n
-        self._raw[self._count:end] = values.view(self._raw.dtype)
+        store = self._claim(n)
+        if n and store[-1] - store[0] == n - 1:  # contiguous rows: one block copy
+            self._raw[store[0]:store[0] + n] = values.view(self._raw.dtype)
+        else:
+            self._raw[store] = values.view(self._raw.dtype)
+        self._slot[self._count:end] = store
         self._unit_of[self._count:end] = unit
         self._row_of[self._count:end] = rows
         for name, column in (columns or {}).items():
@@ -226,55 +251,42 @@ class ActivationBatches:
         """Removes the next batch's n tokens from the buffer and returns them."""
         if not self.shuffle:
             picks = np.arange(self._head, self._head + n)
-            vectors, columns = self._gather(picks), {k: v[picks] for k, v in self._columns.items()}
+            vectors, columns = self._take(picks), {k: v[picks] for k, v in self._columns.items()}
             self._head += n
             if self._head == self._count:
                 self._head = self._count = 0
         else:
             picks = self._rng.choice(self._count, size=n, replace=False)
-            vectors, columns = self._gather(picks), {k: v[picks] for k, v in self._columns.items()}
+            vectors, columns = self._take(picks), {k: v[picks] for k, v in self._columns.items()}
             # Refill the holes the picks leave below `tail` with the unpicked tokens above it: O(n), not O(buffer).
             tail = self._count - n
             in_tail = picks >= tail
             taken = np.zeros(n, bool)
             taken[picks[in_tail] - tail] = True
             holes, sources = picks[~in_tail], tail + np.flatnonzero(~taken)
-            self._move(sources, holes)
-            self._unit_of[holes], self._row_of[holes] = self._unit_of[sources], self._row_of[sources]
-            for column in self._columns.values():
-                column[holes] = column[sources]
+            for index in (self._slot, self._unit_of, self._row_of, *self._columns.values()):
+                index[holes] = index[sources]
             self._count = tail
         self._batches += 1
         return (vectors, columns) if self.with_metadata else vectors
 
-    def _scratch(self) -> np.ndarray:
-        if self._tile is None:
-            self._tile = np.empty((_TILE_ROWS, self._ds.d_model), self._raw.dtype)
-        return self._tile
+    def _take(self, positions: np.ndarray) -> np.ndarray:
+        """The vectors at buffer positions `positions`, in the batch dtype; their rows of the store become free."""
+        rows = self._slot[positions]
+        vectors = self._gather(rows)
+        self._release(rows)
+        return vectors
 
-    def _gather(self, picks: np.ndarray) -> np.ndarray:
-        """The picked buffer rows in the batch dtype, widened tile by tile while each tile is still in cache."""
+    def _gather(self, rows: np.ndarray) -> np.ndarray:
         if self.dtype == self._storage:
-            return np.take(self._raw, picks, axis=0).view(self._storage)
-        out = np.empty((len(picks), self._ds.d_model), self.dtype)
-        tile = self._scratch()
-        wide = out.view(np.uint32) if self._bfloat16 else out
-        for start in range(0, len(picks), _TILE_ROWS):
-            chunk = picks[start:start + _TILE_ROWS]
-            rows = tile[:len(chunk)]
-            np.take(self._raw, chunk, axis=0, out=rows)
-            if self._bfloat16:  # bfloat16 -> float32 is the same bits in the high half of the word: exact
-                np.left_shift(rows, 16, out=wide[start:start + len(chunk)], dtype=np.uint32)
-            else:
-                wide[start:start + len(chunk)] = rows.view(self._storage)
-        return out
-
-    def _move(self, sources: np.ndarray, targets: np.ndarray) -> None:
-        tile = self._scratch()
-        for start in range(0, len(sources), _TILE_ROWS):
-            chunk = sources[start:start + _TILE_ROWS]
-            np.take(self._raw, chunk, axis=0, out=tile[:len(chunk)])
-            self._raw[targets[start:start + _TILE_ROWS]] = tile[:len(chunk)]
+            return np.take(self._raw, rows, axis=0).view(self._storage)
+        if self._bfloat16:  # bfloat16 -> float32 is the same bits in the high half of the word: exact
+            if self._widen is not None:
+                return self._widen(self._raw, rows)
+            if self._tile is None:
+                self._tile = np.empty((_TILE_ROWS, self._ds.d_model), self._raw.dtype)
+            return gather_kernel.gather_widen_numpy(self._raw, rows, self._tile)
+        return dtypes.widen(np.take(self._raw, rows, axis=0).view(self._storage), self.dtype)
 
     def __next__(self):
         while not self._done:

@@ -141,6 +141,31 @@ def test_every_token_once_per_epoch_across_disjoint_ranks(output):
             np.testing.assert_array_equal(bits(x), bits(np.stack([truth[k] for k in keys_of(cols)])))
 
 
+@pytest.mark.parametrize("kernel", ["compiled", "numpy"])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_float32_batches_are_the_stored_vectors_widened(output, monkeypatch, kernel, shuffle):
+    """Vectors go into freed rows of the loader's store and come out widened by the compiled gather or numpy's:
+    over epochs (every row reused many times) each batch row is its token's stored vector, exactly."""
+    from pipeline import gather_kernel
+
+    if kernel == "numpy":
+        monkeypatch.setenv(gather_kernel.KERNEL_ENV, "numpy")
+    elif gather_kernel.load() is None:
+        pytest.skip("no C compiler here: the numpy path serves")
+    ds = open_activations(output.root)
+    truth = output.truth[("resid_post", 1)]
+    loader = ds.batches("resid_post", 1, 6, with_metadata=True, epochs=3, buffer_tokens=14, shuffle=shuffle,
+                        drop_last=False)
+    assert (loader._widen is None) == (kernel == "numpy")
+    seen = Counter()
+    for x, cols in loader:
+        assert x.dtype == np.float32
+        want = np.stack([truth[k] for k in keys_of(cols)]).astype(np.float32)
+        np.testing.assert_array_equal(x.view(np.uint32), want.view(np.uint32))
+        seen.update(keys_of(cols))
+    assert seen == Counter({k: 3 for k in truth})
+
+
 def test_drop_last_drops_only_the_final_partial_batch(output):
     ds = open_activations(output.root)
     total = ds.num_tokens("resid_post", 1)
@@ -204,7 +229,8 @@ def test_memory_is_the_buffer_plus_a_row_group(output):
     loader = ds.batches("resid_post", 1, 4, buffer_tokens=16, readahead=0)
     next(loader)
     largest = max(u.rows for u in ds.units("resid_post", 1))
-    assert loader._vectors.shape == (16 + largest, D_MODEL) and loader._vectors.dtype == BF16
+    assert loader._raw.shape == (16 + largest, D_MODEL) and loader._raw.itemsize == np.dtype(BF16).itemsize
+    assert loader._slot.shape == loader._free.shape == (16 + largest,)  # indices, not vectors, move
 
 
 def test_bad_arguments_name_what_is_wrong(output):

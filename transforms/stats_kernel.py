@@ -6,25 +6,19 @@ reads every value once and keeps the per-dimension accumulators in L1 cache. The
 (bfloat16 and float16 bits shifted into float32, then float64), updates the per-dimension min, max, float64 sum
 and sum of squares, and sums each row's squares in numpy's own pairwise order (numpy's `pairwise_sum`, copied), so
 that a token's squared norm is bit for bit what `numpy.add.reduce` of the float64 squares gives. `load()`
-compiles it with the system's C compiler into a private temporary folder once per process and checks it against
-numpy on fixed random data before use: rows bit for bit, extrema equal, sums to 1e-12. Without a compiler, or if
-the check fails (a numpy whose pairwise order differs, say), `load()` returns None and the caller keeps its numpy
-path, whose results agree.
+compiles it once per process (transforms.native) and checks it against numpy on fixed random data before use:
+rows bit for bit, extrema equal, sums to 1e-12. Without a compiler, or if the check fails (a numpy whose pairwise
+order differs, say), `load()` returns None and the caller keeps its numpy path, whose results agree.
 
 ctypes releases the GIL during the call, so writer threads compute statistics in parallel.
 """
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
 
 import numpy as np
+
+from transforms import native
 
 # Set to "numpy" to skip the compiled loop (tests compare both paths).
 KERNEL_ENV = "ARC_ACTIVATIONS_STATS_KERNEL"
@@ -98,10 +92,7 @@ void stats_f32(const float *restrict x, int64_t n, int64_t d, float *restrict mn
 """
 
 # -ffp-contract=off: no fused multiply-adds, so the squares and the pairwise sums round as numpy's do.
-_FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC"]
-_lock = threading.Lock()
-_state: dict = {}
-log = logging.getLogger(__name__)
+_FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math"]
 
 
 class Kernel:
@@ -125,23 +116,6 @@ class Kernel:
         return mn, mx, total, squares, rows
 
 
-def _compile(folder: str) -> ctypes.CDLL:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        raise OSError("no C compiler (cc, gcc or $CC) found")
-    source, library = os.path.join(folder, "stats_kernel.c"), os.path.join(folder, "stats_kernel.so")
-    with open(source, "w") as handle:
-        handle.write(_SOURCE)
-    errors = []
-    # Built on and for this machine (and process) only, so its own instruction set is safe to use.
-    for flags in (_FLAGS + ["-march=native"], _FLAGS):
-        done = subprocess.run([compiler, *flags, "-o", library, source], capture_output=True, text=True)
-        if done.returncode == 0:
-            return ctypes.CDLL(library)
-        errors.append(done.stderr.strip()[-500:])
-    raise OSError(f"{compiler} failed: {errors[-1]}")
-
-
 def _self_check(kernel: Kernel) -> None:
     """The kernel against numpy on fixed random data of a few widths (both sides of numpy's 8 and 128)."""
     import ml_dtypes
@@ -159,21 +133,13 @@ def _self_check(kernel: Kernel) -> None:
                 raise ValueError(f"compiled statistics disagree with numpy ({kind}, d_model {d})")
 
 
+def _build() -> Kernel:
+    kernel = Kernel(native.compile_library("stats_kernel", _SOURCE, _FLAGS))
+    _self_check(kernel)
+    return kernel
+
+
 def load() -> Kernel | None:
     """The checked kernel, or None (no compiler, a failed check, or KERNEL_ENV=numpy): use numpy then."""
-    if os.environ.get(KERNEL_ENV, "").strip().lower() == "numpy" or sys.byteorder != "little":
-        return None
-    with _lock:
-        if "kernel" not in _state:
-            _state["kernel"] = None
-            try:
-                folder = tempfile.mkdtemp(prefix="arc-activations-stats-")
-                try:
-                    kernel = Kernel(_compile(folder))
-                finally:
-                    shutil.rmtree(folder, ignore_errors=True)  # the loaded library stays mapped
-                _self_check(kernel)
-                _state["kernel"] = kernel
-            except (OSError, ValueError, subprocess.SubprocessError) as error:
-                log.warning("statistics use numpy (about 3x slower, same results): %s", error)
-        return _state["kernel"]
+    return native.load_kernel("stats_kernel", KERNEL_ENV, _build,
+                              "statistics use numpy (about 3x slower, same results)")
