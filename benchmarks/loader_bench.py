@@ -60,10 +60,11 @@ def write(root: str, tokens: int, d_model: int, samples_per_shard: int, compress
     return {"tokens": written, "shards": shard, "activation_bytes": size, "write_s": time.perf_counter() - started}
 
 
-def read(root: str, batch_tokens: int, buffer_tokens: int | None, dtype: str, readahead: int) -> dict:
+def read(root: str, batch_tokens: int, buffer_tokens: int | None, dtype: str, readahead: int,
+         check_pages: bool = True) -> dict:
     from pipeline.dataset import open_activations
 
-    ds = open_activations(root)
+    ds = open_activations(root, check_pages=check_pages)
     before = _rss_bytes()
     loader = ds.batches("resid_post", 6, batch_tokens, dtype=dtype, buffer_tokens=buffer_tokens,
                         readahead=readahead, drop_last=False)
@@ -79,7 +80,8 @@ def read(root: str, batch_tokens: int, buffer_tokens: int | None, dtype: str, re
     itemsize = 2
     return {"tokens": tokens, "batches": batches, "seconds": round(seconds, 3), "tok_s": round(tokens / seconds),
             "cpu_s": round(cpu, 3), "tok_per_cpu_s": round(tokens / cpu), "load_average": os.getloadavg()[0],
-            "buffer_tokens": loader.buffer_tokens, "buffer_bytes": loader._capacity * ds.d_model * itemsize,
+            "buffer_tokens": loader.buffer_tokens, "store_bytes": loader._capacity * ds.d_model * itemsize,
+            "check_pages": check_pages, "readahead": readahead, "compiled_gather": loader._widen is not None,
             "rss_before_loader": before, "rss_peak": peak, "rss_growth": peak - before,
             "num_tokens": ds.num_tokens("resid_post", 6), "row_groups": len(ds.units("resid_post", 6))}
 
@@ -95,7 +97,8 @@ while True:
 """
 
 
-def through_emulator(root: str, batch_tokens: int, buffer_tokens: int | None, dtype: str, readahead: int) -> dict:
+def through_emulator(root: str, batch_tokens: int, buffer_tokens: int | None, dtype: str, readahead: int,
+                     check_pages: bool = True) -> dict:
     import socket
     import subprocess
 
@@ -117,7 +120,7 @@ def through_emulator(root: str, batch_tokens: int, buffer_tokens: int | None, dt
                 path = os.path.join(folder, name)
                 bucket.blob("out/" + os.path.relpath(path, root)).upload_from_filename(path)
         upload_s = time.perf_counter() - started
-        result = read("gs://loader-bench/out", batch_tokens, buffer_tokens, dtype, readahead)
+        result = read("gs://loader-bench/out", batch_tokens, buffer_tokens, dtype, readahead, check_pages)
         return {**result, "upload_s": round(upload_s, 1)}
     finally:
         server.terminate()
@@ -146,13 +149,17 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--readahead", type=int, default=1)
     parser.add_argument("--compression", default="none", help="write: the activation column's codec")
+    parser.add_argument("--no_check_pages", action="store_true",
+                        help="read, gcs: open_activations(check_pages=False), no CRC check of each page")
     args = parser.parse_args(argv)
     if args.mode == "write":
         result = write(args.root, args.tokens, args.d_model, args.samples_per_shard, args.compression)
     elif args.mode == "gcs":
-        result = through_emulator(args.root, args.batch_tokens, args.buffer_tokens, args.dtype, args.readahead)
+        result = through_emulator(args.root, args.batch_tokens, args.buffer_tokens, args.dtype, args.readahead,
+                                  not args.no_check_pages)
     else:
-        result = read(args.root, args.batch_tokens, args.buffer_tokens, args.dtype, args.readahead)
+        result = read(args.root, args.batch_tokens, args.buffer_tokens, args.dtype, args.readahead,
+                      not args.no_check_pages)
     print(json.dumps(result))
     return 0
 

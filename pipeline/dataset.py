@@ -188,17 +188,21 @@ class _Unit:
     rows: int
 
 
-def open_activations(output: str, *, check_sha256: bool = False) -> "ActivationDataset":
-    """Opens a local or gs:// OUTPUT of `python -m pipeline.run` for reading (see the module docstring)."""
-    return ActivationDataset(output, check_sha256=check_sha256)
+def open_activations(output: str, *, check_sha256: bool = False, check_pages: bool = True) -> "ActivationDataset":
+    """Opens a local or gs:// OUTPUT of `python -m pipeline.run` for reading (see the module docstring).
+    check_sha256 hashes every committed file now; check_pages (the default) verifies each Parquet page's CRC as it
+    is read, which costs more than decoding itself: pass False to train from an output that `pipeline.verify`
+    has already checked (docs/format.md, "Reading with pipeline.dataset")."""
+    return ActivationDataset(output, check_sha256=check_sha256, check_pages=check_pages)
 
 
 class ActivationDataset:
     """The committed activations of one output. Cheap to pickle (DataLoader workers reopen files themselves)."""
 
-    def __init__(self, output: str, *, check_sha256: bool = False):
+    def __init__(self, output: str, *, check_sha256: bool = False, check_pages: bool = True):
         self._store = _store(output)
         self.output = str(self._store)
+        self.check_pages = bool(check_pages)
         self._footers: dict[str, pq.FileMetaData] = {}
         self._units: dict[tuple[str, int], list[_Unit]] = {}
         self._sample_fields: pa.Table | None = None
@@ -331,7 +335,7 @@ class ActivationDataset:
         """The samples table of every committed shard (one row per sample), in shard order."""
         def read(relpath):
             with self._store.open(relpath) as handle:
-                return pq.read_table(handle, columns=columns, page_checksum_verification=True)
+                return pq.read_table(handle, columns=columns, page_checksum_verification=self.check_pages)
         tables = fmt.parallel_map(read, self.samples_files)
         return pa.concat_tables(t.replace_schema_metadata(None) for t in tables)
 
@@ -394,10 +398,17 @@ class ActivationDataset:
     def read_unit(self, unit: _Unit, where, join: bool, metadata: bool
                    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray] | None]:
         """(vectors in the storage dtype, the rows' indices in their row group, token columns or None)."""
+        try:
+            return self._read_unit(unit, where, join, metadata)
+        except (OSError, pa.ArrowException) as err:
+            raise ValueError(f"{self._store.path(unit.file.path)}, row group {unit.row_group}: {err}; the file is "
+                             f"damaged: run python -m pipeline.verify {self.output} --repair") from err
+
+    def _read_unit(self, unit: _Unit, where, join: bool, metadata: bool):
         footer = self._footer(unit.file)
         with self._store.open(unit.file.path) as handle:
             reader = pq.ParquetFile(handle, metadata=footer, buffer_size=_READ_BUFFER,
-                                    page_checksum_verification=True)
+                                    page_checksum_verification=self.check_pages)
             rows = np.arange(unit.rows, dtype=np.int64)
             tokens = None
             if where is not None or metadata:

@@ -4,14 +4,17 @@ adapters (public contract: docs/format.md, "Reading with pipeline.dataset").
 The unit of work is one row group of one file. An epoch is a seeded permutation of every (file, row group) of the
 hook and layer across the whole output; rank r of w takes the units at positions r, r+w, ... of it, so ranks are
 disjoint and together cover every token once. Each rank streams its units into a buffer of `buffer_tokens` and
-draws each batch uniformly at random from it (a shuffle buffer at batch granularity). A vector is copied once
-into the buffer and once out of it: the buffer's order lives in an index (`_slot`: position -> row of the vector
-store), so drawing a batch moves indices, not vectors, and the rows it frees take the next unit's vectors. The iterator's state is
-explicit (epoch, units consumed, the identity of every buffered token, the random generator's state), so
-`load_state_dict` rebuilds the buffer by rereading only the units it came from and yields exactly the batches that
-were left. Memory: the buffer plus the row groups being decoded (`readahead`).
+draws each batch uniformly at random from it (a shuffle buffer at batch granularity).
 
-Imports numpy and pyarrow only; torch inside `torch_dataset_class`, JAX in the dataset's `jax_batches`.
+A vector is copied once into the buffer and once out of it: the buffer's order lives in an index (`_slot`:
+position -> row of the vector store), so drawing a batch moves indices, not vectors, and the rows it frees take
+the next unit's vectors; `readahead` threads decode the next units and copy them into rows reserved for them.
+The iterator's state is explicit (epoch, units consumed, the identity of every buffered token, the random
+generator's state), so `load_state_dict` rebuilds the buffer by rereading only the units it came from and yields
+exactly the batches that were left. Memory: the store (the buffer plus 1 + `readahead` row groups) and the row
+groups being decoded.
+
+Imports numpy (and pyarrow through the dataset) only; torch inside `torch_dataset_class`, JAX in the dataset's `jax_batches`.
 """
 from __future__ import annotations
 
@@ -21,7 +24,6 @@ import json
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
 
 from model import dtypes
 from pipeline import gather_kernel
@@ -92,8 +94,10 @@ class ActivationBatches:
                 f"most {len(self._units)} ranks (x DataLoader workers)")
         self._fingerprint = hashlib.sha1(json.dumps(
             [(u.file.path, u.file.sha256, u.row_group, u.rows) for u in self._units]).encode()).hexdigest()
-        # The buffer holds up to buffer_tokens plus one row group; allocated on first use.
-        self._capacity = (self.buffer_tokens if self.shuffle else self.batch_tokens) + max(u.rows for u in self._units)
+        # The store holds up to buffer_tokens plus the row group being appended and the `readahead` ones being
+        # copied in by threads; allocated on first use.
+        self._capacity = (self.buffer_tokens if self.shuffle else self.batch_tokens) + (1 + self.readahead) * max(
+            u.rows for u in self._units)
         self._raw = self._tile = self._slot = self._free = None
         self._free_count = 0
         self._widen = gather_kernel.load() if self._bfloat16 and self.dtype != self._storage else None
@@ -101,7 +105,7 @@ class ActivationBatches:
         self._unit_of = np.zeros(0, np.int64)
         self._row_of = np.zeros(0, np.int64)
         self._pool = None
-        self._pending: dict[int, concurrent.futures.Future] = {}
+        self._pending: dict[int, tuple[concurrent.futures.Future, np.ndarray]] = {}  # unit -> (copy, its rows)
         self._reset(epoch=0)
 
     # ------------------------------------------------------------------------------------ state
@@ -114,10 +118,10 @@ class ActivationBatches:
         self._done = self.epochs is not None and epoch >= self.epochs
         self._order = self._epoch_order(epoch)
         self._rng = np.random.default_rng([self.seed, epoch, self.rank, self.world_size])
+        self._cancel_pending()  # before the rows their threads write into are handed out again
         self._free_count = 0 if self._free is None else self._capacity
         if self._free is not None:
             self._free[:] = np.arange(self._capacity - 1, -1, -1)
-        self._cancel_pending()
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         everything = (np.random.default_rng([self.seed, epoch]).permutation(len(self._units)) if self.shuffle
@@ -203,25 +207,46 @@ class ActivationBatches:
         return self._ds.read_unit(self._units[unit], self._where, self._join, self.with_metadata)
 
     def _cancel_pending(self) -> None:
-        for future in self._pending.values():
+        futures = [future for future, _ in self._pending.values()]
+        for future in futures:
             future.cancel()
+        concurrent.futures.wait(futures)  # a running copy must not outlive its rows
         self._pending = {}
 
+    def _load(self, unit: int, store: np.ndarray):
+        """Decodes `unit` and copies its vectors into rows `store` of the vector store (reserved for it, at least
+        as many as the unit has rows); returns (the rows used, row indices in the row group, token columns)."""
+        values, rows, columns = self._decode(unit)
+        store = store[:len(rows)]
+        if len(rows) and store[-1] - store[0] == len(rows) - 1:  # contiguous rows: one block copy
+            self._raw[store[0]:store[0] + len(rows)] = values.view(self._raw.dtype)
+        else:
+            self._raw[store] = values.view(self._raw.dtype)
+        return store, rows, columns
+
     def _next_unit(self):
-        """Decodes the unit at the cursor, with the next `readahead` ones decoding on threads meanwhile."""
+        """Loads the unit at the cursor into the store; the next `readahead` units are decoded and copied into rows
+        reserved for them by threads meanwhile (numpy and Arrow release the GIL while they copy and decode)."""
         if self.readahead and self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.readahead, thread_name_prefix="activations")
         wanted = [int(u) for u in self._order[self._cursor:self._cursor + 1 + self.readahead]]
         if self._pool is not None:
             for unit in wanted[1:]:
                 if unit not in self._pending:
-                    self._pending[unit] = self._pool.submit(self._decode, unit)
+                    reserved = self._claim(self._units[unit].rows)
+                    self._pending[unit] = (self._pool.submit(self._load, unit, reserved), reserved)
         unit = wanted[0]
-        future = self._pending.pop(unit, None)
-        return unit, (future.result() if future is not None else self._decode(unit))
+        future, reserved = self._pending.pop(unit, (None, None))
+        if future is None:
+            reserved = self._claim(self._units[unit].rows)
+            store, rows, columns = self._load(unit, reserved)
+        else:
+            store, rows, columns = future.result()
+        self._release(reserved[len(store):])  # rows `where` left unused
+        return unit, store, rows, columns
 
     def _append(self) -> None:
-        unit, (values, rows, columns) = self._next_unit()
+        unit, store, rows, columns = self._next_unit()
         self._cursor += 1
         n = len(rows)
         if self._head:  # FIFO mode: move what is left to the front before appending
@@ -231,21 +256,14 @@ class ActivationBatches:
                 index[:size] = index[live]
             self._head, self._count = 0, size
         end = self._count + n
-        store = self._claim(n)
-        if n and store[-1] - store[0] == n - 1:  # contiguous rows: one block copy
-            self._raw[store[0]:store[0] + n] = values.view(self._raw.dtype)
-        else:
-            self._raw[store] = values.view(self._raw.dtype)
         self._slot[self._count:end] = store
         self._unit_of[self._count:end] = unit
         self._row_of[self._count:end] = rows
         for name, column in (columns or {}).items():
             self._column(name, column.dtype)[self._count:end] = column
         self._count = end
-        del values, rows, columns
-        # Arrow's allocator keeps freed row groups for reuse; hand them back so memory stays at the buffer plus
-        # the row groups in flight.
-        pa.default_memory_pool().release_unused()
+        # Arrow's allocator keeps the freed row group for the next decode to reuse, which costs less than handing
+        # it back and faulting its pages in again (docs/format.md, "The loader's rate").
 
     def _emit(self, n: int):
         """Removes the next batch's n tokens from the buffer and returns them."""

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import ml_dtypes
 import numpy as np
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from model.dtypes import storage_numpy_dtype
@@ -142,10 +143,11 @@ def test_every_token_once_per_epoch_across_disjoint_ranks(output):
 
 
 @pytest.mark.parametrize("kernel", ["compiled", "numpy"])
-@pytest.mark.parametrize("shuffle", [True, False])
-def test_float32_batches_are_the_stored_vectors_widened(output, monkeypatch, kernel, shuffle):
-    """Vectors go into freed rows of the loader's store and come out widened by the compiled gather or numpy's:
-    over epochs (every row reused many times) each batch row is its token's stored vector, exactly."""
+@pytest.mark.parametrize("shuffle, readahead", [(True, 2), (False, 0)])
+def test_float32_batches_are_the_stored_vectors_widened(output, monkeypatch, kernel, shuffle, readahead):
+    """Vectors go into freed rows of the loader's store (copied there by readahead threads or inline) and come out
+    widened by the compiled gather or numpy's: over epochs (every row reused many times) each batch row is its
+    token's stored vector, exactly."""
     from pipeline import gather_kernel
 
     if kernel == "numpy":
@@ -155,7 +157,7 @@ def test_float32_batches_are_the_stored_vectors_widened(output, monkeypatch, ker
     ds = open_activations(output.root)
     truth = output.truth[("resid_post", 1)]
     loader = ds.batches("resid_post", 1, 6, with_metadata=True, epochs=3, buffer_tokens=14, shuffle=shuffle,
-                        drop_last=False)
+                        drop_last=False, readahead=readahead)
     assert (loader._widen is None) == (kernel == "numpy")
     seen = Counter()
     for x, cols in loader:
@@ -287,6 +289,23 @@ def test_truncated_or_corrupt_committed_files_are_refused(output, tmp_path):
     os.remove(victim)
     with pytest.raises(ValueError, match=f"{os.path.basename(victim)} is listed by the commit markers but missing"):
         open_activations(root)
+
+
+def test_a_damaged_page_is_refused_unless_page_checks_are_off(output, tmp_path):
+    root = copy_output(output, tmp_path)
+    folder = os.path.join(root, "activations", "hook=resid_post", "layer=1")
+    victim = os.path.join(folder, sorted(os.listdir(folder))[0])
+    data = bytearray(open(victim, "rb").read())
+    footer = pq.ParquetFile(victim).metadata
+    chunk = footer.row_group(0).column(footer.schema.to_arrow_schema().get_field_index(
+        output_format.ACTIVATION_COLUMN))
+    data[chunk.data_page_offset + chunk.total_compressed_size - 3] ^= 0x40  # a value in the chunk's last page
+    open(victim, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match=f"{os.path.basename(victim)}, row group .*CRC.*pipeline.verify"):
+        list(open_activations(root).batches("resid_post", 1, 8, readahead=0))
+    unchecked = open_activations(root, check_pages=False)
+    assert sum(len(b) for b in unchecked.batches("resid_post", 1, 8, drop_last=False)) == unchecked.num_tokens(
+        "resid_post", 1)  # read, altered: what a trainer gets when nothing checks the pages
 
 
 def test_shards_that_disagree_on_storage_dtype_are_refused(output, tmp_path, small_row_groups):
