@@ -24,6 +24,7 @@ import json
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
 
 from model import dtypes
 from pipeline import gather_kernel
@@ -222,6 +223,12 @@ class ActivationBatches:
             self._raw[store[0]:store[0] + len(rows)] = values.view(self._raw.dtype)
         else:
             self._raw[store] = values.view(self._raw.dtype)
+        if self.readahead:
+            # With several row groups decoding at once Arrow's allocator would keep each one's memory for reuse;
+            # handing it back (on this thread, beside the batches being drawn) keeps memory at the store plus the
+            # row groups in flight. Alone, the next decode reuses it, which is cheaper.
+            del values
+            pa.default_memory_pool().release_unused()
         return store, rows, columns
 
     def _next_unit(self):
@@ -262,8 +269,6 @@ class ActivationBatches:
         for name, column in (columns or {}).items():
             self._column(name, column.dtype)[self._count:end] = column
         self._count = end
-        # Arrow's allocator keeps the freed row group for the next decode to reuse, which costs less than handing
-        # it back and faulting its pages in again (docs/format.md, "The loader's rate").
 
     def _emit(self, n: int):
         """Removes the next batch's n tokens from the buffer and returns them."""
