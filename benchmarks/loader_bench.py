@@ -127,6 +127,30 @@ def through_emulator(root: str, batch_tokens: int, buffer_tokens: int | None, dt
         server.wait(timeout=30)
 
 
+_TIMED_STEPS = ("_decode", "_load", "_take", "_gather")
+
+
+def timed_steps():
+    """Wraps the loader's steps with wall-clock timers (they nest: _load holds _decode, _take holds _gather);
+    returns the dict the seconds accumulate in. For --phases only: the timers cost a little themselves."""
+    from pipeline.loader import ActivationBatches
+
+    seconds = dict.fromkeys(_TIMED_STEPS, 0.0)
+
+    def timer(name, step):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return step(*args, **kwargs)
+            finally:
+                seconds[name] += time.perf_counter() - started
+        return timed
+
+    for name in _TIMED_STEPS:
+        setattr(ActivationBatches, name, timer(name, getattr(ActivationBatches, name)))
+    return seconds
+
+
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -149,6 +173,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--readahead", type=int, default=1)
     parser.add_argument("--compression", default="none", help="write: the activation column's codec")
+    parser.add_argument("--phases", action="store_true",
+                        help="read: also report microseconds per token in decoding (_decode), copying into the "
+                             "store (_load less _decode) and gathering and widening (_gather)")
     parser.add_argument("--no_check_pages", action="store_true",
                         help="read, gcs: open_activations(check_pages=False), no CRC check of each page")
     args = parser.parse_args(argv)
@@ -158,8 +185,13 @@ def main(argv=None) -> int:
         result = through_emulator(args.root, args.batch_tokens, args.buffer_tokens, args.dtype, args.readahead,
                                   not args.no_check_pages)
     else:
+        steps = timed_steps() if args.phases else None
         result = read(args.root, args.batch_tokens, args.buffer_tokens, args.dtype, args.readahead,
                       not args.no_check_pages)
+        if steps is not None:
+            per_token = {name: round(value / result["tokens"] * 1e6, 3) for name, value in steps.items()}
+            per_token["copy_into_store"] = round(per_token["_load"] - per_token["_decode"], 3)
+            result["us_per_token"] = per_token
     print(json.dumps(result))
     return 0
 
