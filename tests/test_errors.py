@@ -1,6 +1,7 @@
 """A failed run ends with one line on stderr naming the file or path, what is wrong and what to do, and the log
-that holds the full traceback; SIGINT exits 130 and SIGTERM keeps Python's default. Real `python -m pipeline.run`
-runs for what a tiny checkpoint can show, unit tests of the exception walking for the rest."""
+that holds the full traceback; SIGINT exits 130 and SIGTERM keeps Python's default. Runs of pipeline.run on a tiny
+checkpoint for what it can show (real processes where a signal is sent), unit tests of the exception walking for the
+rest."""
 from __future__ import annotations
 
 import errno
@@ -23,7 +24,8 @@ CONTEXT = RunContext(output="/data/acts", batch_size=8, max_seq_len=8192)
 
 # Runs `python -m pipeline.run` (its __main__ block, through runpy) after injecting a fault where the named
 # function is called: FAULT=enospc|oom|slow_write. slow_write prints WRITING and stalls the first write, so a
-# signal can be sent while the pipeline is busy.
+# signal can be sent while the pipeline is busy. The fixture runs enospc and oom in this process (the same
+# patches); the launcher keeps them so that any fault can be reproduced from a shell.
 LAUNCHER = textwrap.dedent("""
     import errno, os, runpy, sys, time
 
@@ -84,11 +86,44 @@ def _collect(process: subprocess.Popen, send: signal.Signals | None, result: dic
     result.update(status=process.wait(), stderr="".join(lines), signalled=sent)
 
 
+def run_in_process(model, dataset, output, fault) -> dict:
+    """``run_main(pipeline.run.main)`` in this process with the launcher's fault injected: the one line and the
+    log are the same as the CLI's, without a process start per fault."""
+    import contextlib
+    import io
+
+    import jax
+
+    import transforms.write as write
+    from model.qwen2 import HookedQwen
+    from pipeline.errors import run_main
+    from pipeline.run import main
+
+    def full_disk(data, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def out_of_memory(self, *args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 12.50GiB.")
+
+    stderr = io.StringIO()
+    sigint = signal.getsignal(signal.SIGINT)  # run_main leaves SIGINT at its default action after a failure
+    try:
+        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(stderr):
+            if fault == "enospc":
+                patch.setattr(write, "_upload", full_disk)
+            if fault == "oom":
+                patch.setattr(HookedQwen, "run", out_of_memory)
+            status = run_main(main, run_args(model, dataset, output))
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    return dict(status=status, stderr=stderr.getvalue(), signalled=False)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_checkpoint):
-    """Six runs started together (they spend most of their time importing and loading): a truncated
-    model.safetensors, a corrupt tokenizer.json, a full disk, device memory exhausted, and a run stopped by
-    SIGINT and one by SIGTERM while writing."""
+    """A truncated model.safetensors, a corrupt tokenizer.json, a full disk and device memory exhausted, run in
+    this process; a run stopped by SIGINT and one by SIGTERM while writing, as real processes (signals and exit
+    statuses are the CLI's), started first so that they load while the others run."""
     import threading
 
     work = tmp_path_factory.mktemp("errors")
@@ -101,27 +136,25 @@ def runs(tmp_path_factory, tiny_checkpoint):
     shutil.copytree(tiny_checkpoint, broken_tokenizer)
     tokenizer = broken_tokenizer / "tokenizer.json"
     tokenizer.write_bytes(tokenizer.read_bytes()[:1000])
-    module = [sys.executable, "-m", "pipeline.run"]
     launcher = [sys.executable, "-c", LAUNCHER]
-    plans = {  # name: (command, model, fault, signal to send while it writes)
-        "truncated": (module, truncated, "none", None),
-        "tokenizer": (module, broken_tokenizer, "none", None),
-        "enospc": (launcher, tiny_checkpoint, "enospc", None),
-        "oom": (launcher, tiny_checkpoint, "oom", None),
-        "sigint": (launcher, tiny_checkpoint, "slow_write", signal.SIGINT),
-        "sigterm": (launcher, tiny_checkpoint, "slow_write", signal.SIGTERM),
-    }
     results, readers = {}, []
-    for name, (command, model, fault, send) in plans.items():
+    for name, send in (("sigint", signal.SIGINT), ("sigterm", signal.SIGTERM)):
         output = work / f"out-{name}"
-        process = subprocess.Popen([*command, *run_args(model, dataset, output)], cwd=ROOT,
-                                   env=dict(env(), FAULT=fault, STALL_S="5"), stdout=subprocess.DEVNULL,
+        process = subprocess.Popen([*launcher, *run_args(tiny_checkpoint, dataset, output)], cwd=ROOT,
+                                   env=dict(env(), FAULT="slow_write", STALL_S="2"), stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True)
-        results[name] = {"output": output, "weights": weights, "tokenizer": tokenizer}
+        results[name] = {"output": output}
         readers.append(threading.Thread(target=_collect, args=(process, send, results[name])))
         readers[-1].start()
+    plans = {"truncated": (truncated, "none"), "tokenizer": (broken_tokenizer, "none"),
+             "enospc": (tiny_checkpoint, "enospc"), "oom": (tiny_checkpoint, "oom")}
+    for name, (model, fault) in plans.items():
+        output = work / f"out-{name}"
+        results[name] = {"output": output, **run_in_process(model, dataset, output, fault)}
     for reader in readers:
         reader.join(timeout=900)
+    for result in results.values():
+        result.update(weights=weights, tokenizer=tokenizer)
     return results
 
 
