@@ -42,7 +42,7 @@ def run_here(*args: str, check: bool = True, env_extra: dict | None = None) -> s
     from pipeline.errors import run_main
     from pipeline.run import main
 
-    argv = ["--runner=DirectRunner", *args]
+    argv = [*args] if any(a.startswith("--runner=") for a in args) else ["--runner=DirectRunner", *args]
     stdout, stderr = io.StringIO(), io.StringIO()
     handler = logging.StreamHandler(stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
