@@ -162,7 +162,8 @@ def test_pipeline_runs_from_a_gs_checkpoint(gcs_emulator, remote_checkpoint, tmp
 
     run_here(f"--model={remote_checkpoint}", f"--dataset={dataset}", f"--output={output}", "--layers=1",
              "--hooks=resid_post", "--batch_size=2", "--max_seq_len=1024", "--progress_interval=0",
-             env_extra={"STORAGE_EMULATOR_HOST": gcs_emulator.host, checkpoint_cache.CACHE_ENV: str(tmp_path / "cache")})
+             env_extra={"STORAGE_EMULATOR_HOST": gcs_emulator.host,
+                        checkpoint_cache.CACHE_ENV: str(tmp_path / "cache")})
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["model"]["model"] == remote_checkpoint and manifest["counts"]["samples"] == 2
     assert manifest["model"]["path"] == str(cached_dirs(tmp_path / "cache")[0].resolve())

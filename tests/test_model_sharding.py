@@ -1,5 +1,6 @@
 """Sharded over a (data, model) mesh of 8 simulated CPU devices, the captured activations equal the single-device
-run (XLA attention, and the splash kernel under shard_map). The check runs in a subprocess because the device count must be set before JAX starts. The default run takes each code path once; the slow set runs every mesh."""
+run (XLA attention, and the splash kernel under shard_map). The check runs in a subprocess because the device count
+must be set before JAX starts. The default run takes each code path once; the slow set runs every mesh."""
 import json
 import os
 import subprocess
