@@ -33,6 +33,8 @@ FAULT = textwrap.dedent("""
         def rename(sources, destinations):
             if any("/samples/" in d for d in destinations):
                 commits["n"] += 1
+                if mode == "die" and commits["n"] >= fault_at:  # no commit lands after it, as after a kill
+                    raise RuntimeError("injected death at a commit")
                 if commits["n"] == fault_at:
                     if mode == "kill":
                         os.kill(os.getpid(), signal.SIGKILL)  # activation files are in place, the marker is not
@@ -98,6 +100,30 @@ def assert_same_rows(output, reference_rows):
     np.testing.assert_allclose(values, ref_values, rtol=1e-5, atol=1e-6)
 
 
+def test_a_run_that_dies_at_a_commit_then_resume_recomputes_only_what_is_missing(job, monkeypatch):
+    """The fast twin of the SIGKILL case below: the run fails in this process where that one is killed, before
+    its third commit marker lands, and --resume completes it."""
+    work, common, reference_rows = job
+    output = work / "died"
+    with monkeypatch.context() as patch:
+        inject_here(patch, "die", 3)
+        died = run_here(f"--output={output}", *common, check=False)
+    assert died.returncode == 1 and "injected death at a commit" in died.stderr
+    committed = sorted(p for p in (output / "samples").glob("*.parquet") if not p.name.startswith(".tmp"))
+    assert len(committed) == 2
+    committed_ids = set(ds.dataset(output / "samples").to_table().column("sample_id").to_pylist())
+
+    resumed = run_here(f"--output={output}", "--resume", *common)
+    assert "already committed" in resumed.stderr
+    assert all(path.exists() for path in committed)
+    assert committed_ids <= set(ds.dataset(output / "samples").to_table().column("sample_id").to_pylist())
+    assert_same_rows(output, reference_rows)
+    assert not list(output.rglob(".tmp*"))
+    verify = verify_here(output)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+@pytest.mark.slow
 def test_sigkill_then_resume_recomputes_only_what_is_missing(job):
     work, common, reference_rows = job
     output = work / "killed"
