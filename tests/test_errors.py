@@ -119,11 +119,18 @@ def run_in_process(model, dataset, output, fault) -> dict:
     return dict(status=status, stderr=stderr.getvalue(), signalled=False)
 
 
+def signalled_run(model, dataset, output) -> subprocess.Popen:
+    """The launcher with its first write stalled, so that a signal lands while the pipeline is busy writing."""
+    return subprocess.Popen([sys.executable, "-c", LAUNCHER, *run_args(model, dataset, output)], cwd=ROOT,
+                            env=dict(env(), FAULT="slow_write", STALL_S="2"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_checkpoint):
     """A truncated model.safetensors, a corrupt tokenizer.json, a full disk and device memory exhausted, run in
-    this process; a run stopped by SIGINT and one by SIGTERM while writing, as real processes (signals and exit
-    statuses are the CLI's), started first so that they load while the others run."""
+    this process; a run stopped by SIGINT while writing, as a real process (the signal and the exit status are
+    the CLI's), started first so that it loads while the others run."""
     import threading
 
     work = tmp_path_factory.mktemp("errors")
@@ -136,23 +143,16 @@ def runs(tmp_path_factory, tiny_checkpoint):
     shutil.copytree(tiny_checkpoint, broken_tokenizer)
     tokenizer = broken_tokenizer / "tokenizer.json"
     tokenizer.write_bytes(tokenizer.read_bytes()[:1000])
-    launcher = [sys.executable, "-c", LAUNCHER]
-    results, readers = {}, []
-    for name, send in (("sigint", signal.SIGINT), ("sigterm", signal.SIGTERM)):
-        output = work / f"out-{name}"
-        process = subprocess.Popen([*launcher, *run_args(tiny_checkpoint, dataset, output)], cwd=ROOT,
-                                   env=dict(env(), FAULT="slow_write", STALL_S="2"), stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, text=True)
-        results[name] = {"output": output}
-        readers.append(threading.Thread(target=_collect, args=(process, send, results[name])))
-        readers[-1].start()
+    results = {"sigint": {"output": work / "out-sigint"}}
+    process = signalled_run(tiny_checkpoint, dataset, results["sigint"]["output"])
+    reader = threading.Thread(target=_collect, args=(process, signal.SIGINT, results["sigint"]))
+    reader.start()
     plans = {"truncated": (truncated, "none"), "tokenizer": (broken_tokenizer, "none"),
              "enospc": (tiny_checkpoint, "enospc"), "oom": (tiny_checkpoint, "oom")}
     for name, (model, fault) in plans.items():
         output = work / f"out-{name}"
         results[name] = {"output": output, **run_in_process(model, dataset, output, fault)}
-    for reader in readers:
-        reader.join(timeout=900)
+    reader.join(timeout=900)
     for result in results.values():
         result.update(weights=weights, tokenizer=tokenizer)
     return results
@@ -176,8 +176,29 @@ def test_last_stderr_line_names_cause_and_fix(runs, name, start, advice):
     assert logged_at(line).parent == run["output"] / "_runs"
 
 
-def test_sigterm_keeps_the_default_immediate_end(runs):
-    run = runs["sigterm"]
+def test_a_run_leaves_sigterm_at_its_default_while_writing(tiny_checkpoint, tmp_path, monkeypatch):
+    """The fast twin of the SIGTERM case below: while a run in this process writes, SIGTERM still has Python's
+    default action, which ends the process at once."""
+    import transforms.write as write
+    from tests.test_end_to_end import run_here
+
+    dataset, _ = write_challenges(tmp_path / "challenges.json", count=1, bad=False)
+    original, seen = write._upload, []
+
+    def upload(data, path):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return original(data, path)
+
+    monkeypatch.setattr(write, "_upload", upload)
+    run_here(*run_args(tiny_checkpoint, dataset, tmp_path / "out"))
+    assert seen and all(handler == signal.SIG_DFL for handler in seen), seen
+
+
+@pytest.mark.slow
+def test_sigterm_keeps_the_default_immediate_end(tiny_checkpoint, tmp_path):
+    dataset, _ = write_challenges(tmp_path / "challenges.json", count=1, bad=False)
+    run = {}
+    _collect(signalled_run(tiny_checkpoint, dataset, tmp_path / "out"), signal.SIGTERM, run)
     assert run["signalled"] and run["status"] == -signal.SIGTERM, run["stderr"][-3000:]
     assert "error:" not in run["stderr"]
 
