@@ -79,16 +79,38 @@ def verify_here(*args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["pipeline.verify", *args], code, stdout.getvalue(), stderr.getvalue())
 
 
+def pipeline_process(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, NO_GCE_CHECK="true", HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-m", "pipeline.run", "--runner=DirectRunner", *args], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 @pytest.fixture(scope="module")
-def float32_run(tmp_path_factory, tiny_checkpoint):
+def cli_runs(tmp_path_factory, tiny_checkpoint):
+    """The two `python -m pipeline.run` processes of this module, started together (each spends most of its
+    time importing): the float32 run every read-back test uses, and one refused for an impossible layer."""
     work = tmp_path_factory.mktemp("e2e")
     dataset, tasks = write_challenges(work / "challenges.json", count=4, bad=True)
     output = work / "out"
-    done = run_pipeline(
+    run = pipeline_process(
         f"--model={tiny_checkpoint}", f"--dataset={dataset}", f"--output={output}", "--layers=all",
         f"--hooks={','.join(HOOKS)}", "--dtype=float32", "--batch_size=2", "--max_seq_len=2048",
         "--progress_interval=0")
-    return output, tasks, done
+    refused = pipeline_process(f"--model={tiny_checkpoint}", f"--output={work / 'refused'}", "--layers=7")
+    done = finished(run)
+    if done.returncode != 0:
+        raise AssertionError(f"pipeline.run failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}")
+    return {"float32": (output, tasks, done), "refused": finished(refused)}
+
+
+@pytest.fixture(scope="module")
+def float32_run(cli_runs):
+    return cli_runs["float32"]
 
 
 def test_every_activation_matches_transformers(float32_run, tiny_checkpoint):
@@ -158,9 +180,9 @@ def test_second_run_into_same_output_needs_resume(float32_run, tiny_checkpoint):
     assert "--activation_dtype" in done.stderr and "dtype: recorded 'float32'" in done.stderr
 
 
-def test_impossible_options_are_named(tiny_checkpoint, tmp_path):
+def test_impossible_options_are_named(tiny_checkpoint, tmp_path, cli_runs):
     # One through the CLI for its exit status; the rest fail the same way in this process.
-    done = run_pipeline(f"--model={tiny_checkpoint}", f"--output={tmp_path}", "--layers=7", check=False)
+    done = cli_runs["refused"]
     assert done.returncode == 2 and "7" in done.stderr and "layer" in done.stderr.lower()
     done = run_here(f"--model={tiny_checkpoint}", f"--output={tmp_path}", "--hooks=resid_middle", check=False)
     assert done.returncode == 2 and "resid_middle" in done.stderr
