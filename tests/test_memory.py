@@ -60,7 +60,7 @@ def _measured_peak(case) -> int:
     # dense attention dominates: [2, 4, 4096, 4096] float32 logits and their softmax
     ("random:tiny?layers=2", 2, 4096, ["resid_post"], [1], "float32", "xla_dense"),
     # flash attention: every hook of every layer dominates
-    # in the slow set: an expected failure cannot fail the default run, and it is two processes of a forward each
+    # in the slow set: an expected failure cannot fail the default run, and its probes are whole-forward processes
     pytest.param(("random:tiny", 8, 4096, list(HOOKS), [0, 1, 2, 3], "float32", "xla"), marks=[pytest.mark.xfail(
         strict=False, reason="the measured peak of this forward was 0.83-1.12 GiB alone and 2.15 GiB twice inside "
                              "the whole suite (estimate 0.97 GiB); the cause is not found (docs/model.md)"),

@@ -24,8 +24,8 @@ from transforms.write import activations_to_numpy
 
 WORDS = "grid cell row column pattern shape square line border corner fill copy move rotate".split()
 MAX_SEQ_LEN = 256
-# Each wave is two Beam pipelines, the cost of a pipeline run: five waves of this corpus (a small first one, then
-# full ones) show what more would, and the token budgets below still end in different waves.
+# Each wave costs two Beam pipeline runs: a few waves of this corpus (a small first one, then full ones) show what
+# more would, and the token budgets below still end in different waves.
 WAVE_BYTES = 12000
 
 
