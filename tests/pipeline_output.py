@@ -13,18 +13,17 @@ _OUTPUTS: dict[str, Path] = {}
 
 
 def pipeline_output(tmp_path_factory, tiny_checkpoint) -> Path:
-    """OUTPUT of `python -m pipeline.run` with hooks resid_post and mlp_out at layer 1, bfloat16 storage, two shards;
-    written once per session (the run takes most of a minute on two loaded cores)."""
-    from tests.test_end_to_end import run_pipeline
+    """OUTPUT of `pipeline.run` (in this process) with hooks resid_post and mlp_out at layer 1, bfloat16 storage,
+    two shards; written once per session."""
+    from tests.test_end_to_end import run_here
 
     key = str(tiny_checkpoint)
     if key not in _OUTPUTS:
         work = tmp_path_factory.mktemp("read-back")
         dataset, _ = write_challenges(work / "challenges.json", count=4, bad=True)
         output = work / "out"
-        run_pipeline(f"--model={tiny_checkpoint}", f"--dataset={dataset}", f"--output={output}",
-                     f"--layers={LAYER}", f"--hooks={','.join(HOOKS)}", "--batch_size=2", "--max_seq_len=2048",
-                     "--progress_interval=0")
+        run_here(f"--model={tiny_checkpoint}", f"--dataset={dataset}", f"--output={output}", f"--layers={LAYER}",
+                 f"--hooks={','.join(HOOKS)}", "--batch_size=2", "--max_seq_len=2048", "--progress_interval=0")
         _OUTPUTS[key] = output
     return _OUTPUTS[key]
 

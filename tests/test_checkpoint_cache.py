@@ -3,9 +3,6 @@ directory does; a truncated object is refused by name and no partial copy is eve
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -161,14 +158,12 @@ def test_pipeline_runs_from_a_gs_checkpoint(gcs_emulator, remote_checkpoint, tmp
 
     dataset, _ = write_challenges(tmp_path / "challenges.json", count=2, bad=False)
     output = tmp_path / "out"
-    env = dict(os.environ, NO_GCE_CHECK="true", HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-               STORAGE_EMULATOR_HOST=gcs_emulator.host, **{checkpoint_cache.CACHE_ENV: str(tmp_path / "cache")})
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.run", "--runner=DirectRunner", f"--model={remote_checkpoint}",
-         f"--dataset={dataset}", f"--output={output}", "--layers=1", "--hooks=resid_post", "--batch_size=2",
-         "--max_seq_len=1024", "--progress_interval=0"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-5000:]
+    from tests.test_end_to_end import run_here
+
+    run_here(f"--model={remote_checkpoint}", f"--dataset={dataset}", f"--output={output}", "--layers=1",
+             "--hooks=resid_post", "--batch_size=2", "--max_seq_len=1024", "--progress_interval=0",
+             env_extra={"STORAGE_EMULATOR_HOST": gcs_emulator.host,
+                        checkpoint_cache.CACHE_ENV: str(tmp_path / "cache")})
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["model"]["model"] == remote_checkpoint and manifest["counts"]["samples"] == 2
     assert manifest["model"]["path"] == str(cached_dirs(tmp_path / "cache")[0].resolve())

@@ -30,16 +30,87 @@ def run_pipeline(*args: str, check: bool = True, env_extra: dict | None = None) 
     return done
 
 
+def run_here(*args: str, check: bool = True, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """What run_pipeline returns, from `pipeline.run` run in this process (through run_main, as the CLI does):
+    a process start costs most of a tiny run, and JAX's compiled functions and the tokenizer are kept between
+    runs here. Log records land in stderr, as the CLI prints them."""
+    import contextlib
+    import io
+    import logging
+    import signal
+
+    from pipeline.errors import run_main
+    from pipeline.run import main
+
+    argv = [*args] if any(a.startswith("--runner=") for a in args) else ["--runner=DirectRunner", *args]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    level, sigint = root.level, signal.getsignal(signal.SIGINT)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout), \
+                contextlib.redirect_stderr(stderr):
+            for key, value in (env_extra or {}).items():
+                patch.setenv(key, value)
+            code = run_main(main, argv)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        signal.signal(signal.SIGINT, sigint)  # run_main leaves SIGINT at its default action after a failure
+    done = subprocess.CompletedProcess(["pipeline.run", *argv], code, stdout.getvalue(), stderr.getvalue())
+    if check and done.returncode != 0:
+        raise AssertionError(f"pipeline.run failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}")
+    return done
+
+
+def verify_here(*args: str) -> subprocess.CompletedProcess:
+    """`python -m pipeline.verify ARGS`, in this process."""
+    import contextlib
+    import io
+
+    from pipeline.verify import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(["pipeline.verify", *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+def pipeline_process(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, NO_GCE_CHECK="true", HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-m", "pipeline.run", "--runner=DirectRunner", *args], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 @pytest.fixture(scope="module")
-def float32_run(tmp_path_factory, tiny_checkpoint):
+def cli_runs(tmp_path_factory, tiny_checkpoint):
+    """The two `python -m pipeline.run` processes of this module, started together (each spends most of its
+    time importing): the float32 run every read-back test uses, and one refused for an impossible layer."""
     work = tmp_path_factory.mktemp("e2e")
     dataset, tasks = write_challenges(work / "challenges.json", count=4, bad=True)
     output = work / "out"
-    done = run_pipeline(
+    run = pipeline_process(
         f"--model={tiny_checkpoint}", f"--dataset={dataset}", f"--output={output}", "--layers=all",
         f"--hooks={','.join(HOOKS)}", "--dtype=float32", "--batch_size=2", "--max_seq_len=2048",
         "--progress_interval=0")
-    return output, tasks, done
+    refused = pipeline_process(f"--model={tiny_checkpoint}", f"--output={work / 'refused'}", "--layers=7")
+    done = finished(run)
+    if done.returncode != 0:
+        raise AssertionError(f"pipeline.run failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}")
+    return {"float32": (output, tasks, done), "refused": finished(refused)}
+
+
+@pytest.fixture(scope="module")
+def float32_run(cli_runs):
+    return cli_runs["float32"]
 
 
 def test_every_activation_matches_transformers(float32_run, tiny_checkpoint):
@@ -88,64 +159,74 @@ def test_counts_add_up_and_bad_record_is_dead_lettered(float32_run):
 
 def test_verify_accepts_the_output(float32_run):
     output, _, _ = float32_run
-    env = dict(os.environ, NO_GCE_CHECK="true", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-m", "pipeline.verify", str(output)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = verify_here(output)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_second_run_into_same_output_needs_resume(float32_run, tiny_checkpoint):
     output, _, _ = float32_run
-    done = run_pipeline(f"--model={tiny_checkpoint}", "--dataset=arc-agi-1:eval", f"--output={output}",
-                        "--max_samples=1", "--layers=0", check=False)
+    done = run_here(f"--model={tiny_checkpoint}", "--dataset=arc-agi-1:eval", f"--output={output}",
+                    "--max_samples=1", "--layers=0", check=False)
     assert done.returncode == 2
     assert "--resume" in done.stderr
     # --resume with other capture settings than the committed shards: refused before anything runs.
     common = [f"--model={tiny_checkpoint}", "--dataset=arc-agi-1:eval", f"--output={output}", "--resume",
               f"--hooks={','.join(HOOKS)}"]
-    done = run_pipeline(*common, "--layers=0", "--dtype=float32", check=False)
+    done = run_here(*common, "--layers=0", "--dtype=float32", check=False)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "samples/h000-" in done.stderr and "layers: recorded '0,1', this run '0' (pass --layers)" in done.stderr
-    done = run_pipeline(*common, "--layers=all", "--dtype=bfloat16", check=False)  # auto storage: bfloat16
+    done = run_here(*common, "--layers=all", "--dtype=bfloat16", check=False)  # auto storage: bfloat16
     assert done.returncode == 2 and "storage_dtype: recorded 'float32', this run 'bfloat16'" in done.stderr
     assert "--activation_dtype" in done.stderr and "dtype: recorded 'float32'" in done.stderr
 
 
-def test_impossible_options_are_named(tiny_checkpoint, tmp_path):
-    done = run_pipeline(f"--model={tiny_checkpoint}", f"--output={tmp_path}", "--layers=7", check=False)
+def test_impossible_options_are_named(tiny_checkpoint, tmp_path, cli_runs):
+    # One through the CLI for its exit status; the rest fail the same way in this process.
+    done = cli_runs["refused"]
     assert done.returncode == 2 and "7" in done.stderr and "layer" in done.stderr.lower()
-    done = run_pipeline(f"--model={tiny_checkpoint}", f"--output={tmp_path}", "--hooks=resid_middle", check=False)
+    done = run_here(f"--model={tiny_checkpoint}", f"--output={tmp_path}", "--hooks=resid_middle", check=False)
     assert done.returncode == 2 and "resid_middle" in done.stderr
-    done = run_pipeline(f"--model={tmp_path / 'nowhere'}", f"--output={tmp_path}", check=False)
+    done = run_here(f"--model={tmp_path / 'nowhere'}", f"--output={tmp_path}", check=False)
     assert done.returncode == 2 and "nowhere" in done.stderr
     common = [f"--model={tiny_checkpoint}", f"--output={tmp_path}", "--layers=0"]
-    done = run_pipeline(*common, f"--dataset={tmp_path / 'missing.jsonl'}", check=False)
+    done = run_here(*common, f"--dataset={tmp_path / 'missing.jsonl'}", check=False)
     assert done.returncode == 2 and "missing.jsonl" in done.stderr and "Traceback" not in done.stderr
-    done = run_pipeline(*common, "--dataset=arc-agi-1", "--grid_encoder=shape(foo)", check=False)
+    done = run_here(*common, "--dataset=arc-agi-1", "--grid_encoder=shape(foo)", check=False)
     assert done.returncode == 2 and "foo" in done.stderr and "Traceback" not in done.stderr
     # the default hub dataset, offline: a clear line in seconds that says how to pass a local copy
-    done = run_pipeline(*common, check=False)
+    done = run_here(*common, check=False)
     assert done.returncode == 2 and "--dataset=" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_multi_process_local_run_writes_every_sample_once(tiny_checkpoint, tmp_path):
-    """--direct_num_workers with multi_processing: separate SDK worker processes, each loading its own model."""
-    dataset, tasks = write_challenges(tmp_path / "challenges.json", count=4, bad=False)
-    output = tmp_path / "out"
-    done = run_pipeline(
-        f"--model={tiny_checkpoint}", f"--dataset={dataset}", f"--output={output}", "--layers=1",
-        "--hooks=resid_post", "--batch_size=1", "--max_seq_len=1024", "--progress_interval=0",
-        "--direct_num_workers=2", "--direct_running_mode=multi_processing")
+def check_every_sample_once(done, output):
     summary = json.loads(done.stdout[done.stdout.index("{"):])
     assert summary["samples_written"] == 4 and summary["records_read"] == 4
     samples = ds.dataset(output / "samples", format="parquet").to_table()
     assert sorted(samples.column("sample_id").to_pylist()) == sorted(set(samples.column("sample_id").to_pylist()))
     acts = ds.dataset(output / "activations", format="parquet", partitioning="hive").to_table()
     assert acts.num_rows == sum(samples.column("num_tokens").to_pylist())
-    verify = subprocess.run([sys.executable, "-m", "pipeline.verify", str(output)], cwd=ROOT,
-                            env=dict(os.environ, NO_GCE_CHECK="true", PYTHONPATH=str(ROOT)),
-                            capture_output=True, text=True, timeout=300)
+    verify = verify_here(output)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def workers_args(checkpoint, tmp_path, mode):
+    dataset, _ = write_challenges(tmp_path / "challenges.json", count=4, bad=False)
+    return [f"--model={checkpoint}", f"--dataset={dataset}", f"--output={tmp_path / 'out'}", "--layers=1",
+            "--hooks=resid_post", "--batch_size=1", "--max_seq_len=1024", "--progress_interval=0",
+            "--direct_num_workers=2", f"--direct_running_mode={mode}"]
+
+
+def test_two_worker_threads_write_every_sample_once(tiny_checkpoint, tmp_path):
+    """The fast twin of the multi-process run below: two workers share the bundles, in this process."""
+    done = run_here(*workers_args(tiny_checkpoint, tmp_path, "multi_threading"))
+    check_every_sample_once(done, tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_multi_process_local_run_writes_every_sample_once(tiny_checkpoint, tmp_path):
+    """--direct_num_workers with multi_processing: separate SDK worker processes, each loading its own model."""
+    done = run_pipeline(*workers_args(tiny_checkpoint, tmp_path, "multi_processing"))
+    check_every_sample_once(done, tmp_path / "out")
 
 
 def test_pipeline_dataset_reads_the_output(float32_run):

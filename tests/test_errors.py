@@ -1,6 +1,7 @@
 """A failed run ends with one line on stderr naming the file or path, what is wrong and what to do, and the log
-that holds the full traceback; SIGINT exits 130 and SIGTERM keeps Python's default. Real `python -m pipeline.run`
-runs for what a tiny checkpoint can show, unit tests of the exception walking for the rest."""
+that holds the full traceback; SIGINT exits 130 and SIGTERM keeps Python's default. Runs of pipeline.run on a tiny
+checkpoint for what it can show (real processes where a signal is sent), unit tests of the exception walking for the
+rest."""
 from __future__ import annotations
 
 import errno
@@ -23,7 +24,8 @@ CONTEXT = RunContext(output="/data/acts", batch_size=8, max_seq_len=8192)
 
 # Runs `python -m pipeline.run` (its __main__ block, through runpy) after injecting a fault where the named
 # function is called: FAULT=enospc|oom|slow_write. slow_write prints WRITING and stalls the first write, so a
-# signal can be sent while the pipeline is busy.
+# signal can be sent while the pipeline is busy. The fixture runs enospc and oom in this process (the same
+# patches); the launcher keeps them so that any fault can be reproduced from a shell.
 LAUNCHER = textwrap.dedent("""
     import errno, os, runpy, sys, time
 
@@ -84,11 +86,51 @@ def _collect(process: subprocess.Popen, send: signal.Signals | None, result: dic
     result.update(status=process.wait(), stderr="".join(lines), signalled=sent)
 
 
+def run_in_process(model, dataset, output, fault) -> dict:
+    """``run_main(pipeline.run.main)`` in this process with the launcher's fault injected: the one line and the
+    log are the same as the CLI's, without a process start per fault."""
+    import contextlib
+    import io
+
+    import jax
+
+    import transforms.write as write
+    from model.qwen2 import HookedQwen
+    from pipeline.errors import run_main
+    from pipeline.run import main
+
+    def full_disk(data, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def out_of_memory(self, *args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 12.50GiB.")
+
+    stderr = io.StringIO()
+    sigint = signal.getsignal(signal.SIGINT)  # run_main leaves SIGINT at its default action after a failure
+    try:
+        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(stderr):
+            if fault == "enospc":
+                patch.setattr(write, "_upload", full_disk)
+            if fault == "oom":
+                patch.setattr(HookedQwen, "run", out_of_memory)
+            status = run_main(main, run_args(model, dataset, output))
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    return dict(status=status, stderr=stderr.getvalue(), signalled=False)
+
+
+def signalled_run(model, dataset, output) -> subprocess.Popen:
+    """The launcher with its first write stalled, so that a signal lands while the pipeline is busy writing."""
+    return subprocess.Popen([sys.executable, "-c", LAUNCHER, *run_args(model, dataset, output)], cwd=ROOT,
+                            env=dict(env(), FAULT="slow_write", STALL_S="2"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_checkpoint):
-    """Six runs started together (they spend most of their time importing and loading): a truncated
-    model.safetensors, a corrupt tokenizer.json, a full disk, device memory exhausted, and a run stopped by
-    SIGINT and one by SIGTERM while writing."""
+    """A truncated model.safetensors, a corrupt tokenizer.json, a full disk and device memory exhausted, run in
+    this process; a run stopped by SIGINT while writing, as a real process (the signal and the exit status are
+    the CLI's), started first so that it loads while the others run."""
     import threading
 
     work = tmp_path_factory.mktemp("errors")
@@ -101,27 +143,18 @@ def runs(tmp_path_factory, tiny_checkpoint):
     shutil.copytree(tiny_checkpoint, broken_tokenizer)
     tokenizer = broken_tokenizer / "tokenizer.json"
     tokenizer.write_bytes(tokenizer.read_bytes()[:1000])
-    module = [sys.executable, "-m", "pipeline.run"]
-    launcher = [sys.executable, "-c", LAUNCHER]
-    plans = {  # name: (command, model, fault, signal to send while it writes)
-        "truncated": (module, truncated, "none", None),
-        "tokenizer": (module, broken_tokenizer, "none", None),
-        "enospc": (launcher, tiny_checkpoint, "enospc", None),
-        "oom": (launcher, tiny_checkpoint, "oom", None),
-        "sigint": (launcher, tiny_checkpoint, "slow_write", signal.SIGINT),
-        "sigterm": (launcher, tiny_checkpoint, "slow_write", signal.SIGTERM),
-    }
-    results, readers = {}, []
-    for name, (command, model, fault, send) in plans.items():
+    results = {"sigint": {"output": work / "out-sigint"}}
+    process = signalled_run(tiny_checkpoint, dataset, results["sigint"]["output"])
+    reader = threading.Thread(target=_collect, args=(process, signal.SIGINT, results["sigint"]))
+    reader.start()
+    plans = {"truncated": (truncated, "none"), "tokenizer": (broken_tokenizer, "none"),
+             "enospc": (tiny_checkpoint, "enospc"), "oom": (tiny_checkpoint, "oom")}
+    for name, (model, fault) in plans.items():
         output = work / f"out-{name}"
-        process = subprocess.Popen([*command, *run_args(model, dataset, output)], cwd=ROOT,
-                                   env=dict(env(), FAULT=fault, STALL_S="5"), stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, text=True)
-        results[name] = {"output": output, "weights": weights, "tokenizer": tokenizer}
-        readers.append(threading.Thread(target=_collect, args=(process, send, results[name])))
-        readers[-1].start()
-    for reader in readers:
-        reader.join(timeout=900)
+        results[name] = {"output": output, **run_in_process(model, dataset, output, fault)}
+    reader.join(timeout=900)
+    for result in results.values():
+        result.update(weights=weights, tokenizer=tokenizer)
     return results
 
 
@@ -143,8 +176,29 @@ def test_last_stderr_line_names_cause_and_fix(runs, name, start, advice):
     assert logged_at(line).parent == run["output"] / "_runs"
 
 
-def test_sigterm_keeps_the_default_immediate_end(runs):
-    run = runs["sigterm"]
+def test_a_run_leaves_sigterm_at_its_default_while_writing(tiny_checkpoint, tmp_path, monkeypatch):
+    """The fast twin of the SIGTERM case below: while a run in this process writes, SIGTERM still has Python's
+    default action, which ends the process at once."""
+    import transforms.write as write
+    from tests.test_end_to_end import run_here
+
+    dataset, _ = write_challenges(tmp_path / "challenges.json", count=1, bad=False)
+    original, seen = write._upload, []
+
+    def upload(data, path):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return original(data, path)
+
+    monkeypatch.setattr(write, "_upload", upload)
+    run_here(*run_args(tiny_checkpoint, dataset, tmp_path / "out"))
+    assert seen and all(handler == signal.SIG_DFL for handler in seen), seen
+
+
+@pytest.mark.slow
+def test_sigterm_keeps_the_default_immediate_end(tiny_checkpoint, tmp_path):
+    dataset, _ = write_challenges(tmp_path / "challenges.json", count=1, bad=False)
+    run = {}
+    _collect(signalled_run(tiny_checkpoint, dataset, tmp_path / "out"), signal.SIGTERM, run)
     assert run["signalled"] and run["status"] == -signal.SIGTERM, run["stderr"][-3000:]
     assert "error:" not in run["stderr"]
 

@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from tests.arc_fixtures import write_challenges
+from tests.test_end_to_end import run_here, verify_here
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,14 +20,9 @@ def test_pipeline_writes_to_gcs_and_verifies(gcs_emulator, tiny_checkpoint, tmp_
 
     dataset, _ = write_challenges(tmp_path / "challenges.json", count=2, bad=True)
     output = f"{gcs_emulator.root}/runs/first"
-    env = dict(os.environ, NO_GCE_CHECK="true", HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-               STORAGE_EMULATOR_HOST=gcs_emulator.host)
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.run", "--runner=DirectRunner", f"--model={tiny_checkpoint}",
-         f"--dataset={dataset}", f"--output={output}", "--layers=0,1", "--hooks=resid_post", "--batch_size=2",
-         "--max_seq_len=1024", "--progress_interval=0", "--packing=rows"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-5000:]
+    run_here(f"--model={tiny_checkpoint}", f"--dataset={dataset}", f"--output={output}", "--layers=0,1",
+             "--hooks=resid_post", "--batch_size=2", "--max_seq_len=1024", "--progress_interval=0", "--packing=rows",
+             env_extra={"STORAGE_EMULATOR_HOST": gcs_emulator.host})
 
     use_storage_emulator_if_configured()
     files = [m.path for m in FileSystems.match([f"{output}/**"])[0].metadata_list]
@@ -48,6 +41,5 @@ def test_pipeline_writes_to_gcs_and_verifies(gcs_emulator, tiny_checkpoint, tmp_
     assert rows == 2 * manifest["counts"]["tokens"] if "tokens" in manifest["counts"] else rows > 0
     assert not [f for f in files if "/.tmp" in f or f.split("/")[-1].startswith(".tmp")]
 
-    verify = subprocess.run([sys.executable, "-m", "pipeline.verify", output], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
+    verify = verify_here(output)
     assert verify.returncode == 0, verify.stdout + verify.stderr

@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from tests.arc_fixtures import smallest_tasks
-from tests.test_end_to_end import run_pipeline
+from tests.test_end_to_end import run_here, verify_here
 from transforms.annotations import PART_CODES
 from transforms.write import activations_to_numpy
 
@@ -52,7 +52,7 @@ def generated(tmp_path_factory, tiny_checkpoint):
     work = tmp_path_factory.mktemp("generate")
     tasks = _dataset(work / "challenges.json")
     output = work / "out"
-    done = run_pipeline(*_args(tiny_checkpoint, work / "challenges.json", output))
+    done = run_here(*_args(tiny_checkpoint, work / "challenges.json", output))
     summary = json.loads(done.stdout[done.stdout.index("{"):])
     return SimpleNamespace(work=work, output=output, tasks=tasks, summary=summary, dataset=work / "challenges.json")
 
@@ -62,9 +62,7 @@ def _predictions(output: Path) -> list[dict]:
 
 
 def _verify(output: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.verify", str(output), *extra], cwd=ROOT,
-                          env=dict(os.environ, NO_GCE_CHECK="true", PYTHONPATH=str(ROOT)), capture_output=True,
-                          text=True, timeout=300)
+    return verify_here(output, *extra)
 
 
 def test_stored_activations_equal_a_plain_capture_of_prompt_plus_answer(generated, tiny_checkpoint):
@@ -168,7 +166,7 @@ def test_resume_after_a_partial_commit_gives_every_prediction_once(generated, ti
     # A run killed between its predictions file and its commit marker: that shard is not committed.
     markers[0].unlink()
     (output / "predictions" / f".tmp-0123-{markers[0].name}").write_bytes(b"partial")
-    done = run_pipeline(*_args(tiny_checkpoint, generated.dataset, output, "--resume"))
+    done = run_here(*_args(tiny_checkpoint, generated.dataset, output, "--resume"))
     summary = json.loads(done.stdout[done.stdout.index("{"):])
     assert 0 < summary["samples_generated"] < 8
     rows = _predictions(output)
@@ -180,12 +178,12 @@ def test_resume_after_a_partial_commit_gives_every_prediction_once(generated, ti
 
 def test_resume_with_other_generation_flags_is_refused(generated, tiny_checkpoint):
     args = _args(tiny_checkpoint, generated.dataset, generated.output, "--resume")
-    done = run_pipeline(*[a for a in args if not a.startswith("--max_new_tokens")], "--max_new_tokens=16",
-                        check=False)
+    done = run_here(*[a for a in args if not a.startswith("--max_new_tokens")], "--max_new_tokens=16",
+                    check=False)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"max_new_tokens: recorded '{NEW_TOKENS}', this run '16' (pass --max_new_tokens)" in done.stderr
     plain = [a for a in args if a not in ("--generate", f"--max_new_tokens={NEW_TOKENS}")]
-    done = run_pipeline(*plain, check=False)
+    done = run_here(*plain, check=False)
     assert done.returncode == 2 and "generate: recorded 'true', this run 'false'" in done.stderr
 
 

@@ -14,7 +14,7 @@ import pytest
 from pipeline import identity as identity_lib
 from pipeline.lease import Lease, LeaseHeld, lease_path
 from tests.arc_fixtures import write_challenges
-from tests.test_end_to_end import ROOT, run_pipeline
+from tests.test_end_to_end import ROOT, run_here, run_pipeline, verify_here
 
 CAPTURE = ["--layers=0", "--hooks=resid_post", "--batch_size=1", "--max_seq_len=2048", "--progress_interval=0"]
 
@@ -37,8 +37,7 @@ def half_run(tmp_path_factory, tiny_checkpoint):
     work = tmp_path_factory.mktemp("identity")
     dataset, _ = write_challenges(work / "challenges.json", count=4, bad=False)
     output = work / "out"
-    run_pipeline(f"--model={tiny_checkpoint}", f"--dataset={dataset}", f"--output={output}", "--max_samples=2",
-                 *CAPTURE)
+    run_here(f"--model={tiny_checkpoint}", f"--dataset={dataset}", f"--output={output}", "--max_samples=2", *CAPTURE)
     return work, dataset, output
 
 
@@ -61,8 +60,8 @@ def test_identity_is_in_every_marker_and_the_manifest(half_run, tiny_checkpoint)
 def test_resume_refuses_another_checkpoint_of_the_same_geometry(half_run, tiny_checkpoint):
     work, dataset, output = half_run
     other = scaled_copy(tiny_checkpoint, work / "finetuned")
-    done = run_pipeline(f"--model={other}", f"--dataset={dataset}", f"--output={output}", "--resume", *CAPTURE,
-                        check=False)
+    done = run_here(f"--model={other}", f"--dataset={dataset}", f"--output={output}", "--resume", *CAPTURE,
+                    check=False)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "model_weights: recorded 'sha256:" in done.stderr and "(pass --model (the same checkpoint))" in done.stderr
     assert "samples/h000-" in done.stderr
@@ -76,8 +75,8 @@ def test_resume_refuses_another_checkpoint_of_the_same_geometry(half_run, tiny_c
 ])
 def test_resume_refuses_other_prompt_settings(half_run, tiny_checkpoint, flags, key):
     _, dataset, output = half_run
-    done = run_pipeline(f"--model={tiny_checkpoint}", f"--dataset={dataset}", f"--output={output}", "--resume",
-                        *CAPTURE, *flags, check=False)
+    done = run_here(f"--model={tiny_checkpoint}", f"--dataset={dataset}", f"--output={output}", "--resume",
+                    *CAPTURE, *flags, check=False)
     assert done.returncode == 2 and f"{key}: recorded" in done.stderr and "Traceback" not in done.stderr
 
 
@@ -85,10 +84,9 @@ def test_resume_with_rows_options_changed_completes_the_run(half_run, tiny_check
     """Batch size, packing and writer threads do not change a row: they may differ between attempts."""
     _, dataset, output = half_run
     capture = [flag for flag in CAPTURE if not flag.startswith("--batch_size")]
-    run_pipeline(f"--model={tiny_checkpoint}", f"--dataset={dataset}", f"--output={output}", "--resume",
-                 *capture, "--batch_size=2", "--packing=rows", "--writer_threads=1")
-    verify = subprocess.run([sys.executable, "-m", "pipeline.verify", str(output)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    run_here(f"--model={tiny_checkpoint}", f"--dataset={dataset}", f"--output={output}", "--resume",
+             *capture, "--batch_size=2", "--packing=rows", "--writer_threads=1")
+    verify = verify_here(output)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert json.loads((output / "manifest.json").read_text())["counts"]["samples"] == 4
 
@@ -171,6 +169,20 @@ def test_gcs_lease_uses_generation_preconditions(gcs_emulator):
         pass
 
 
+def test_a_run_on_a_held_share_exits_2_and_names_the_holder(tmp_path, tiny_checkpoint):
+    """The fast twin of the two concurrent runs below: the share is held by a lease taken here, as a run takes it."""
+    dataset, _ = write_challenges(tmp_path / "challenges.json", count=1, bad=False)
+    output = tmp_path / "out"
+    with Lease(str(output), "h000", timeout_s=60) as held:
+        second = run_here(f"--model={tiny_checkpoint}", f"--dataset={dataset}", f"--output={output}", *CAPTURE,
+                          check=False)
+        assert second.returncode == 2 and "held by another run" in second.stderr
+        assert f"pid {os.getpid()}" in second.stderr
+        assert json.load(open(lease_path(str(output), "h000")))["run_id"] == held.run_id
+    assert not (output / "samples").exists()
+
+
+@pytest.mark.slow
 def test_two_runs_at_once_on_one_share(tmp_path, tiny_checkpoint):
     """A second run started while the first holds the share exits 2 at once and names the holder; the first
     finishes and its output verifies."""
@@ -203,7 +215,7 @@ def test_two_runs_at_once_on_one_share(tmp_path, tiny_checkpoint):
 def test_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path):
     target = tmp_path / "a-file"
     target.write_text("x")
-    done = run_pipeline("--model=random:qwen2.5-0.5b", "--dataset=arc-agi-1:eval", f"--output={target}", check=False)
+    done = run_here("--model=random:qwen2.5-0.5b", "--dataset=arc-agi-1:eval", f"--output={target}", check=False)
     assert done.returncode == 2 and f"{target} is a file" in done.stderr and "Traceback" not in done.stderr
 
 

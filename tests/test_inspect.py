@@ -22,14 +22,25 @@ def output(tmp_path_factory, tiny_checkpoint):
     return pipeline_output(tmp_path_factory, tiny_checkpoint)
 
 
-def run_inspect(*args):
-    return subprocess.run([sys.executable, "-m", "pipeline.inspect", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+def run_inspect(*args, process=False):
+    """`python -m pipeline.inspect ARGS`: in this process unless `process` (one CLI run keeps that path tested)."""
+    if process:
+        return subprocess.run([sys.executable, "-m", "pipeline.inspect", *map(str, args)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    import contextlib
+    import io
+
+    from pipeline.inspect import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(["pipeline.inspect", *args], code, stdout.getvalue(), stderr.getvalue())
 
 
 def test_a_finished_output_at_a_glance(output):
     manifest = json.loads((output / "manifest.json").read_text())
-    done = run_inspect(output, "--json")
+    done = run_inspect(output, "--json", process=True)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["state"] == "finished" and report["live_hosts"] == [] and report["problems"] == []

@@ -1,6 +1,7 @@
-"""Two TPU-VM hosts, for real: `python -m launch.tpu_vm host` runs each host's share of the pipeline into one gs://
-output (a local GCS emulator), and together they write every sample exactly once; the Dataflow dry run through the
-driver's own main leaves the output untouched."""
+"""Two TPU-VM hosts: `python -m launch.tpu_vm host` runs each host's share of the pipeline into one gs:// output (a
+local GCS emulator), and together they write every sample exactly once (one host after the other in this process;
+at once, as real processes, in the slow set); the Dataflow dry run through the driver's own main leaves the output
+untouched."""
 from __future__ import annotations
 
 import json
@@ -40,8 +41,33 @@ def host_command(host, *, output, checkpoint, dataset, max_attempts=2):
             "--batch_size=2", "--max_seq_len=1024", "--progress_interval=0", "--dtype=float32"]
 
 
-@pytest.fixture(scope="module")
-def two_host_run(gcs_emulator, tiny_checkpoint, tmp_path_factory):
+def host_here(host, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m launch.tpu_vm host` in this process, each attempt's `python -m pipeline.run` too (through
+    run_main, as its __main__ does): what the launcher decides and writes, without two process starts."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    import launch.tpu_vm as tpu_vm
+    from tests.test_end_to_end import run_here
+
+    def call(argv):
+        assert argv[:3] == [sys.executable, "-m", "pipeline.run"], argv
+        return run_here(*argv[3:], check=False).returncode
+
+    command = host_command(host, **kwargs)
+    assert command[:3] == [sys.executable, "-m", "launch.tpu_vm"]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout), \
+            contextlib.redirect_stderr(stderr):
+        patch.setattr(tpu_vm, "subprocess", SimpleNamespace(call=call))
+        code = tpu_vm.main(command[3:])
+    return subprocess.CompletedProcess(command, code, stdout.getvalue(), stderr.getvalue())
+
+
+# The hosts run one after the other in this process by default; at once, as real processes, in the slow set.
+@pytest.fixture(scope="module", params=["in_process", pytest.param("processes", marks=pytest.mark.slow)])
+def two_host_run(request, gcs_emulator, tiny_checkpoint, tmp_path_factory):
     from transforms.datasets import resolve_dataset
 
     folder = tmp_path_factory.mktemp("hosts")
@@ -52,9 +78,13 @@ def two_host_run(gcs_emulator, tiny_checkpoint, tmp_path_factory):
         label = resolve_dataset(str(dataset)).dataset
         if all(any(host_share(f"{label}:{task}", host, 2) for task in tasks if task != "badbool0") for host in (0, 1)):
             break
-    output = f"{gcs_emulator.root}/runs/two-hosts"
+    output = f"{gcs_emulator.root}/runs/two-hosts-{request.param}"
     env = dict(os.environ, NO_GCE_CHECK="true", HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
                STORAGE_EMULATOR_HOST=gcs_emulator.host)
+    context = dict(env=env, dataset=dataset, in_process=request.param == "in_process")
+    if context["in_process"]:
+        runs = [host_here(host, output=output, checkpoint=tiny_checkpoint, dataset=dataset) for host in (0, 1)]
+        return output, tasks, runs, context
     # Both hosts at once, as on TPU VMs: they share nothing but the output.
     hosts = [subprocess.Popen(host_command(host, output=output, checkpoint=tiny_checkpoint, dataset=dataset),
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -63,7 +93,7 @@ def two_host_run(gcs_emulator, tiny_checkpoint, tmp_path_factory):
     for host in hosts:
         stdout, stderr = host.communicate(timeout=600)
         runs.append(subprocess.CompletedProcess(host.args, host.returncode, stdout, stderr))
-    return output, tasks, runs, dict(env=env, dataset=dataset)
+    return output, tasks, runs, context
 
 
 def test_two_hosts_write_every_sample_exactly_once(two_host_run):
@@ -145,13 +175,21 @@ def test_two_host_output_verifies_and_a_restarted_host_adds_nothing(two_host_run
     before = _sample_ids(output)
     # The restarted host finds everything committed, computes nothing, and (finishing last) writes the manifest
     # from every host's commit markers, which verify then checks.
-    rerun = subprocess.run(
-        host_command(0, output=output, checkpoint=tiny_checkpoint, dataset=context["dataset"], max_attempts=1),
-        cwd=ROOT, env=context["env"], capture_output=True, text=True, timeout=600)
+    host = dict(output=output, checkpoint=tiny_checkpoint, dataset=context["dataset"], max_attempts=1)
+    if context["in_process"]:
+        from tests.test_end_to_end import verify_here
+
+        rerun = host_here(0, **host)
+    else:
+        rerun = subprocess.run(host_command(0, **host), cwd=ROOT, env=context["env"], capture_output=True, text=True,
+                               timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-5000:]
     assert _sample_ids(output) == before
-    verify = subprocess.run([sys.executable, "-m", "pipeline.verify", output], cwd=ROOT, env=context["env"],
-                            capture_output=True, text=True, timeout=300)
+    if context["in_process"]:
+        verify = verify_here(output)
+    else:
+        verify = subprocess.run([sys.executable, "-m", "pipeline.verify", output], cwd=ROOT, env=context["env"],
+                                capture_output=True, text=True, timeout=300)
     assert verify.returncode == 0, verify.stdout[-3000:] + verify.stderr[-3000:]
 
 

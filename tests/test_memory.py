@@ -44,26 +44,33 @@ print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - bef
 
 def _measured_peak(case) -> int:
     """Peak RSS growth of a fresh process running the forward. The same forward's peak varied by up to 2x from
-    run to run on the shared machine (compilation and allocator reuse), so the test takes the lower of two."""
-    result = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(case)], capture_output=True, text=True,
-                            cwd=REPO, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return int(result.stdout.strip().splitlines()[-1])
+    run to run on the shared machine (compilation and allocator reuse), so the test takes the lower of two,
+    measured at once (each process counts only its own pages)."""
+    probes = [subprocess.Popen([sys.executable, "-c", _PROBE, json.dumps(case)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=REPO) for _ in range(2)]
+    peaks = []
+    for probe in probes:
+        stdout, stderr = probe.communicate(timeout=600)
+        assert probe.returncode == 0, stderr[-3000:]
+        peaks.append(int(stdout.strip().splitlines()[-1]))
+    return min(peaks)
 
 
 @pytest.mark.parametrize("case", [
     # dense attention dominates: [2, 4, 4096, 4096] float32 logits and their softmax
     ("random:tiny?layers=2", 2, 4096, ["resid_post"], [1], "float32", "xla_dense"),
     # flash attention: every hook of every layer dominates
-    pytest.param(("random:tiny", 8, 4096, list(HOOKS), [0, 1, 2, 3], "float32", "xla"), marks=pytest.mark.xfail(
+    # in the slow set: an expected failure cannot fail the default run, and its probes are whole-forward processes
+    pytest.param(("random:tiny", 8, 4096, list(HOOKS), [0, 1, 2, 3], "float32", "xla"), marks=[pytest.mark.xfail(
         strict=False, reason="the measured peak of this forward was 0.83-1.12 GiB alone and 2.15 GiB twice inside "
-                             "the whole suite (estimate 0.97 GiB); the cause is not found (docs/model.md)")),
+                             "the whole suite (estimate 0.97 GiB); the cause is not found (docs/model.md)"),
+        pytest.mark.slow]),
 ], ids=["dense", "flash-all-hooks"])
 def test_estimate_is_close_to_the_measured_peak_of_one_forward_on_cpu(case):
     spec, rows, length, hooks, layers, dtype, attention = case
     estimate = estimate_forward_memory(parse_random_spec(spec).config, rows, length,
                                        CaptureSpec(hooks=tuple(hooks), layers=tuple(layers)), dtype, attention)
-    measured = min(_measured_peak(case) for _ in range(2))
+    measured = _measured_peak(case)
     assert LOW * measured <= estimate.total <= HIGH * measured, (estimate.describe(), estimate.total, measured)
 
 

@@ -253,7 +253,7 @@ def test_page_checksums_catch_a_flipped_byte_in_a_data_page(tmp_path):
     assert any("sha256" in e and UNCOMMIT.text(root) in e for e in errors), errors
 
 
-def test_cli_repair_in_a_subprocess(tmp_path):
+def test_cli_repair_in_a_subprocess(tmp_path, capsys):
     import json
 
     root = str(tmp_path / "out")
@@ -262,27 +262,14 @@ def test_cli_repair_in_a_subprocess(tmp_path):
     deleted = delete_activation(root, batches)
     env = dict(os.environ, NO_GCE_CHECK="true", PYTHONPATH=str(ROOT))
 
-    def verify(*args):
-        return subprocess.run([sys.executable, "-m", "pipeline.verify", root, *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
-
-    failed = verify("--json")
-    assert failed.returncode == 1
-    findings = json.loads(failed.stdout)["findings"]
+    assert verify_module.main([root, "--json"]) == 1
+    findings = json.loads(capsys.readouterr().out)["findings"]
     assert {(f["path"], f["advice"]) for f in findings} == {(deleted, "uncommit")}
-    done = verify("--repair", "--json")
+    done = subprocess.run([sys.executable, "-m", "pipeline.verify", root, "--repair", "--json"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout)
     assert report["findings"] == [] and any("uncommitted shard" in action for action in report["repaired"])
-
-
-def run_module(*args, check=True):
-    env = dict(os.environ, NO_GCE_CHECK="true", HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    if check:
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return done
 
 
 def read_back(output):
@@ -298,13 +285,14 @@ def test_repair_then_resume_recomputes_the_damaged_shard(tmp_path, tiny_checkpoi
     import json
 
     from tests.arc_fixtures import write_challenges
+    from tests.test_end_to_end import run_here, verify_here
 
     dataset, _ = write_challenges(tmp_path / "challenges.json", count=3, bad=False)
     output = str(tmp_path / "out")
     options = [f"--model={tiny_checkpoint}", f"--dataset={dataset}", f"--output={output}", "--layers=0,1",
                "--hooks=resid_post", "--dtype=float32", "--batch_size=1", "--max_seq_len=1024",
-               "--progress_interval=0", "--runner=DirectRunner"]
-    run_module("pipeline.run", *options)
+               "--progress_interval=0"]
+    run_here(*options)
     clean = json.loads(Path(output, "manifest.json").read_text())["counts"]
     clean_keys, clean_values = read_back(output)
     assert clean["shards"] >= 2
@@ -312,18 +300,19 @@ def test_repair_then_resume_recomputes_the_damaged_shard(tmp_path, tiny_checkpoi
     victim = activation_files(output)[1]
     flip_in_data_page(victim)
     shard = Path(victim).stem
-    failed = run_module("pipeline.verify", output, check=False)
+    failed = verify_here(output)
     assert failed.returncode == 1 and os.path.relpath(victim, output) in failed.stdout
     assert UNCOMMIT.text(output) in failed.stdout
 
-    repaired = run_module("pipeline.verify", output, "--repair")
+    repaired = verify_here(output, "--repair")
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
     assert f"uncommitted shard {shard}" in repaired.stdout
     assert not glob.glob(os.path.join(output, f"**/{shard}.parquet"), recursive=True)
 
-    resumed = run_module("pipeline.run", *options, "--resume")
+    resumed = run_here(*options, "--resume")
     assert "already committed" in resumed.stderr
-    deep = run_module("pipeline.verify", output, "--deep")
-    assert "OK" in deep.stdout
+    deep = verify_here(output, "--deep")
+    assert deep.returncode == 0 and "OK" in deep.stdout
     counts = json.loads(Path(output, "manifest.json").read_text())["counts"]
     for key in ("samples", "tokens", "activation_rows", "tokens_per_hook_layer"):
         assert counts[key] == clean[key], key

@@ -94,19 +94,19 @@ def test_output_written_before_statistics_gets_them_with_write(output, capsys):
 
 def test_resumed_run_counts_every_token_once(tiny_checkpoint, tmp_path):
     from tests.arc_fixtures import write_challenges
-    from tests.test_end_to_end import run_pipeline
+    from tests.test_end_to_end import run_here
 
     dataset, _ = write_challenges(tmp_path / "challenges.json", count=4, bad=False)
     output = tmp_path / "out"
     common = [f"--model={tiny_checkpoint}", f"--dataset={dataset}", f"--output={output}", "--layers=0,1",
               "--hooks=resid_post", "--batch_size=1", "--max_seq_len=2048", "--progress_interval=0"]
-    run_pipeline(*common, "--max_samples=2")
+    run_here(*common, "--max_samples=2")
     first = committed_sample_ids(str(output))
     # A killed attempt: one shard lost its commit marker, its activation and stats files stay behind.
     victim = sorted(os.scandir(output / "samples"), key=lambda e: e.name)[0]
     os.remove(victim.path)
     assert os.path.exists(output / "stats" / (victim.name[:-len(".parquet")] + ".json"))
-    run_pipeline(*common, "--resume")
+    run_here(*common, "--resume")
     assert committed_sample_ids(str(output)) > first and len(committed_sample_ids(str(output))) == 4
     stored = pipeline_stats.read_stats(str(output))
     samples = pq.ParquetDataset(str(output / "samples")).read(columns=["num_tokens"])

@@ -24,6 +24,9 @@ from transforms.write import activations_to_numpy
 
 WORDS = "grid cell row column pattern shape square line border corner fill copy move rotate".split()
 MAX_SEQ_LEN = 256
+# Each wave costs two Beam pipeline runs: a few waves of this corpus (a small first one, then full ones) show what
+# more would, and the token budgets below still end in different waves.
+WAVE_BYTES = 12000
 
 
 def write_corpus(path: Path, docs: int = 36, seed: int = 0, bad_line: bool = True) -> Path:
@@ -156,7 +159,7 @@ def runs(tmp_path_factory, tiny_checkpoint):
 def test_waves_match_one_wave_and_counts_add_up(runs, capsys):
     work, corpus, model = runs
     common = [f"--model={model}", f"--dataset=text:{corpus}"]
-    waves = run(capsys, *common, f"--output={work / 'waves'}", "--wave_bytes=6000")
+    waves = run(capsys, *common, f"--output={work / 'waves'}", f"--wave_bytes={WAVE_BYTES}")
     whole = run(capsys, *common, f"--output={work / 'whole'}", "--wave_bytes=0")
     assert committed_ids(work / "waves") == committed_ids(work / "whole")
     assert len(set(committed_ids(work / "waves"))) == len(committed_ids(work / "waves")) == waves["samples_written"]
@@ -185,8 +188,8 @@ def test_resume_across_waves_writes_each_missing_sample_once(runs, capsys, tmp_p
     markers = sorted((output / "samples").glob("*.parquet"))
     for marker in markers[::2]:  # every other shard of every wave loses its commit
         marker.unlink()
-    summary = run(capsys, f"--model={model}", f"--dataset=text:{corpus}", f"--output={output}", "--wave_bytes=6000",
-                  "--resume")
+    summary = run(capsys, f"--model={model}", f"--dataset=text:{corpus}", f"--output={output}",
+                  f"--wave_bytes={WAVE_BYTES}", "--resume")
     assert committed_ids(output) == committed_ids(work / "waves")  # every sample once
     assert summary["records_read"] == summary["records_valid"] + summary["records_rejected"]
     mine, reference = activations(output), activations(work / "waves")
@@ -197,7 +200,7 @@ def test_resume_across_waves_writes_each_missing_sample_once(runs, capsys, tmp_p
 def test_token_budget_is_a_prefix_and_a_larger_one_extends_it(runs, capsys, tmp_path):
     work, corpus, model = runs
     common = [f"--model={model}", f"--dataset=text:{corpus}", f"--output={tmp_path / 'budget'}",
-              "--wave_bytes=6000"]
+              f"--wave_bytes={WAVE_BYTES}"]
     first = run(capsys, *common, "--max_tokens=3000")
     chosen = committed_ids(tmp_path / "budget")
     second = run(capsys, *common, "--max_tokens=7000", "--resume")
