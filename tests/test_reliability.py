@@ -100,6 +100,22 @@ def assert_same_rows(output, reference_rows):
     np.testing.assert_allclose(values, ref_values, rtol=1e-5, atol=1e-6)
 
 
+def assert_resume_completes(output, common, reference_rows) -> None:
+    """Two shards were committed before the run stopped; --resume keeps them as they were (not rewritten) and
+    computes exactly the rest."""
+    committed = sorted(p for p in (output / "samples").glob("*.parquet") if not p.name.startswith(".tmp"))
+    assert len(committed) == 2
+    committed_ids = set(ds.dataset(output / "samples").to_table().column("sample_id").to_pylist())
+    resumed = run_here(f"--output={output}", "--resume", *common)
+    assert "already committed" in resumed.stderr
+    assert all(path.exists() for path in committed)
+    assert committed_ids <= set(ds.dataset(output / "samples").to_table().column("sample_id").to_pylist())
+    assert_same_rows(output, reference_rows)
+    assert not list(output.rglob(".tmp*"))
+    verify = verify_here(output)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
 def test_a_run_that_dies_at_a_commit_then_resume_recomputes_only_what_is_missing(job, monkeypatch):
     """The fast twin of the SIGKILL case below: the run fails in this process where that one is killed, before
     its third commit marker lands, and --resume completes it."""
@@ -109,18 +125,7 @@ def test_a_run_that_dies_at_a_commit_then_resume_recomputes_only_what_is_missing
         inject_here(patch, "die", 3)
         died = run_here(f"--output={output}", *common, check=False)
     assert died.returncode == 1 and "injected death at a commit" in died.stderr
-    committed = sorted(p for p in (output / "samples").glob("*.parquet") if not p.name.startswith(".tmp"))
-    assert len(committed) == 2
-    committed_ids = set(ds.dataset(output / "samples").to_table().column("sample_id").to_pylist())
-
-    resumed = run_here(f"--output={output}", "--resume", *common)
-    assert "already committed" in resumed.stderr
-    assert all(path.exists() for path in committed)
-    assert committed_ids <= set(ds.dataset(output / "samples").to_table().column("sample_id").to_pylist())
-    assert_same_rows(output, reference_rows)
-    assert not list(output.rglob(".tmp*"))
-    verify = verify_here(output)
-    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert_resume_completes(output, common, reference_rows)
 
 
 @pytest.mark.slow
@@ -129,19 +134,7 @@ def test_sigkill_then_resume_recomputes_only_what_is_missing(job):
     output = work / "killed"
     killed = launch(["--runner=DirectRunner", f"--output={output}", *common], fault_mode="kill", fault_at=3)
     assert killed.returncode == -signal.SIGKILL
-    committed = sorted(p for p in (output / "samples").glob("*.parquet") if not p.name.startswith(".tmp"))
-    assert len(committed) == 2  # two shards committed before the kill
-    committed_ids = set(ds.dataset(output / "samples").to_table().column("sample_id").to_pylist())
-
-    resumed = run_here(f"--output={output}", "--resume", *common)
-    assert "already committed" in resumed.stderr
-    # the committed shards were kept as they were, not rewritten
-    assert all(path.exists() for path in committed)
-    assert committed_ids <= set(ds.dataset(output / "samples").to_table().column("sample_id").to_pylist())
-    assert_same_rows(output, reference_rows)
-    assert not list(output.rglob(".tmp*"))
-    verify = verify_here(output)
-    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert_resume_completes(output, common, reference_rows)
 
 
 def test_transient_write_failure_is_retried_without_duplicates(job, monkeypatch):
