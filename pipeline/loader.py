@@ -191,6 +191,8 @@ class ActivationBatches:
 
     def _claim(self, n: int) -> np.ndarray:
         """n free rows of the vector store, ascending (so a unit's vectors are written in address order)."""
+        if n > self._free_count:  # the store is sized so that this cannot happen; never hand out a live row
+            raise RuntimeError(f"loader store exhausted: {n} rows wanted, {self._free_count} free")
         rows = np.sort(self._free[self._free_count - n:self._free_count])
         self._free_count -= n
         return rows
