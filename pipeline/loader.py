@@ -14,7 +14,7 @@ generator's state), so `load_state_dict` rebuilds the buffer by rereading only t
 exactly the batches that were left. Memory: the store (the buffer plus 1 + `readahead` row groups) and the row
 groups being decoded.
 
-Imports numpy (and pyarrow through the dataset) only; torch inside `torch_dataset_class`, JAX in the dataset's `jax_batches`.
+Imports numpy and pyarrow only; torch inside `torch_dataset_class`, JAX in the dataset's `jax_batches`.
 """
 from __future__ import annotations
 
@@ -120,9 +120,8 @@ class ActivationBatches:
         self._order = self._epoch_order(epoch)
         self._rng = np.random.default_rng([self.seed, epoch, self.rank, self.world_size])
         self._cancel_pending()  # before the rows their threads write into are handed out again
-        self._free_count = 0 if self._free is None else self._capacity
         if self._free is not None:
-            self._free[:] = np.arange(self._capacity - 1, -1, -1)
+            self._free_all()
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         everything = (np.random.default_rng([self.seed, epoch]).permutation(len(self._units)) if self.shuffle
@@ -159,6 +158,7 @@ class ActivationBatches:
         self._rng.bit_generator.state = state["rng"]
         units, rows = np.asarray(state["buffer_unit"], np.int64), np.asarray(state["buffer_row"], np.int64)
         self._ensure_buffer()
+        store = self._claim(len(units))
         for unit in np.unique(units):
             wanted = np.flatnonzero(units == unit)
             values, unit_rows, columns = self._decode(int(unit))
@@ -166,11 +166,11 @@ class ActivationBatches:
             if (found >= len(unit_rows)).any() or (unit_rows[np.minimum(found, len(unit_rows) - 1)]
                                                    != rows[wanted]).any():
                 raise ValueError(f"load_state_dict: {self._units[unit].file.path} lacks rows the state buffered")
-            self._raw[wanted] = values.view(self._raw.dtype)[found]  # rows 0..n-1 hold positions 0..n-1
+            self._raw[store[wanted]] = values.view(self._raw.dtype)[found]
             for name, column in (columns or {}).items():
                 self._column(name, column.dtype)[wanted] = column[found]
         self._unit_of[:len(units)], self._row_of[:len(units)] = units, rows
-        self._slot[:len(units)] = self._claim(len(units))
+        self._slot[:len(units)] = store
         self._count = len(units)
 
     # -------------------------------------------------------------------------------- iteration
@@ -185,9 +185,13 @@ class ActivationBatches:
             self._unit_of = np.empty(self._capacity, np.int64)
             self._row_of = np.empty(self._capacity, np.int64)
             self._slot = np.empty(self._capacity, np.int64)
-            # A stack of the free rows of `_raw`, popped from the end: the first unit fills rows 0, 1, ...
-            self._free = np.arange(self._capacity - 1, -1, -1)
-            self._free_count = self._capacity
+            self._free = np.empty(self._capacity, np.int64)
+            self._free_all()
+
+    def _free_all(self) -> None:
+        """Every row of the store free again: a stack popped from the end, so the first unit fills rows 0, 1, ..."""
+        self._free[:] = np.arange(self._capacity - 1, -1, -1)
+        self._free_count = self._capacity
 
     def _claim(self, n: int) -> np.ndarray:
         """n free rows of the vector store, ascending (so a unit's vectors are written in address order)."""
