@@ -81,7 +81,7 @@ def read(root: str, batch_tokens: int, buffer_tokens: int | None, dtype: str, re
     return {"tokens": tokens, "batches": batches, "seconds": round(seconds, 3), "tok_s": round(tokens / seconds),
             "cpu_s": round(cpu, 3), "tok_per_cpu_s": round(tokens / cpu), "load_average": os.getloadavg()[0],
             "buffer_tokens": loader.buffer_tokens, "store_bytes": loader._capacity * ds.d_model * itemsize,
-            "check_pages": check_pages, "readahead": readahead, "compiled_gather": loader._widen is not None,
+            "check_pages": check_pages, "readahead": readahead, "compiled_gather": loader._kernel is not None,
             "rss_before_loader": before, "rss_peak": peak, "rss_growth": peak - before,
             "num_tokens": ds.num_tokens("resid_post", 6), "row_groups": len(ds.units("resid_post", 6))}
 

@@ -9,6 +9,7 @@ draws each batch uniformly at random from it (a shuffle buffer at batch granular
 A vector is copied once into the buffer and once out of it: the buffer's order lives in an index (`_slot`:
 position -> row of the vector store), so drawing a batch moves indices, not vectors, and the rows it frees take
 the next unit's vectors; `readahead` threads decode the next units and copy them into rows reserved for them.
+Vectors move in and out of the store through compiled loops with streaming stores (`pipeline.gather_kernel`).
 The iterator's state is explicit (epoch, units consumed, the identity of every buffered token, the random
 generator's state), so `load_state_dict` rebuilds the buffer by rereading only the units it came from and yields
 exactly the batches that were left. Memory: the store (the buffer plus 1 + `readahead` row groups) and the row
@@ -101,7 +102,7 @@ class ActivationBatches:
             u.rows for u in self._units)
         self._raw = self._tile = self._slot = self._free = None
         self._free_count = 0
-        self._widen = gather_kernel.load() if self._bfloat16 and self.dtype != self._storage else None
+        self._kernel = gather_kernel.load()
         self._columns: dict[str, np.ndarray] = {}
         self._unit_of = np.zeros(0, np.int64)
         self._row_of = np.zeros(0, np.int64)
@@ -166,7 +167,7 @@ class ActivationBatches:
             if (found >= len(unit_rows)).any() or (unit_rows[np.minimum(found, len(unit_rows) - 1)]
                                                    != rows[wanted]).any():
                 raise ValueError(f"load_state_dict: {self._units[unit].file.path} lacks rows the state buffered")
-            self._raw[store[wanted]] = values.view(self._raw.dtype)[found]
+            self._put(store[wanted], values.view(self._raw.dtype)[found])
             for name, column in (columns or {}).items():
                 self._column(name, column.dtype)[wanted] = column[found]
         self._unit_of[:len(units)], self._row_of[:len(units)] = units, rows
@@ -181,7 +182,7 @@ class ActivationBatches:
     def _ensure_buffer(self) -> None:
         if self._raw is None:
             # Every copy goes through unsigned views: numpy moves ml_dtypes.bfloat16 rows element by element.
-            self._raw = np.empty((self._capacity, self._ds.d_model), f"u{self._storage.itemsize}")
+            self._raw = gather_kernel.empty_aligned((self._capacity, self._ds.d_model), f"u{self._storage.itemsize}")
             self._unit_of = np.empty(self._capacity, np.int64)
             self._row_of = np.empty(self._capacity, np.int64)
             self._slot = np.empty(self._capacity, np.int64)
@@ -213,6 +214,15 @@ class ActivationBatches:
     def _decode(self, unit: int):
         return self._ds.read_unit(self._units[unit], self._where, self._join, self.with_metadata)
 
+    def _put(self, store: np.ndarray, values: np.ndarray) -> None:
+        """Rows `store` of the vector store = values (unsigned views of the storage dtype)."""
+        if self._kernel is not None:
+            self._kernel.scatter(self._raw, store, values)
+        elif len(store) and store[-1] - store[0] == len(store) - 1:  # contiguous rows: one block copy
+            self._raw[store[0]:store[0] + len(store)] = values
+        else:
+            self._raw[store] = values
+
     def _cancel_pending(self) -> None:
         futures = [future for future, _ in self._pending.values()]
         for future in futures:
@@ -225,10 +235,7 @@ class ActivationBatches:
         as many as the unit has rows); returns (the rows used, row indices in the row group, token columns)."""
         values, rows, columns = self._decode(unit)
         store = store[:len(rows)]
-        if len(rows) and store[-1] - store[0] == len(rows) - 1:  # contiguous rows: one block copy
-            self._raw[store[0]:store[0] + len(rows)] = values.view(self._raw.dtype)
-        else:
-            self._raw[store] = values.view(self._raw.dtype)
+        self._put(store, values.view(self._raw.dtype))
         if self.readahead:
             # With several row groups decoding at once Arrow's allocator would keep each one's memory for reuse;
             # handing it back (on this thread, beside the batches being drawn) keeps memory at the store plus the
@@ -308,10 +315,12 @@ class ActivationBatches:
 
     def _gather(self, rows: np.ndarray) -> np.ndarray:
         if self.dtype == self._storage:
+            if self._kernel is not None:
+                return self._kernel.gather(self._raw, rows).view(self._storage)
             return np.take(self._raw, rows, axis=0).view(self._storage)
         if self._bfloat16:  # bfloat16 -> float32 is the same bits in the high half of the word: exact
-            if self._widen is not None:
-                return self._widen(self._raw, rows)
+            if self._kernel is not None:
+                return self._kernel.gather_widen(self._raw, rows)
             if self._tile is None:
                 self._tile = np.empty((_TILE_ROWS, self._ds.d_model), self._raw.dtype)
             return gather_kernel.gather_widen_numpy(self._raw, rows, self._tile)

@@ -142,23 +142,25 @@ def test_every_token_once_per_epoch_across_disjoint_ranks(output):
             np.testing.assert_array_equal(bits(x), bits(np.stack([truth[k] for k in keys_of(cols)])))
 
 
-@pytest.mark.parametrize("kernel", ["compiled", "numpy"])
+@pytest.mark.parametrize("kernel", ["compiled", "streaming", "numpy"])
 @pytest.mark.parametrize("shuffle, readahead", [(True, 2), (False, 0)])
 def test_float32_batches_are_the_stored_vectors_widened(output, monkeypatch, kernel, shuffle, readahead):
     """Vectors go into freed rows of the loader's store (copied there by readahead threads or inline) and come out
-    widened by the compiled gather or numpy's: over epochs (every row reused many times) each batch row is its
-    token's stored vector, exactly."""
+    widened by the compiled gather (with plain or, as for large batches, streaming stores) or numpy's: over epochs
+    (every row reused many times) each batch row is its token's stored vector, exactly."""
     from pipeline import gather_kernel
 
     if kernel == "numpy":
         monkeypatch.setenv(gather_kernel.KERNEL_ENV, "numpy")
     elif gather_kernel.load() is None:
         pytest.skip("no C compiler here: the numpy path serves")
+    if kernel == "streaming":
+        monkeypatch.setattr(gather_kernel, "STREAM_BYTES", 0)
     ds = open_activations(output.root)
     truth = output.truth[("resid_post", 1)]
     loader = ds.batches("resid_post", 1, 6, with_metadata=True, epochs=3, buffer_tokens=14, shuffle=shuffle,
                         drop_last=False, readahead=readahead)
-    assert (loader._widen is None) == (kernel == "numpy")
+    assert (loader._kernel is None) == (kernel == "numpy")
     seen = Counter()
     for x, cols in loader:
         assert x.dtype == np.float32
