@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from model import dtypes
 from model.hooks import BLOCK_HOOKS, FINAL_NORM_HOOK
-from pipeline import page_checksums
+from pipeline import parquet_pages
 from pipeline.loader import DEFAULT_BUFFER_BYTES, ActivationBatches, MappedBatches, torch_dataset_class
 from transforms import output_format as fmt
 
@@ -189,15 +189,15 @@ class _Unit:
     rows: int
 
 
-def _check_pages(handle: pa.MemoryMappedFile, footer: pq.FileMetaData, row_group: int, columns) -> None:
-    """Checks the page CRCs of `columns` in one row group of a memory-mapped file (no copy: the map's bytes)."""
-    names = footer.schema.to_arrow_schema().names
-    group = footer.row_group(row_group)
-    for name in columns:
-        chunk = group.column(names.index(name))
-        start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
-        handle.seek(start)  # read_buffer of a map is a view of it; read_at would copy into bytes
-        page_checksums.check_column_chunk(memoryview(handle.read_buffer(chunk.total_compressed_size)), name, start)
+def _mapped_chunk(handle: pa.MemoryMappedFile, footer: pq.FileMetaData, row_group: int, name: str, check: bool):
+    """(the column chunk's bytes, a view of the map, its pages, its metadata); the page CRCs checked when `check`."""
+    chunk = footer.row_group(row_group).column(footer.schema.to_arrow_schema().names.index(name))
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    handle.seek(start)  # read_buffer of a map is a view of it; read_at would copy into bytes
+    data = memoryview(handle.read_buffer(chunk.total_compressed_size))
+    found = (parquet_pages.check_column_chunk(data, name, start) if check else None)
+    return data, found, chunk
+
 
 
 def open_activations(output: str, *, check_sha256: bool = False, check_pages: bool = True) -> "ActivationDataset":
@@ -407,11 +407,17 @@ class ActivationDataset:
             self._sample_fields = self.samples(columns=["sample_id"] + _SAMPLE_SCHEMA.names)
         return self._sample_fields
 
-    def read_unit(self, unit: _Unit, where, join: bool, metadata: bool
-                   ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray] | None]:
-        """(vectors in the storage dtype, the rows' indices in their row group, token columns or None)."""
+    def read_unit(self, unit: _Unit, where, join: bool, metadata: bool, in_place: bool = False
+                   ) -> tuple[np.ndarray | list[np.ndarray], np.ndarray, dict[str, np.ndarray] | None]:
+        """(vectors in the storage dtype, the rows' indices in their row group, token columns or None). With
+        in_place the vectors may come as a list of read-only views of a memory-mapped file, one per page, to be
+        copied once by the caller."""
         try:
-            return self._read_unit(unit, where, join, metadata)
+            values, rows, columns = self._read_unit(unit, where, join, metadata)
+            if isinstance(values, list) and not in_place:
+                values = np.concatenate(values) if values else np.zeros(
+                    (0, self.d_model), dtypes.storage_numpy_dtype(self.storage_dtype))
+            return values, rows, columns
         except (OSError, pa.ArrowException) as err:
             raise ValueError(f"{self._store.path(unit.file.path)}, row group {unit.row_group}: {err}; the file is "
                              f"damaged: run python -m pipeline.verify {self.output} --repair") from err
@@ -419,15 +425,20 @@ class ActivationDataset:
     def _read_unit(self, unit: _Unit, where, join: bool, metadata: bool):
         footer = self._footer(unit.file)
         with self._store.open(unit.file.path) as handle:
-            # A memory-mapped file's pages are checked here, faster than pyarrow checks them (pipeline.page_checksums)
+            # A memory-mapped file's pages are checked here, faster than pyarrow checks them (pipeline.parquet_pages)
             check_here = self.check_pages and isinstance(handle, pa.MemoryMappedFile)
             reader = pq.ParquetFile(handle, metadata=footer, buffer_size=_READ_BUFFER,
                                     page_checksum_verification=self.check_pages and not check_here)
             rows = np.arange(unit.rows, dtype=np.int64)
             tokens = None
-            if check_here:
-                read = [fmt.ACTIVATION_COLUMN, *(fmt.TOKEN_COLUMNS if where is not None or metadata else ())]
-                _check_pages(handle, footer, unit.row_group, read)
+            if check_here and (where is not None or metadata):
+                for name in fmt.TOKEN_COLUMNS:
+                    _mapped_chunk(handle, footer, unit.row_group, name, check=True)
+            in_place = None
+            if isinstance(handle, pa.MemoryMappedFile) and where is None and self.format_version == 2:
+                in_place = self._vectors_in_place(handle, footer, unit)
+            elif check_here:
+                _mapped_chunk(handle, footer, unit.row_group, fmt.ACTIVATION_COLUMN, check=True)
             if where is not None or metadata:
                 tokens = reader.read_row_group(unit.row_group, columns=list(fmt.TOKEN_COLUMNS))
                 tokens = pa.table({name: _decoded(tokens.column(name)) for name in fmt.TOKEN_COLUMNS})
@@ -440,6 +451,8 @@ class ActivationDataset:
                             _columns(tokens.take(rows)) if metadata else None)
                     if len(rows) < unit.rows:
                         tokens = tokens.take(rows)
+            if in_place is not None:
+                return in_place, rows, (_columns(tokens) if metadata else None)
             vectors = reader.read_row_group(unit.row_group, columns=[fmt.ACTIVATION_COLUMN])
         column = vectors.column(fmt.ACTIVATION_COLUMN)
         if len(rows) < unit.rows:
@@ -450,6 +463,27 @@ class ActivationDataset:
             raise ValueError(f"{self._store.path(unit.file.path)}: vectors of width {values.shape[1]}, but the output's "
                              f"d_model is {self.d_model}")
         return values, rows, (_columns(tokens) if metadata else None)
+
+    def _vectors_in_place(self, handle: pa.MemoryMappedFile, footer: pq.FileMetaData, unit: _Unit):
+        """The unit's vectors as views of the map, one per page (parquet_pages.plain_values), their pages checked
+        when check_pages; None when pyarrow must decode them (compressed, nulls, another encoding)."""
+        data, found, chunk = _mapped_chunk(handle, footer, unit.row_group, fmt.ACTIVATION_COLUMN, self.check_pages)
+        storage = dtypes.storage_numpy_dtype(self.storage_dtype)
+        width = self.d_model * storage.itemsize
+        if chunk.compression != "UNCOMPRESSED" or chunk.physical_type != "FIXED_LEN_BYTE_ARRAY":
+            return None
+        column = footer.schema.column(footer.schema.to_arrow_schema().names.index(fmt.ACTIVATION_COLUMN))
+        if column.length != width:
+            return None
+        found = found if found is not None else list(parquet_pages.pages(data))
+        views = parquet_pages.plain_values(data, found, width, column.max_definition_level,
+                                           column.max_repetition_level)
+        if views is None:
+            return None
+        if sum(len(v) for v in views) != unit.rows:
+            raise parquet_pages.DamagedPage(f"column {fmt.ACTIVATION_COLUMN}: its pages hold "
+                                            f"{sum(len(v) for v in views)} values, the row group {unit.rows} rows")
+        return [v.view(storage) for v in views]
 
     def _join_samples(self, tokens: pa.Table, unit: _Unit) -> pa.Table:
         lookup = self._samples_lookup()

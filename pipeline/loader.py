@@ -162,12 +162,13 @@ class ActivationBatches:
         store = self._claim(len(units))
         for unit in np.unique(units):
             wanted = np.flatnonzero(units == unit)
-            values, unit_rows, columns = self._decode(int(unit))
+            values, unit_rows, columns = self._ds.read_unit(self._units[int(unit)], self._where, self._join,
+                                                            self.with_metadata)
             found = np.searchsorted(unit_rows, rows[wanted])
             if (found >= len(unit_rows)).any() or (unit_rows[np.minimum(found, len(unit_rows) - 1)]
                                                    != rows[wanted]).any():
                 raise ValueError(f"load_state_dict: {self._units[unit].file.path} lacks rows the state buffered")
-            self._put(store[wanted], values.view(self._raw.dtype)[found])
+            self._put(store[wanted], values[found])
             for name, column in (columns or {}).items():
                 self._column(name, column.dtype)[wanted] = column[found]
         self._unit_of[:len(units)], self._row_of[:len(units)] = units, rows
@@ -212,10 +213,18 @@ class ActivationBatches:
         return self._columns[name]
 
     def _decode(self, unit: int):
-        return self._ds.read_unit(self._units[unit], self._where, self._join, self.with_metadata)
+        return self._ds.read_unit(self._units[unit], self._where, self._join, self.with_metadata, in_place=True)
 
-    def _put(self, store: np.ndarray, values: np.ndarray) -> None:
-        """Rows `store` of the vector store = values (unsigned views of the storage dtype)."""
+    def _put(self, store: np.ndarray, values) -> None:
+        """Rows `store` of the vector store = values (in the storage dtype; an array, or a list of arrays whose rows
+        follow one another, as read_unit gives them in place)."""
+        if isinstance(values, list):
+            start = 0
+            for piece in values:
+                self._put(store[start:start + len(piece)], piece)
+                start += len(piece)
+            return
+        values = values.view(self._raw.dtype)
         if self._kernel is not None:
             self._kernel.scatter(self._raw, store, values)
         elif len(store) and store[-1] - store[0] == len(store) - 1:  # contiguous rows: one block copy
@@ -235,7 +244,7 @@ class ActivationBatches:
         as many as the unit has rows); returns (the rows used, row indices in the row group, token columns)."""
         values, rows, columns = self._decode(unit)
         store = store[:len(rows)]
-        self._put(store, values.view(self._raw.dtype))
+        self._put(store, values)
         if self.readahead:
             # With several row groups decoding at once Arrow's allocator would keep each one's memory for reuse;
             # handing it back (on this thread, beside the batches being drawn) keeps memory at the store plus the

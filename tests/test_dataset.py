@@ -369,3 +369,36 @@ def test_jax_batches_are_placed_with_the_sharding(output):
     np.testing.assert_array_equal(bits(np.asarray(first)), bits(plain))
     state = batches.state_dict()
     assert state["batches"] == 1
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize("check_pages", [True, False])
+def test_vectors_read_in_place_or_by_pyarrow_are_the_stored_ones(tmp_path, small_row_groups, compression,
+                                                                  check_pages):
+    """Uncompressed vectors are copied straight from the file's pages (a list of views per row group); compressed
+    ones are decoded by pyarrow: the loader, to_numpy and both kinds of read give the same, stored, bits."""
+    root = str(tmp_path / "out")
+    writer = ShardWriter(root, "h000", "random:tiny", "bfloat16", "bfloat16", activation_compression=compression)
+    batch = make_batch(prefix="s0x", lengths=(9, 12, 7), batch_size=3)
+    acts = extracted(batch, hooks=HOOKS, seed=3)
+    writer.write_shard(batch["batch_id"], batch["samples"], batch["placements"], acts)
+    keys = [(s["sample_id"], p) for s in batch["samples"] for p in range(len(s["token_ids"]))]
+    truth = dict(zip(keys, acts[("resid_post", 1)].astype(storage_numpy_dtype("bfloat16"))))
+    ds = open_activations(root, check_pages=check_pages)
+    units = ds.units("resid_post", 1)
+    assert len(units) > 1
+    every = []
+    for unit in units:
+        in_place, rows, _ = ds.read_unit(unit, None, False, False, in_place=True)
+        copied, _, _ = ds.read_unit(unit, None, False, False)
+        assert isinstance(in_place, list) == (compression == "none") and isinstance(copied, np.ndarray)
+        pieces = in_place if isinstance(in_place, list) else [in_place]
+        np.testing.assert_array_equal(bits(np.concatenate(pieces)), bits(copied))
+        every.append(copied)
+    np.testing.assert_array_equal(bits(ds.to_numpy("resid_post", 1, dtype="bfloat16")), bits(np.concatenate(every)))
+    seen = 0
+    for batch_values, cols in ds.batches("resid_post", 1, 5, with_metadata=True, drop_last=False,
+                                         dtype="bfloat16"):
+        np.testing.assert_array_equal(bits(batch_values), bits(np.stack([truth[k] for k in keys_of(cols)])))
+        seen += len(batch_values)
+    assert seen == len(truth)
