@@ -194,7 +194,9 @@ def _mapped_chunk(handle: pa.MemoryMappedFile, footer: pq.FileMetaData, row_grou
     chunk = footer.row_group(row_group).column(footer.schema.to_arrow_schema().names.index(name))
     start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
     handle.seek(start)  # read_buffer of a map is a view of it; read_at would copy into bytes
-    data = memoryview(handle.read_buffer(chunk.total_compressed_size))
+    mapped = handle.read_buffer(chunk.total_compressed_size)
+    parquet_pages.populate(mapped.address, mapped.size)
+    data = memoryview(mapped)
     found = (parquet_pages.check_column_chunk(data, name, start) if check else None)
     return data, found, chunk
 
