@@ -402,3 +402,45 @@ def test_vectors_read_in_place_or_by_pyarrow_are_the_stored_ones(tmp_path, small
         np.testing.assert_array_equal(bits(batch_values), bits(np.stack([truth[k] for k in keys_of(cols)])))
         seen += len(batch_values)
     assert seen == len(truth)
+
+
+def test_no_flipped_byte_in_a_column_chunk_is_read_as_data(output, tmp_path):
+    """Hostile bytes: one byte flipped at seeded places of the activation chunk (page headers, levels and values,
+    which the reader's own page walk parses). Each read either fails with the damaged-file error or returns the
+    stored vectors: never other values."""
+    root = copy_output(output, tmp_path)
+    folder = os.path.join(root, "activations", "hook=resid_post", "layer=1")
+    victim = os.path.join(folder, sorted(os.listdir(folder))[0])
+    intact = open(victim, "rb").read()
+    footer = pq.ParquetFile(victim).metadata
+    chunk = footer.row_group(0).column(footer.schema.to_arrow_schema().get_field_index(
+        output_format.ACTIVATION_COLUMN))
+    start, size = chunk.data_page_offset, chunk.total_compressed_size
+
+    def victims_unit(ds):
+        return next(u for u in ds.units("resid_post", 1)
+                    if u.row_group == 0 and u.file.path.endswith("/" + os.path.basename(victim)))
+
+    clean = open_activations(root)
+    expected = clean.read_unit(victims_unit(clean), None, False, False)
+    places = sorted({start, start + 1, start + 2, start + 5, start + 9, start + size - 1,
+                     *np.random.default_rng(7).integers(start, start + size, 40).tolist()})
+    outcomes = Counter()
+    for place in places:
+        for flip in (0x01, 0x80):
+            damaged = bytearray(intact)
+            damaged[place] ^= flip
+            open(victim, "wb").write(bytes(damaged))
+            ds = open_activations(root)
+            unit = victims_unit(ds)
+            try:
+                values, rows, _ = ds.read_unit(unit, None, False, False, in_place=True)
+            except ValueError as error:
+                assert os.path.basename(victim) in str(error) and "pipeline.verify" in str(error)
+                outcomes["refused"] += 1
+                continue
+            got = np.concatenate(values) if isinstance(values, list) else values
+            np.testing.assert_array_equal(bits(got), bits(expected[0]), err_msg=f"byte {place} ^ {flip:#x}")
+            outcomes["intact values"] += 1
+    open(victim, "wb").write(intact)
+    assert outcomes["refused"] > len(places), outcomes  # most flips hit CRC-covered bytes
