@@ -437,10 +437,9 @@ class ActivationDataset:
                 for name in fmt.TOKEN_COLUMNS:
                     _mapped_chunk(handle, footer, unit.row_group, name, check=True)
             in_place = None
-            if isinstance(handle, pa.MemoryMappedFile) and where is None and self.format_version == 2:
+            tried_in_place = isinstance(handle, pa.MemoryMappedFile) and where is None and self.format_version == 2
+            if tried_in_place:  # checks the chunk's pages when check_pages, whatever it returns
                 in_place = self._vectors_in_place(handle, footer, unit)
-            elif check_here:
-                _mapped_chunk(handle, footer, unit.row_group, fmt.ACTIVATION_COLUMN, check=True)
             if where is not None or metadata:
                 tokens = reader.read_row_group(unit.row_group, columns=list(fmt.TOKEN_COLUMNS))
                 tokens = pa.table({name: _decoded(tokens.column(name)) for name in fmt.TOKEN_COLUMNS})
@@ -455,6 +454,8 @@ class ActivationDataset:
                         tokens = tokens.take(rows)
             if in_place is not None:
                 return in_place, rows, (_columns(tokens) if metadata else None)
+            if check_here and not tried_in_place:
+                _mapped_chunk(handle, footer, unit.row_group, fmt.ACTIVATION_COLUMN, check=True)
             vectors = reader.read_row_group(unit.row_group, columns=[fmt.ACTIVATION_COLUMN])
         column = vectors.column(fmt.ACTIVATION_COLUMN)
         if len(rows) < unit.rows:

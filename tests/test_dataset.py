@@ -305,6 +305,8 @@ def test_a_damaged_page_is_refused_unless_page_checks_are_off(output, tmp_path):
     open(victim, "wb").write(bytes(data))
     with pytest.raises(ValueError, match=f"{os.path.basename(victim)}, row group .*CRC.*pipeline.verify"):
         list(open_activations(root).batches("resid_post", 1, 8, readahead=0))
+    with pytest.raises(ValueError, match=f"{os.path.basename(victim)}, row group .*CRC.*pipeline.verify"):
+        open_activations(root).to_numpy("resid_post", 1, where=pc.field("position") >= 0)  # decoded by pyarrow
     unchecked = open_activations(root, check_pages=False)
     assert sum(len(b) for b in unchecked.batches("resid_post", 1, 8, drop_last=False)) == unchecked.num_tokens(
         "resid_post", 1)  # read, altered: what a trainer gets when nothing checks the pages
