@@ -189,9 +189,14 @@ class _Unit:
     rows: int
 
 
+def _chunk_metadata(footer: pq.FileMetaData, row_group: int, name: str) -> pq.ColumnChunkMetaData:
+    return footer.row_group(row_group).column(footer.schema.to_arrow_schema().names.index(name))
+
+
 def _mapped_chunk(handle: pa.MemoryMappedFile, footer: pq.FileMetaData, row_group: int, name: str, check: bool):
-    """(the column chunk's bytes, a view of the map, its pages, its metadata); the page CRCs checked when `check`."""
-    chunk = footer.row_group(row_group).column(footer.schema.to_arrow_schema().names.index(name))
+    """(the column chunk's bytes as a view of the map, its pages when `check` (their CRCs checked) or None, its
+    metadata)."""
+    chunk = _chunk_metadata(footer, row_group, name)
     start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
     handle.seek(start)  # read_buffer of a map is a view of it; read_at would copy into bytes
     mapped = handle.read_buffer(chunk.total_compressed_size)
@@ -199,7 +204,6 @@ def _mapped_chunk(handle: pa.MemoryMappedFile, footer: pq.FileMetaData, row_grou
     data = memoryview(mapped)
     found = (parquet_pages.check_column_chunk(data, name, start) if check else None)
     return data, found, chunk
-
 
 
 def open_activations(output: str, *, check_sha256: bool = False, check_pages: bool = True) -> "ActivationDataset":
@@ -470,14 +474,16 @@ class ActivationDataset:
     def _vectors_in_place(self, handle: pa.MemoryMappedFile, footer: pq.FileMetaData, unit: _Unit):
         """The unit's vectors as views of the map, one per page (parquet_pages.plain_values), their pages checked
         when check_pages; None when pyarrow must decode them (compressed, nulls, another encoding)."""
-        data, found, chunk = _mapped_chunk(handle, footer, unit.row_group, fmt.ACTIVATION_COLUMN, self.check_pages)
         storage = dtypes.storage_numpy_dtype(self.storage_dtype)
         width = self.d_model * storage.itemsize
-        if chunk.compression != "UNCOMPRESSED" or chunk.physical_type != "FIXED_LEN_BYTE_ARRAY":
-            return None
+        chunk = _chunk_metadata(footer, unit.row_group, fmt.ACTIVATION_COLUMN)
         column = footer.schema.column(footer.schema.to_arrow_schema().names.index(fmt.ACTIVATION_COLUMN))
-        if column.length != width:
+        if (chunk.compression != "UNCOMPRESSED" or chunk.physical_type != "FIXED_LEN_BYTE_ARRAY"
+                or column.length != width):
+            if self.check_pages:
+                _mapped_chunk(handle, footer, unit.row_group, fmt.ACTIVATION_COLUMN, check=True)
             return None
+        data, found, _ = _mapped_chunk(handle, footer, unit.row_group, fmt.ACTIVATION_COLUMN, self.check_pages)
         found = found if found is not None else list(parquet_pages.pages(data))
         views = parquet_pages.plain_values(data, found, width, column.max_definition_level,
                                            column.max_repetition_level)

@@ -164,18 +164,13 @@ def pages(chunk: memoryview):
         position = reader.position + size
 
 
-def _in_chunk(name: str, file_offset: int, damaged: DamagedPage) -> DamagedPage:
-    return damaged if str(damaged).startswith("column ") else DamagedPage(
-        f"column {name} (chunk at byte {file_offset}): {damaged}")
-
-
 def check_column_chunk(chunk: memoryview, name: str, file_offset: int = 0) -> list[Page]:
     """Checks the CRC of every page of a column chunk's bytes (`name` and `file_offset`, where the chunk starts in
     its file, are for messages) and returns its pages. DamagedPage names the first page that fails."""
     try:
         found = list(pages(chunk))
     except DamagedPage as damaged:
-        raise _in_chunk(name, file_offset, damaged) from None
+        raise DamagedPage(f"column {name} (chunk at byte {file_offset}): {damaged}") from None
     for page in found:
         if page.crc is not None:
             computed = crc32(chunk[page.offset:page.offset + page.size]) & 0xFFFFFFFF
