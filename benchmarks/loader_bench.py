@@ -61,13 +61,13 @@ def write(root: str, tokens: int, d_model: int, samples_per_shard: int, compress
 
 
 def read(root: str, batch_tokens: int, buffer_tokens: int | None, dtype: str, readahead: int,
-         check_pages: bool = True) -> dict:
+         check_pages: bool = True, epochs: int = 1) -> dict:
     from pipeline.dataset import open_activations
 
     ds = open_activations(root, check_pages=check_pages)
     before = _rss_bytes()
     loader = ds.batches("resid_post", 6, batch_tokens, dtype=dtype, buffer_tokens=buffer_tokens,
-                        readahead=readahead, drop_last=False)
+                        readahead=readahead, drop_last=False, epochs=epochs)
     started, cpu_started = time.perf_counter(), _cpu_seconds()
     tokens = batches = 0
     checksum = 0.0
@@ -127,11 +127,11 @@ def through_emulator(root: str, batch_tokens: int, buffer_tokens: int | None, dt
         server.wait(timeout=30)
 
 
-_TIMED_STEPS = ("_decode", "_load", "_take", "_gather")
+_TIMED_STEPS = ("_decode", "_load", "_emit", "_gather")
 
 
 def timed_steps():
-    """Wraps the loader's steps with wall-clock timers (they nest: _load holds _decode, _take holds _gather);
+    """Wraps the loader's steps with wall-clock timers (they nest: _load holds _decode; _gather runs inside _emit without threads, on the gather thread with them);
     returns the dict the seconds accumulate in. For --phases only: the timers cost a little themselves."""
     from pipeline.loader import ActivationBatches
 
@@ -172,6 +172,7 @@ def main(argv=None) -> int:
     parser.add_argument("--buffer_tokens", type=int, default=None)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--readahead", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=1, help="read: passes over the output (longer, steadier runs)")
     parser.add_argument("--compression", default="none", help="write: the activation column's codec")
     parser.add_argument("--phases", action="store_true",
                         help="read: also report microseconds per token in decoding (_decode), copying into the "
@@ -187,7 +188,7 @@ def main(argv=None) -> int:
     else:
         steps = timed_steps() if args.phases else None
         result = read(args.root, args.batch_tokens, args.buffer_tokens, args.dtype, args.readahead,
-                      not args.no_check_pages)
+                      not args.no_check_pages, args.epochs)
         if steps is not None:
             per_token = {name: round(value / result["tokens"] * 1e6, 3) for name, value in steps.items()}
             per_token["copy_into_store"] = round(per_token["_load"] - per_token["_decode"], 3)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +37,9 @@ __all__ = ["ActivationBatches", "MappedBatches", "DEFAULT_BUFFER_BYTES", "torch_
 
 # Default shuffle buffer: this many bytes of vectors in the storage dtype (tokens = bytes / (d_model x itemsize)).
 DEFAULT_BUFFER_BYTES = 256 * 1024 * 1024
-_STATE_VERSION = 1
+# 2: a state may hold a drawn batch not yet yielded (ahead_unit, ahead_row). 1 (never one) still loads.
+_STATE_VERSION = 2
+_STATE_VERSIONS = (1, 2)
 # Rows gathered and widened at a time by the numpy path: a tile that stays in the L2 cache between its two passes.
 _TILE_ROWS = 256
 
@@ -48,6 +50,17 @@ def _positive(name: str, value, allow_none: bool = False):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
     return int(value)
+
+
+class _Drawn(NamedTuple):
+    """A batch taken from the buffer: its vectors (or their gather, in flight on the gather thread), the rows of
+    the store they occupy until gathered, and the identity of its tokens."""
+    vectors: concurrent.futures.Future | np.ndarray
+    store: np.ndarray
+    columns: dict
+    unit: np.ndarray
+    row: np.ndarray
+    epoch: int
 
 
 # ---------------------------------------------------------------------------------------- the loader
@@ -97,22 +110,30 @@ class ActivationBatches:
         self._fingerprint = hashlib.sha1(json.dumps(
             [(u.file.path, u.file.sha256, u.row_group, u.rows) for u in self._units]).encode()).hexdigest()
         # The store holds up to buffer_tokens plus the row group being appended and the `readahead` ones being
-        # copied in by threads; allocated on first use.
+        # copied in by threads, and (with threads) the batch drawn ahead while the last one is gathered; allocated
+        # on first use.
         self._capacity = (self.buffer_tokens if self.shuffle else self.batch_tokens) + (1 + self.readahead) * max(
-            u.rows for u in self._units)
+            u.rows for u in self._units) + (self.batch_tokens if self.readahead else 0)
         self._raw = self._tile = self._slot = self._free = None
         self._free_count = 0
         self._kernel = gather_kernel.load()
         self._columns: dict[str, np.ndarray] = {}
         self._unit_of = np.zeros(0, np.int64)
         self._row_of = np.zeros(0, np.int64)
-        self._pool = None
+        self._pool = self._gatherer = None
         self._pending: dict[int, tuple[concurrent.futures.Future, np.ndarray]] = {}  # unit -> (copy, its rows)
+        self._ahead: _Drawn | None = None  # with threads: the next batch, drawn and being gathered
         self._reset(epoch=0)
+        self._epoch_out = 0
 
     # ------------------------------------------------------------------------------------ state
 
-    def _reset(self, epoch: int) -> None:
+    def _reset(self, epoch: int, everything: bool = True) -> None:
+        """Starts `epoch` with an empty buffer. Frees every row of the store, or (everything=False, at the end of an
+        epoch, while the batch drawn before may still be gathered from its rows) only those of the tokens left in
+        the buffer."""
+        if self._free is not None and not everything:
+            self._release(self._slot[self._head:self._count])
         self._epoch = epoch
         self._cursor = 0          # units of this epoch's order already in the buffer
         self._head = self._count = 0  # buffered tokens are [head, count) of the buffer arrays
@@ -121,8 +142,10 @@ class ActivationBatches:
         self._order = self._epoch_order(epoch)
         self._rng = np.random.default_rng([self.seed, epoch, self.rank, self.world_size])
         self._cancel_pending()  # before the rows their threads write into are handed out again
-        if self._free is not None:
-            self._free_all()
+        if everything:
+            self._drop_ahead()
+            if self._free is not None:
+                self._free_all()
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         everything = (np.random.default_rng([self.seed, epoch]).permutation(len(self._units)) if self.shuffle
@@ -135,19 +158,23 @@ class ActivationBatches:
                 "buffer_tokens": self.buffer_tokens, "with_metadata": self.with_metadata, "output": self._fingerprint}
 
     def state_dict(self) -> dict:
-        """Where the iterator stands: plain ints and strings plus two int64 arrays naming every buffered token
-        (its unit and row), so saving it costs 16 bytes per buffered token. Save it with the model's checkpoint
-        (np.savez, torch.save, orbax)."""
+        """Where the iterator stands: plain ints and strings plus int64 arrays naming every buffered token (its
+        unit and row) and the tokens of the batch drawn ahead, so saving it costs 16 bytes per buffered token.
+        Save it with the model's checkpoint (np.savez, torch.save, orbax)."""
+        ahead = self._ahead
         return {"version": _STATE_VERSION, "config": self._config(), "epoch": self._epoch, "cursor": self._cursor,
-                "batches": self._batches, "done": self._done, "rng": self._rng.bit_generator.state,
-                "buffer_unit": self._unit_of[self._head:self._count].copy(),
-                "buffer_row": self._row_of[self._head:self._count].copy()}
+                "batches": self._batches - (ahead is not None), "done": self._done,
+                "rng": self._rng.bit_generator.state, "buffer_unit": self._unit_of[self._head:self._count].copy(),
+                "buffer_row": self._row_of[self._head:self._count].copy(),
+                "ahead_unit": ahead.unit.copy() if ahead else np.zeros(0, np.int64),
+                "ahead_row": ahead.row.copy() if ahead else np.zeros(0, np.int64)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continues exactly where `state` was taken: the same remaining batches, in the same order. The iterator
         must be built with the same arguments on the same output; every difference is named."""
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            raise ValueError(f"not a loader state of version {_STATE_VERSION}: {str(state)[:200]}")
+        if not isinstance(state, dict) or state.get("version") not in _STATE_VERSIONS:
+            raise ValueError(f"not a loader state of version {' or '.join(map(str, _STATE_VERSIONS))}: "
+                             f"{str(state)[:200]}")
         mine = self._config()
         for key, value in state["config"].items():
             if mine.get(key) != value:
@@ -157,7 +184,11 @@ class ActivationBatches:
         self._reset(int(state["epoch"]))
         self._cursor, self._batches, self._done = int(state["cursor"]), int(state["batches"]), bool(state["done"])
         self._rng.bit_generator.state = state["rng"]
-        units, rows = np.asarray(state["buffer_unit"], np.int64), np.asarray(state["buffer_row"], np.int64)
+        buffered = len(state["buffer_unit"])
+        units = np.concatenate([np.asarray(state["buffer_unit"], np.int64),
+                                np.asarray(state.get("ahead_unit", ()), np.int64)])
+        rows = np.concatenate([np.asarray(state["buffer_row"], np.int64),
+                               np.asarray(state.get("ahead_row", ()), np.int64)])
         self._ensure_buffer()
         store = self._claim(len(units))
         for unit in np.unique(units):
@@ -173,7 +204,14 @@ class ActivationBatches:
                 self._column(name, column.dtype)[wanted] = column[found]
         self._unit_of[:len(units)], self._row_of[:len(units)] = units, rows
         self._slot[:len(units)] = store
-        self._count = len(units)
+        self._count = buffered
+        if len(units) > buffered:  # the batch that was drawn ahead comes first, as it would have
+            ahead = np.arange(buffered, len(units))
+            self._ahead = _Drawn(self._start_gather(store[ahead]), store[ahead],
+                                 {k: v[ahead] for k, v in self._columns.items()}, units[ahead], rows[ahead],
+                                 self._epoch)
+            self._batches += 1  # counted when drawn
+        self._epoch_out = self._epoch
 
     # -------------------------------------------------------------------------------- iteration
 
@@ -237,7 +275,15 @@ class ActivationBatches:
         for future in futures:
             future.cancel()
         concurrent.futures.wait(futures)  # a running copy must not outlive its rows
+        for _, reserved in self._pending.values():
+            self._release(reserved)
         self._pending = {}
+
+    def _drop_ahead(self) -> None:
+        """Forgets the batch drawn ahead (its gather finished first: it reads rows about to be handed out)."""
+        if self._ahead is not None and isinstance(self._ahead.vectors, concurrent.futures.Future):
+            concurrent.futures.wait([self._ahead.vectors])
+        self._ahead = None
 
     def _load(self, unit: int, store: np.ndarray):
         """Decodes `unit` and copies its vectors into rows `store` of the vector store (reserved for it, at least
@@ -292,17 +338,21 @@ class ActivationBatches:
             self._column(name, column.dtype)[self._count:end] = column
         self._count = end
 
-    def _emit(self, n: int):
-        """Removes the next batch's n tokens from the buffer and returns them."""
+    def _emit(self, n: int) -> _Drawn:
+        """Takes the next batch's n tokens out of the buffer; their vectors are gathered from the store (on the
+        gather thread, with threads) and their rows freed when the batch is collected (`_collect`)."""
         if not self.shuffle:
             picks = np.arange(self._head, self._head + n)
-            vectors, columns = self._take(picks), {k: v[picks] for k, v in self._columns.items()}
+        else:
+            picks = self._rng.choice(self._count, size=n, replace=False)
+        store = self._slot[picks]
+        drawn = _Drawn(self._start_gather(store), store, {k: v[picks] for k, v in self._columns.items()},
+                       self._unit_of[picks], self._row_of[picks], self._epoch)
+        if not self.shuffle:
             self._head += n
             if self._head == self._count:
                 self._head = self._count = 0
         else:
-            picks = self._rng.choice(self._count, size=n, replace=False)
-            vectors, columns = self._take(picks), {k: v[picks] for k, v in self._columns.items()}
             # Refill the holes the picks leave below `tail` with the unpicked tokens above it: O(n), not O(buffer).
             tail = self._count - n
             in_tail = picks >= tail
@@ -313,14 +363,22 @@ class ActivationBatches:
                 index[holes] = index[sources]
             self._count = tail
         self._batches += 1
-        return (vectors, columns) if self.with_metadata else vectors
+        return drawn
 
-    def _take(self, positions: np.ndarray) -> np.ndarray:
-        """The vectors at buffer positions `positions`, in the batch dtype; their rows of the store become free."""
-        rows = self._slot[positions]
-        vectors = self._gather(rows)
-        self._release(rows)
-        return vectors
+    def _start_gather(self, store: np.ndarray):
+        """The vectors of rows `store`, in the batch dtype: gathered now, or (with threads) a future of them."""
+        if not self.readahead:
+            return self._gather(store)
+        if self._gatherer is None:
+            self._gatherer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="activations-gather")
+        return self._gatherer.submit(self._gather, store)
+
+    def _collect(self, drawn: _Drawn):
+        """The batch `drawn` as yielded; its rows of the store become free."""
+        vectors = drawn.vectors.result() if isinstance(drawn.vectors, concurrent.futures.Future) else drawn.vectors
+        self._release(drawn.store)
+        self._epoch_out = drawn.epoch
+        return (vectors, drawn.columns) if self.with_metadata else vectors
 
     def _gather(self, rows: np.ndarray) -> np.ndarray:
         if self.dtype == self._storage:
@@ -335,7 +393,8 @@ class ActivationBatches:
             return gather_kernel.gather_widen_numpy(self._raw, rows, self._tile)
         return dtypes.widen(np.take(self._raw, rows, axis=0).view(self._storage), self.dtype)
 
-    def __next__(self):
+    def _draw(self) -> _Drawn | None:
+        """The next batch taken out of the buffer (filling it first), or None when the last epoch is over."""
         while not self._done:
             self._ensure_buffer()
             target = self.buffer_tokens if self.shuffle else self.batch_tokens
@@ -348,9 +407,20 @@ class ActivationBatches:
                 continue
             if available and not self.drop_last:
                 return self._emit(available)
-            self._reset(self._epoch + 1)
-        self.close()
-        raise StopIteration
+            self._reset(self._epoch + 1, everything=False)
+        return None
+
+    def __next__(self):
+        # With threads, the batch after this one is drawn before this one is collected, so that the gather thread
+        # copies it out while the caller works on this one.
+        current = self._ahead if self._ahead is not None else self._draw()
+        self._ahead = None
+        if current is not None and self.readahead:
+            self._ahead = self._draw()
+        if current is None:
+            self.close()
+            raise StopIteration
+        return self._collect(current)
 
     def __enter__(self):
         return self
@@ -359,15 +429,20 @@ class ActivationBatches:
         self.close()
 
     def close(self) -> None:
-        """Stops the readahead threads (also done at the end of the last epoch)."""
+        """Stops the readahead and gather threads (also done at the end of the last epoch). A batch drawn ahead
+        stays in `state_dict()`."""
         self._cancel_pending()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        if self._ahead is not None and isinstance(self._ahead.vectors, concurrent.futures.Future):
+            concurrent.futures.wait([self._ahead.vectors])
+        for pool in (self._pool, self._gatherer):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._pool = self._gatherer = None
 
     @property
     def epoch(self) -> int:
-        return self._epoch
+        """The epoch of the batch last yielded (before the first: of the next one)."""
+        return self._epoch_out
 
 
 class MappedBatches:

@@ -220,6 +220,33 @@ def test_state_dict_resumes_with_exactly_the_batches_left(output, options):
         assert keys_of(cols) == keys_of(cols2)
 
 
+def test_a_state_holds_the_batch_drawn_ahead_and_old_states_still_load(output):
+    """With threads the batch after the one yielded is already drawn: the state names its tokens, and a loader that
+    resumes yields it first. A version-1 state (no batch ahead, as readahead=0 saves) resumes the same way."""
+    ds = open_activations(output.root)
+    options = dict(epochs=2, with_metadata=True, seed=4, buffer_tokens=20)
+    loader = ds.batches("resid_post", 1, 6, **options)
+    for _ in range(7):
+        next(loader)
+    state = loader.state_dict()
+    assert state["version"] == 2 and len(state["ahead_unit"]) == len(state["ahead_row"]) == 6
+    rest = [keys_of(cols) for _, cols in loader]
+    for readahead in (0, 2):
+        resumed = ds.batches("resid_post", 1, 6, readahead=readahead, **options)
+        resumed.load_state_dict(state)
+        assert [keys_of(cols) for _, cols in resumed] == rest
+
+    inline = ds.batches("resid_post", 1, 6, readahead=0, **options)
+    for _ in range(7):
+        next(inline)
+    old = inline.state_dict()
+    assert len(old.pop("ahead_unit")) == len(old.pop("ahead_row")) == 0
+    old["version"] = 1
+    resumed = ds.batches("resid_post", 1, 6, **options)
+    resumed.load_state_dict(old)
+    assert [keys_of(cols) for _, cols in resumed] == rest
+
+
 def test_resume_refuses_a_different_loader(output):
     ds = open_activations(output.root)
     loader = ds.batches("resid_post", 1, 5)
