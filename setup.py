@@ -31,6 +31,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",
             "hypothesis>=6",
             "torch==2.13.0",
             "gcp-storage-emulator>=2024.8",
