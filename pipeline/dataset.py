@@ -24,6 +24,7 @@ import os
 import threading
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import pyarrow as pa
@@ -153,6 +154,57 @@ class _GcsStore:
     def read_bytes(self, relpath: str) -> bytes:
         return self._bucket().blob(self._name(relpath)).download_as_bytes()
 
+    def read_range(self, relpath: str, start: int, size: int) -> memoryview:
+        """`size` bytes of the object from `start`, in one ranged GET of the JSON API's media download read
+        straight into this thread's buffer (retried as google-cloud-storage retries). The view is valid until this
+        thread's next read_range: the loader copies the vectors out first, on the same thread. The bytes are
+        checked by the Parquet page CRCs they hold; no whole-object checksum exists for a range."""
+        import google.api_core.exceptions
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        try:
+            return DEFAULT_RETRY(self._get_range)(relpath, start, size)
+        except google.api_core.exceptions.GoogleAPIError as err:  # an HTTP error, or retries exhausted
+            raise OSError(f"{self.path(relpath)}: reading {size} bytes at offset {start} failed: {err}") from err
+
+    def _get_range(self, relpath: str, start: int, size: int) -> memoryview:
+        # TODO(https://github.com/googleapis/google-resumable-media-python/pull/47, whose review names it):
+        # Blob.download_as_bytes moves a download through Python in 8 KiB pieces (Download._write_to_stream); this
+        # GET reads the body into one buffer in large reads instead. Drop it when the library reads large ranges in
+        # large pieces.
+        import google.api_core.exceptions
+        from google.auth.transport.requests import AuthorizedSession
+
+        session = getattr(self._local, "session", None)
+        if session is None:
+            bucket = self._bucket()  # also looks up the credentials once per store
+            session = self._local.session = AuthorizedSession(self._auth[0])
+            self._local.endpoint = bucket.client.api_endpoint.rstrip("/")
+        url = (f"{self._local.endpoint}/download/storage/v1/b/{self.bucket_name}/o/"
+               f"{quote(self._name(relpath), safe='')}?alt=media")
+        with session.get(url, headers={"Range": f"bytes={start}-{start + size - 1}",
+                                       "Accept-Encoding": "identity"}, stream=True, timeout=(60, 300)) as response:
+            if response.status_code == 404:
+                raise FileNotFoundError(self.path(relpath))
+            if response.status_code not in (200, 206):
+                raise google.api_core.exceptions.from_http_response(response)
+            if response.status_code == 200 and start:
+                raise OSError(f"{self.path(relpath)}: the server ignored the byte range")
+            # Reused: a fresh buffer of a row group's size costs its page faults and zeroing on every read.
+            buffer = getattr(self._local, "buffer", None)
+            if buffer is None or len(buffer) < size:
+                buffer = self._local.buffer = np.empty(size, np.uint8)
+            view, got = memoryview(buffer)[:size], 0
+            while got < size:
+                n = response.raw.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+        if got != size:
+            raise parquet_pages.DamagedPage(f"{self.path(relpath)}: {got} bytes at offset {start}, the footer says "
+                                            f"{size}: the object is shorter than its footer says")
+        return view.toreadonly()
+
 
 def _store(output: str):
     if not isinstance(output, (str, os.PathLike)):
@@ -193,11 +245,15 @@ def _chunk_metadata(footer: pq.FileMetaData, row_group: int, name: str) -> pq.Co
     return footer.row_group(row_group).column(footer.schema.to_arrow_schema().names.index(name))
 
 
+def _chunk_start(chunk: pq.ColumnChunkMetaData) -> int:
+    return chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+
+
 def _mapped_chunk(handle: pa.MemoryMappedFile, footer: pq.FileMetaData, row_group: int, name: str, check: bool):
     """(the column chunk's bytes as a view of the map, its pages when `check` (their CRCs checked) or None, its
     metadata)."""
     chunk = _chunk_metadata(footer, row_group, name)
-    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    start = _chunk_start(chunk)
     handle.seek(start)  # read_buffer of a map is a view of it; read_at would copy into bytes
     mapped = handle.read_buffer(chunk.total_compressed_size)
     parquet_pages.populate(mapped.address, mapped.size)
@@ -416,8 +472,8 @@ class ActivationDataset:
     def read_unit(self, unit: _Unit, where, join: bool, metadata: bool, in_place: bool = False
                    ) -> tuple[np.ndarray | list[np.ndarray], np.ndarray, dict[str, np.ndarray] | None]:
         """(vectors in the storage dtype, the rows' indices in their row group, token columns or None). With
-        in_place the vectors may come as a list of read-only views of a memory-mapped file, one per page, to be
-        copied once by the caller."""
+        in_place the vectors may come as a list of read-only views, one per page, of a memory-mapped file or (gs://)
+        of this thread's read buffer, to be copied once by the caller before this thread reads again."""
         try:
             values, rows, columns = self._read_unit(unit, where, join, metadata)
             if isinstance(values, list) and not in_place:
@@ -441,7 +497,9 @@ class ActivationDataset:
                 for name in fmt.TOKEN_COLUMNS:
                     _mapped_chunk(handle, footer, unit.row_group, name, check=True)
             in_place = None
-            tried_in_place = isinstance(handle, pa.MemoryMappedFile) and where is None and self.format_version == 2
+            # Local files are mapped; a gs:// object's chunk comes in one ranged read (_GcsStore.read_range).
+            tried_in_place = ((isinstance(handle, pa.MemoryMappedFile) or hasattr(self._store, "read_range"))
+                              and where is None and self.format_version == 2)
             if tried_in_place:  # checks the chunk's pages when check_pages, whatever it returns
                 in_place = self._vectors_in_place(handle, footer, unit)
             if where is not None or metadata:
@@ -471,19 +529,27 @@ class ActivationDataset:
                              f"d_model is {self.d_model}")
         return values, rows, (_columns(tokens) if metadata else None)
 
-    def _vectors_in_place(self, handle: pa.MemoryMappedFile, footer: pq.FileMetaData, unit: _Unit):
-        """The unit's vectors as views of the map, one per page (parquet_pages.plain_values), their pages checked
-        when check_pages; None when pyarrow must decode them (compressed, nulls, another encoding)."""
+    def _vectors_in_place(self, handle, footer: pq.FileMetaData, unit: _Unit):
+        """The unit's vectors as views of the map (or of the chunk read from GCS), one per page
+        (parquet_pages.plain_values), their pages checked when check_pages; None when pyarrow must decode them
+        (compressed, nulls, another encoding; pyarrow then checks a gs:// object's pages itself)."""
+        mapped = isinstance(handle, pa.MemoryMappedFile)
         storage = dtypes.storage_numpy_dtype(self.storage_dtype)
         width = self.d_model * storage.itemsize
         chunk = _chunk_metadata(footer, unit.row_group, fmt.ACTIVATION_COLUMN)
         column = footer.schema.column(footer.schema.to_arrow_schema().names.index(fmt.ACTIVATION_COLUMN))
         if (chunk.compression != "UNCOMPRESSED" or chunk.physical_type != "FIXED_LEN_BYTE_ARRAY"
                 or column.length != width):
-            if self.check_pages:
+            if self.check_pages and mapped:
                 _mapped_chunk(handle, footer, unit.row_group, fmt.ACTIVATION_COLUMN, check=True)
             return None
-        data, found, _ = _mapped_chunk(handle, footer, unit.row_group, fmt.ACTIVATION_COLUMN, self.check_pages)
+        if mapped:
+            data, found, _ = _mapped_chunk(handle, footer, unit.row_group, fmt.ACTIVATION_COLUMN, self.check_pages)
+        else:
+            start = _chunk_start(chunk)
+            data = self._store.read_range(unit.file.path, start, chunk.total_compressed_size)
+            found = (parquet_pages.check_column_chunk(data, fmt.ACTIVATION_COLUMN, start) if self.check_pages
+                     else None)
         found = found if found is not None else list(parquet_pages.pages(data))
         views = parquet_pages.plain_values(data, found, width, column.max_definition_level,
                                            column.max_repetition_level)

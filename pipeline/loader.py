@@ -305,18 +305,18 @@ class ActivationBatches:
         if self.readahead and self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.readahead, thread_name_prefix="activations")
         wanted = [int(u) for u in self._order[self._cursor:self._cursor + 1 + self.readahead]]
-        if self._pool is not None:
-            for unit in wanted[1:]:
-                if unit not in self._pending:
-                    reserved = self._claim(self._units[unit].rows)
-                    self._pending[unit] = (self._pool.submit(self._load, unit, reserved), reserved)
         unit = wanted[0]
         future, reserved = self._pending.pop(unit, (None, None))
         if future is None:
             reserved = self._claim(self._units[unit].rows)
-            store, rows, columns = self._load(unit, reserved)
-        else:
-            store, rows, columns = future.result()
+            # With threads, reads stay on them (a gs:// read keeps a row group's buffer per reading thread).
+            future = self._pool.submit(self._load, unit, reserved) if self._pool is not None else None
+        if self._pool is not None:
+            for ahead in wanted[1:]:
+                if ahead not in self._pending:
+                    reserved_ahead = self._claim(self._units[ahead].rows)
+                    self._pending[ahead] = (self._pool.submit(self._load, ahead, reserved_ahead), reserved_ahead)
+        store, rows, columns = future.result() if future is not None else self._load(unit, reserved)
         self._release(reserved[len(store):])  # rows `where` left unused
         return unit, store, rows, columns
 

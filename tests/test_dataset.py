@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import ml_dtypes
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -371,6 +372,46 @@ def test_gcs_output_reads_like_a_local_one(output, gcs_emulator, small_row_group
             for k in keys_of(cols)]
     assert Counter(seen) == Counter(truth[("mlp_out", 0)].keys())
     assert ds.samples().num_rows == 12
+
+
+def test_gcs_vectors_come_in_one_ranged_read_per_chunk_and_a_damaged_page_is_refused(gcs_emulator, monkeypatch,
+                                                                                     small_row_groups):
+    """A gs:// output's uncompressed activation chunks are read in one ranged GET each and copied from its pages
+    (their CRCs checked here, as for a mapped file); one flipped value is refused, naming the object."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    from pipeline import dataset as dataset_module
+
+    root = f"{gcs_emulator.root}/dataset/ranged"
+    truth = write_output(root, shards=2)
+    ranges = []
+    original = dataset_module._GcsStore.read_range
+
+    def spy(self, relpath, start, size):
+        ranges.append((relpath, start, size))
+        return original(self, relpath, start, size)
+
+    monkeypatch.setattr(dataset_module._GcsStore, "read_range", spy)
+    ds = open_activations(root)
+    got = {k: x for x, cols in ds.batches("mlp_out", 0, 5, drop_last=False, with_metadata=True, dtype="bfloat16")
+           for k, x in zip(keys_of(cols), x)}
+    assert len(ranges) == len(ds.units("mlp_out", 0)) and got.keys() == truth[("mlp_out", 0)].keys()
+    assert all(np.array_equal(bits(got[k]), bits(v)) for k, v in truth[("mlp_out", 0)].items())
+
+    bucket = storage.Client(project="test", credentials=AnonymousCredentials()).bucket(gcs_emulator.bucket)
+    relpath = ds.files("mlp_out", 0)[0]
+    blob = bucket.blob(f"dataset/ranged/{relpath}")
+    data = bytearray(blob.download_as_bytes())
+    footer = pq.ParquetFile(pa.BufferReader(bytes(data))).metadata
+    chunk = footer.row_group(0).column(footer.schema.to_arrow_schema().get_field_index(
+        output_format.ACTIVATION_COLUMN))
+    data[chunk.data_page_offset + chunk.total_compressed_size - 3] ^= 0x40
+    blob.upload_from_string(bytes(data))
+    with pytest.raises(ValueError, match=f"{os.path.basename(relpath)}, row group 0.*CRC.*pipeline.verify"):
+        list(open_activations(root).batches("mlp_out", 0, 5, readahead=0, shuffle=False))
+    unchecked = open_activations(root, check_pages=False)
+    assert sum(len(b) for b in unchecked.batches("mlp_out", 0, 5, drop_last=False)) == len(truth[("mlp_out", 0)])
 
 
 def test_torch_iterable_splits_across_dataloader_workers_without_duplicates(output):
