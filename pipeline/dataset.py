@@ -86,11 +86,19 @@ class _LocalStore:
             return handle.read()
 
 
+class StorageReadError(OSError):
+    """A file of the output could not be read from its storage (access, network): not damage to the file."""
+
+
 class _GcsStore:
     """gs://bucket/prefix through google-cloud-storage (honours STORAGE_EMULATOR_HOST). pyarrow's GcsFileSystem
     did not return from reads against the test emulator, and gcsfs pins its own fsspec release."""
 
     _CHUNK = 16 * 1024 * 1024
+    # A ranged read: seconds to connect, seconds without a byte before the read is retried, and seconds of retries.
+    _TIMEOUT = (60, 60)
+    _RETRY_S = 600
+    _READ_SCOPES = ("https://www.googleapis.com/auth/devstorage.read_only",)
 
     def __init__(self, root: str):
         bucket, _, prefix = root[len("gs://"):].partition("/")
@@ -156,16 +164,19 @@ class _GcsStore:
 
     def read_range(self, relpath: str, start: int, size: int) -> memoryview:
         """`size` bytes of the object from `start`, in one ranged GET of the JSON API's media download read
-        straight into this thread's buffer (retried as google-cloud-storage retries). The view is valid until this
-        thread's next read_range: the loader copies the vectors out first, on the same thread. The bytes are
-        checked by the Parquet page CRCs they hold; no whole-object checksum exists for a range."""
+        straight into this thread's buffer (retried on the errors google-cloud-storage retries, for up to
+        _RETRY_S seconds). The view is valid until this thread's next read_range: the loader copies the vectors
+        out first, on the same thread. The bytes are checked by the Parquet page CRCs they hold; no whole-object
+        checksum exists for a range. StorageReadError when the read fails (access, network, retries exhausted)."""
         import google.api_core.exceptions
+        import google.auth.exceptions
         from google.cloud.storage.retry import DEFAULT_RETRY
 
         try:
-            return DEFAULT_RETRY(self._get_range)(relpath, start, size)
-        except google.api_core.exceptions.GoogleAPIError as err:  # an HTTP error, or retries exhausted
-            raise OSError(f"{self.path(relpath)}: reading {size} bytes at offset {start} failed: {err}") from err
+            return DEFAULT_RETRY.with_timeout(self._RETRY_S)(self._get_range)(relpath, start, size)
+        except (google.api_core.exceptions.GoogleAPIError, google.auth.exceptions.GoogleAuthError) as err:
+            raise StorageReadError(f"{self.path(relpath)}: reading {size} bytes at offset {start} failed: {err}; "
+                                   f"check access to the bucket and the network, then run again") from err
 
     def _get_range(self, relpath: str, start: int, size: int) -> memoryview:
         # TODO(https://github.com/googleapis/google-resumable-media-python/pull/47, whose review names it):
@@ -173,17 +184,20 @@ class _GcsStore:
         # GET reads the body into one buffer in large reads instead. Drop it when the library reads large ranges in
         # large pieces.
         import google.api_core.exceptions
+        import google.auth.credentials
         from google.auth.transport.requests import AuthorizedSession
 
         session = getattr(self._local, "session", None)
         if session is None:
             bucket = self._bucket()  # also looks up the credentials once per store
-            session = self._local.session = AuthorizedSession(self._auth[0])
+            # google.auth.default() gives credentials without scopes; storage.Client scopes its own copy.
+            credentials = google.auth.credentials.with_scopes_if_required(self._auth[0], self._READ_SCOPES)
+            session = self._local.session = AuthorizedSession(credentials)
             self._local.endpoint = bucket.client.api_endpoint.rstrip("/")
         url = (f"{self._local.endpoint}/download/storage/v1/b/{self.bucket_name}/o/"
                f"{quote(self._name(relpath), safe='')}?alt=media")
         with session.get(url, headers={"Range": f"bytes={start}-{start + size - 1}",
-                                       "Accept-Encoding": "identity"}, stream=True, timeout=(60, 300)) as response:
+                                       "Accept-Encoding": "identity"}, stream=True, timeout=self._TIMEOUT) as response:
             if response.status_code == 404:
                 raise FileNotFoundError(self.path(relpath))
             if response.status_code not in (200, 206):
@@ -480,6 +494,8 @@ class ActivationDataset:
                 values = np.concatenate(values) if values else np.zeros(
                     (0, self.d_model), dtypes.storage_numpy_dtype(self.storage_dtype))
             return values, rows, columns
+        except StorageReadError:
+            raise  # names the object and says what to do; the file is not known to be damaged
         except (OSError, pa.ArrowException) as err:
             raise ValueError(f"{self._store.path(unit.file.path)}, row group {unit.row_group}: {err}; the file is "
                              f"damaged: run python -m pipeline.verify {self.output} --repair") from err

@@ -99,6 +99,9 @@ class ActivationBatches:
         if buffer_tokens is None:
             buffer_tokens = max(self.batch_tokens, DEFAULT_BUFFER_BYTES // (dataset.d_model * self._storage.itemsize))
         self.buffer_tokens = _positive("buffer_tokens", buffer_tokens)
+        if self.shuffle and self.buffer_tokens < self.batch_tokens:
+            raise ValueError(f"buffer_tokens={self.buffer_tokens} is smaller than batch_tokens={self.batch_tokens}: "
+                             f"the shuffle buffer must hold at least one batch; raise buffer_tokens or leave it out")
         self.readahead = max(0, int(readahead))
         self._where, self._join = dataset.check_where(where)
         self._units = dataset.units(self.hook, self.layer)
@@ -163,11 +166,12 @@ class ActivationBatches:
         Save it with the model's checkpoint (np.savez, torch.save, orbax)."""
         ahead = self._ahead
         return {"version": _STATE_VERSION, "config": self._config(), "epoch": self._epoch, "cursor": self._cursor,
-                "batches": self._batches - (ahead is not None), "done": self._done,
+                "batches": self._batches - (ahead is not None and ahead.epoch == self._epoch), "done": self._done,
                 "rng": self._rng.bit_generator.state, "buffer_unit": self._unit_of[self._head:self._count].copy(),
                 "buffer_row": self._row_of[self._head:self._count].copy(),
                 "ahead_unit": ahead.unit.copy() if ahead else np.zeros(0, np.int64),
-                "ahead_row": ahead.row.copy() if ahead else np.zeros(0, np.int64)}
+                "ahead_row": ahead.row.copy() if ahead else np.zeros(0, np.int64),
+                "ahead_epoch": ahead.epoch if ahead else self._epoch}
 
     def load_state_dict(self, state: dict) -> None:
         """Continues exactly where `state` was taken: the same remaining batches, in the same order. The iterator
@@ -207,11 +211,11 @@ class ActivationBatches:
         self._count = buffered
         if len(units) > buffered:  # the batch that was drawn ahead comes first, as it would have
             ahead = np.arange(buffered, len(units))
+            epoch = int(state.get("ahead_epoch", self._epoch))
             self._ahead = _Drawn(self._start_gather(store[ahead]), store[ahead],
-                                 {k: v[ahead] for k, v in self._columns.items()}, units[ahead], rows[ahead],
-                                 self._epoch)
-            self._batches += 1  # counted when drawn
-        self._epoch_out = self._epoch
+                                 {k: v[ahead] for k, v in self._columns.items()}, units[ahead], rows[ahead], epoch)
+            self._batches += epoch == self._epoch  # counted when drawn, in its own epoch
+        self._epoch_out = self._ahead.epoch if self._ahead is not None else self._epoch
 
     # -------------------------------------------------------------------------------- iteration
 
@@ -316,7 +320,14 @@ class ActivationBatches:
                 if ahead not in self._pending:
                     reserved_ahead = self._claim(self._units[ahead].rows)
                     self._pending[ahead] = (self._pool.submit(self._load, ahead, reserved_ahead), reserved_ahead)
-        store, rows, columns = future.result() if future is not None else self._load(unit, reserved)
+        try:
+            store, rows, columns = future.result() if future is not None else self._load(unit, reserved)
+        except BaseException:
+            if future is not None and not future.done():  # interrupted while it runs: waited for, or reused, later
+                self._pending[unit] = (future, reserved)
+            else:  # failed: the next call reads the unit again into fresh rows
+                self._release(reserved)
+            raise
         self._release(reserved[len(store):])  # rows `where` left unused
         return unit, store, rows, columns
 
@@ -407,6 +418,12 @@ class ActivationBatches:
                 continue
             if available and not self.drop_last:
                 return self._emit(available)
+            if self.epochs is None and self._batches == 0:
+                raise ValueError(
+                    f"hook={self.hook} layer={self.layer}: rank {self.rank} of {self.world_size} has "
+                    f"{available} token(s) in an epoch{' after where' if self._where is not None else ''}, "
+                    f"fewer than batch_tokens={self.batch_tokens}: with epochs=None no batch would ever come; lower "
+                    f"batch_tokens or world_size{', or pass drop_last=False' if available else ''}")
             self._reset(self._epoch + 1, everything=False)
         return None
 
@@ -414,12 +431,14 @@ class ActivationBatches:
         # With threads, the batch after this one is drawn before this one is collected, so that the gather thread
         # copies it out while the caller works on this one.
         current = self._ahead if self._ahead is not None else self._draw()
-        self._ahead = None
-        if current is not None and self.readahead:
-            self._ahead = self._draw()
         if current is None:
+            self._ahead = None
             self.close()
             raise StopIteration
+        # Until the next draw succeeds, this batch stays the one drawn ahead: if the draw raises (a failed read, an
+        # interrupt), state_dict() still names it and the next call yields it.
+        self._ahead = current
+        self._ahead = self._draw() if self.readahead else None
         return self._collect(current)
 
     def __enter__(self):

@@ -303,8 +303,57 @@ def test_bad_arguments_name_what_is_wrong(output):
         ds.batches("resid_post", 1, 4, rank=2, world_size=2)
     with pytest.raises(ValueError, match="batch_tokens must be a positive integer"):
         ds.batches("resid_post", 1, 0)
+    with pytest.raises(ValueError, match="buffer_tokens=2 is smaller than batch_tokens=7"):
+        ds.batches("resid_post", 1, 7, buffer_tokens=2)
+    total = ds.num_tokens("resid_post", 1)
+    with pytest.raises(ValueError, match=f"rank 0 of 1 has {total} token\\(s\\) in an epoch, fewer than "
+                                         f"batch_tokens={total + 1}: with epochs=None no batch would ever come"):
+        next(ds.batches("resid_post", 1, total + 1, epochs=None))
+    with pytest.raises(ValueError, match="has 0 token\\(s\\) in an epoch after where"):
+        next(ds.batches("resid_post", 1, 4, epochs=None, drop_last=False, where=pc.field("position") < 0))
     with pytest.raises(FileNotFoundError, match="not a directory"):
         open_activations(output.root + "/nope")
+
+
+@pytest.mark.parametrize("readahead", [0, 1, 2])
+def test_a_read_that_fails_mid_epoch_loses_no_token(output, readahead):
+    """A row group whose read fails once (a transient error, an interrupt): the error reaches the caller, and
+    both carrying on with the same loader and resuming a new one from state_dict() give every token once; no
+    row of the store is leaked."""
+    ds = open_activations(output.root)
+    truth = output.truth[("resid_post", 1)]
+    read, calls = ds.read_unit, {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise ValueError("transient failure")
+        return read(*args, **kwargs)
+
+    options = dict(with_metadata=True, drop_last=False, buffer_tokens=20, readahead=readahead, seed=2)
+    for resume in (False, True):
+        calls["n"] = 0
+        ds.read_unit = flaky
+        loader = ds.batches("resid_post", 1, 7, **options)
+        seen, failed = Counter(), 0
+        while True:
+            try:
+                _, cols = next(loader)
+            except StopIteration:
+                break
+            except ValueError as error:
+                assert "transient failure" in str(error)
+                failed += 1
+                if resume:
+                    state = loader.state_dict()
+                    loader.close()
+                    loader = ds.batches("resid_post", 1, 7, **options)
+                    loader.load_state_dict(state)
+                continue
+            seen.update(keys_of(cols))
+        assert failed == 1 and seen == Counter(truth.keys()), resume
+        assert loader._free_count == loader._capacity  # every row of the store free again at the end
+        ds.read_unit = read
 
 
 def copy_output(output, tmp_path) -> str:
@@ -442,6 +491,44 @@ def test_gcs_vectors_come_in_one_ranged_read_per_chunk_and_a_damaged_page_is_ref
         unchecked = open_activations(root, check_pages=False)
         assert sum(len(b) for b in unchecked.batches("mlp_out", 0, 5, drop_last=False)) == len(
             truth[("mlp_out", 0)])
+
+
+def test_gcs_ranged_reads_use_scoped_credentials_and_name_the_object_when_refused(monkeypatch):
+    """google.auth.default() gives credentials without scopes (service-account keys need them); the ranged read
+    scopes them as storage.Client does, and a refusal is a StorageReadError naming the object, not damage."""
+    import google.api_core.exceptions
+    import google.auth.transport.requests
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from google.oauth2 import service_account
+
+    from pipeline import dataset as dataset_module
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    credentials = service_account.Credentials.from_service_account_info(
+        {"type": "service_account", "project_id": "p", "private_key_id": "k", "private_key": key,
+         "client_email": "reader@p.iam.gserviceaccount.com", "client_id": "1",
+         "token_uri": "http://127.0.0.1:9/token"})
+    assert credentials.requires_scopes
+    used = []
+
+    class Refusing:
+        def __init__(self, credentials):
+            used.append(credentials)
+
+        def get(self, url, **kwargs):
+            raise google.api_core.exceptions.Forbidden("caller does not have storage.objects.get access")
+
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setattr(google.auth.transport.requests, "AuthorizedSession", Refusing)
+    store = dataset_module._GcsStore("gs://bucket/out")
+    store._auth = (credentials, "p")
+    with pytest.raises(dataset_module.StorageReadError,
+                       match=r"gs://bucket/out/activations/x.parquet: reading 100 bytes at offset 4 failed: 403 "
+                             r".*check access to the bucket and the network"):
+        store.read_range("activations/x.parquet", 4, 100)
+    assert used and "https://www.googleapis.com/auth/devstorage.read_only" in used[0].scopes
 
 
 def test_torch_iterable_splits_across_dataloader_workers_without_duplicates(output):
