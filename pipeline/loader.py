@@ -40,6 +40,8 @@ DEFAULT_BUFFER_BYTES = 256 * 1024 * 1024
 # 2: a state may hold a drawn batch not yet yielded (ahead_unit, ahead_row). 1 (never one) still loads.
 _STATE_VERSION = 2
 _STATE_VERSIONS = (1, 2)
+# With epochs=None, this many epochs in a row without a batch (a rank shuffled among several) is refused.
+_EMPTY_EPOCHS = 100
 # Rows gathered and widened at a time by the numpy path: a tile that stays in the L2 cache between its two passes.
 _TILE_ROWS = 256
 
@@ -126,6 +128,7 @@ class ActivationBatches:
         self._pool = self._gatherer = None
         self._pending: dict[int, tuple[concurrent.futures.Future, np.ndarray]] = {}  # unit -> (copy, its rows)
         self._ahead: _Drawn | None = None  # with threads: the next batch, drawn and being gathered
+        self._empty_epochs = 0  # epochs in a row that made no batch
         self._reset(epoch=0)
         self._epoch_out = 0
 
@@ -418,12 +421,19 @@ class ActivationBatches:
                 continue
             if available and not self.drop_last:
                 return self._emit(available)
-            if self.epochs is None and self._batches == 0:
+            self._empty_epochs = self._empty_epochs + 1 if self._batches == 0 else 0
+            # A rank reads the same row groups every epoch unless shuffled across several ranks: then one empty
+            # epoch means no batch ever; otherwise its share changes per epoch, and only a long run of empty ones
+            # says so.
+            fixed = self.world_size == 1 or not self.shuffle
+            if self.epochs is None and self._empty_epochs >= (1 if fixed else _EMPTY_EPOCHS):
                 raise ValueError(
                     f"hook={self.hook} layer={self.layer}: rank {self.rank} of {self.world_size} has "
                     f"{available} token(s) in an epoch{' after where' if self._where is not None else ''}, "
-                    f"fewer than batch_tokens={self.batch_tokens}: with epochs=None no batch would ever come; lower "
-                    f"batch_tokens or world_size{', or pass drop_last=False' if available else ''}")
+                    f"fewer than batch_tokens={self.batch_tokens}"
+                    f"{'' if fixed else f', in each of the last {self._empty_epochs} epochs'}: with epochs=None "
+                    f"no batch would ever come; lower batch_tokens or world_size"
+                    f"{', or pass drop_last=False' if available else ''}")
             self._reset(self._epoch + 1, everything=False)
         return None
 

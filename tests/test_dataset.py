@@ -311,6 +311,16 @@ def test_bad_arguments_name_what_is_wrong(output):
         next(ds.batches("resid_post", 1, total + 1, epochs=None))
     with pytest.raises(ValueError, match="has 0 token\\(s\\) in an epoch after where"):
         next(ds.batches("resid_post", 1, 4, epochs=None, drop_last=False, where=pc.field("position") < 0))
+    units = len(ds.units("resid_post", 1))
+    with pytest.raises(ValueError, match=r"rank 1 of 2 has 0 token\(s\) in an epoch after where, fewer than "
+                                         r"batch_tokens=4, in each of the last 100 epochs"):
+        next(ds.batches("resid_post", 1, 4, epochs=None, drop_last=False, rank=1, world_size=2,
+                        where=pc.field("position") < 0))
+    # Shuffled among ranks a rank's share changes per epoch: one that can make a batch is not refused.
+    largest = max(u.rows for u in ds.units("resid_post", 1))
+    loader = ds.batches("resid_post", 1, largest * ((units + 1) // 2) - 1, epochs=None, rank=0, world_size=2,
+                        buffer_tokens=10_000)
+    assert loader.batch_tokens > 0 and next(loader) is not None
     with pytest.raises(FileNotFoundError, match="not a directory"):
         open_activations(output.root + "/nope")
 
