@@ -131,8 +131,9 @@ _TIMED_STEPS = ("_decode", "_load", "_emit", "_gather")
 
 
 def timed_steps():
-    """Wraps the loader's steps with wall-clock timers (they nest: _load holds _decode; _gather runs inside _emit without threads, on the gather thread with them);
-    returns the dict the seconds accumulate in. For --phases only: the timers cost a little themselves."""
+    """Wraps the loader's steps with wall-clock timers (they nest: _load holds _decode; _gather runs inside _emit
+    without threads, on the gather thread with them); returns the dict the seconds accumulate in. For --phases
+    only: the timers cost a little themselves."""
     from pipeline.loader import ActivationBatches
 
     seconds = dict.fromkeys(_TIMED_STEPS, 0.0)

@@ -18,12 +18,13 @@ Imports pyarrow, numpy and ml_dtypes only; google-cloud-storage for gs:// output
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import quote
 
 import numpy as np
@@ -259,21 +260,26 @@ def _chunk_metadata(footer: pq.FileMetaData, row_group: int, name: str) -> pq.Co
     return footer.row_group(row_group).column(footer.schema.to_arrow_schema().names.index(name))
 
 
-def _chunk_start(chunk: pq.ColumnChunkMetaData) -> int:
-    return chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+def _read_chunk(read: Callable[[int, int], memoryview], footer: pq.FileMetaData, row_group: int, name: str,
+                check: bool):
+    """(the column chunk's bytes as `read(start, size)` gives them, its pages when `check` (their CRCs checked) or
+    None, its metadata)."""
+    chunk = _chunk_metadata(footer, row_group, name)
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    data = read(start, chunk.total_compressed_size)
+    found = (parquet_pages.check_column_chunk(data, name, start) if check else None)
+    return data, found, chunk
 
 
 def _mapped_chunk(handle: pa.MemoryMappedFile, footer: pq.FileMetaData, row_group: int, name: str, check: bool):
-    """(the column chunk's bytes as a view of the map, its pages when `check` (their CRCs checked) or None, its
-    metadata)."""
-    chunk = _chunk_metadata(footer, row_group, name)
-    start = _chunk_start(chunk)
-    handle.seek(start)  # read_buffer of a map is a view of it; read_at would copy into bytes
-    mapped = handle.read_buffer(chunk.total_compressed_size)
-    parquet_pages.populate(mapped.address, mapped.size)
-    data = memoryview(mapped)
-    found = (parquet_pages.check_column_chunk(data, name, start) if check else None)
-    return data, found, chunk
+    """_read_chunk of a mapped file: the bytes are a view of the map."""
+    def view(start: int, size: int) -> memoryview:
+        handle.seek(start)  # read_buffer of a map is a view of it; read_at would copy into bytes
+        mapped = handle.read_buffer(size)
+        parquet_pages.populate(mapped.address, mapped.size)
+        return memoryview(mapped)
+
+    return _read_chunk(view, footer, row_group, name, check)
 
 
 def open_activations(output: str, *, check_sha256: bool = False, check_pages: bool = True) -> "ActivationDataset":
@@ -562,10 +568,8 @@ class ActivationDataset:
         if mapped:
             data, found, _ = _mapped_chunk(handle, footer, unit.row_group, fmt.ACTIVATION_COLUMN, self.check_pages)
         else:
-            start = _chunk_start(chunk)
-            data = self._store.read_range(unit.file.path, start, chunk.total_compressed_size)
-            found = (parquet_pages.check_column_chunk(data, fmt.ACTIVATION_COLUMN, start) if self.check_pages
-                     else None)
+            data, found, _ = _read_chunk(functools.partial(self._store.read_range, unit.file.path), footer,
+                                         unit.row_group, fmt.ACTIVATION_COLUMN, self.check_pages)
         found = found if found is not None else list(parquet_pages.pages(data))
         views = parquet_pages.plain_values(data, found, width, column.max_definition_level,
                                            column.max_repetition_level)
