@@ -7,6 +7,8 @@ once per process for this host's devices, then for each batch prepare, dispatch 
 - `dispatch`: starts the jitted forward and the copy of its outputs to the host, without waiting for either
   (JAX dispatch is asynchronous), so the caller can work on the previous batch meanwhile.
 - `fetch`: waits for the outputs and keeps the real tokens' rows, per (hook, layer).
+- `dispatch_statistics` / `fetch_statistics`: the same for the statistics' reductions of those outputs over the
+  real tokens, made on the device (model.statistics) when the extractor asks for them.
 
 No Beam here: transforms/extract.py pipelines these calls (dispatch n, then fetch n-1) and counts.
 """
@@ -74,6 +76,27 @@ class CaptureHandler:
         for value in outputs.values():
             value.copy_to_host_async()
         return outputs
+
+    @staticmethod
+    def dispatch_statistics(model, outputs: dict[str, Any], keys: Iterable[tuple[str, int]], mask: np.ndarray
+                            ) -> dict[str, Any]:
+        """Starts the statistics' reductions (model.statistics) of the outputs of `keys` over the real tokens
+        (`mask`, [B, L] bool) and their copy to the host; returns at once."""
+        names = {hook_name(layer, hook) for hook, layer in keys}
+        reductions = model.reduce_statistics({name: outputs[name] for name in sorted(names)}, mask)
+        for fields in reductions.values():
+            for value in fields.values():
+                if hasattr(value, "copy_to_host_async"):
+                    value.copy_to_host_async()
+        return reductions
+
+    @staticmethod
+    def fetch_statistics(reductions: dict[str, Any], keys: Iterable[tuple[str, int]], rows: np.ndarray,
+                         cols: np.ndarray) -> dict[tuple[str, int], dict[str, np.ndarray]]:
+        """The reductions of `keys` on the host, per-token fields reduced to the [rows, cols] tokens."""
+        from model.statistics import to_host
+
+        return {(hook, layer): to_host(reductions[hook_name(layer, hook)], rows, cols) for hook, layer in keys}
 
     @staticmethod
     def fetch(outputs: dict[str, Any], keys: Iterable[tuple[str, int]], rows: np.ndarray,

@@ -332,6 +332,13 @@ class HookedQwen:
         """The jitted forward on a prepared batch (`prepare`), without waiting for the device."""
         return self._forward(*args, **statics)
 
+    def reduce_statistics(self, outputs: dict[str, jax.Array], mask) -> dict[str, dict[str, jax.Array]]:
+        """The statistics' reductions of captured outputs over the [B, L] `mask`, on the device
+        (model.statistics), without waiting for it."""
+        from model.statistics import reduce_outputs
+
+        return reduce_outputs(outputs, mask)
+
     def make_jaxpr(self, tokens, segment_ids, positions, spec: CaptureSpec):
         """The traced program of one capture (for inspecting what runs, e.g. how many layers)."""
         args, statics = self.prepare(tokens, segment_ids, positions, spec)

@@ -8,6 +8,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from model.dtypes import AUTO, COMPUTE_DTYPES, STORAGE_CHOICES, resolve_storage_dtype
 from model.hooks import HOOKS
+from model.statistics import PLACES as STATISTICS_PLACES
 from pipeline.lease import DEFAULT_TIMEOUT_S as DEFAULT_LEASE_TIMEOUT_S
 from transforms.output_format import ACTIVATION_COMPRESSIONS, DEFAULT_ACTIVATION_COMPRESSION
 
@@ -159,6 +160,12 @@ def _add_run_args(group) -> None:
     group.add_argument("--lease_timeout", type=positive_number("lease_timeout"), default=DEFAULT_LEASE_TIMEOUT_S,
                        help="Seconds after which another run may take over this host's share of --output "
                             "when this run stops renewing its lease (it renews every quarter of this).")
+    group.add_argument("--statistics_on", default="auto", choices=STATISTICS_PLACES,
+                       help="Where the statistics' passes over the activations run (docs/format.md, "
+                            "Statistics): device (beside the capture, on activations still in device memory; "
+                            "needs float64: CPU or GPU), host (the shard writer), auto (device on a GPU, host "
+                            "on a CPU, where the writer's compiled pass is faster, and on a TPU, which has no "
+                            "float64). The statistics are the same either way.")
     group.add_argument("--progress_interval", type=float, default=10.0,
                        help="Seconds between progress lines on the local runner (0: none).")
     group.add_argument(

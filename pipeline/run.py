@@ -270,12 +270,14 @@ def extract_config(opts: ExtractOptions, hooks, layers, max_new_tokens: int | No
     """The extractor's config, built in one place: the model the waves preload and each wave's Extract must carry
     the same config (it is the shared model's tag), or the model is loaded a second time."""
     from transforms.extract import ExtractConfig
+    from transforms.write import statistics_enabled
 
     return ExtractConfig(
         model=opts.model, dtype=opts.dtype, hooks=tuple(hooks), layers=tuple(layers),
         storage_dtype=storage_dtype(opts), attention=opts.attention,
         model_parallelism=opts.model_parallelism, progress_interval=opts.progress_interval,
-        generate=generate_settings(opts, max_new_tokens))
+        generate=generate_settings(opts, max_new_tokens),
+        statistics=opts.statistics_on if statistics_enabled() else "off")
 
 
 def build_back(samples, opts: ExtractOptions, *, hooks, layers, identity: dict | None = None, shared_handle=None,

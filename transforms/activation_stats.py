@@ -407,6 +407,27 @@ def _masked_pass(activation: np.ndarray, stats: LayerStats) -> np.ndarray:
     return np.where(bad.any(1), np.nan, (clean * clean).sum(1))
 
 
+def _given_reductions(reductions: dict, stats: LayerStats, n: int) -> np.ndarray:
+    """Fills the per-dimension fields of `stats` from reductions made beside the capture (model.statistics:
+    REDUCTION_FIELDS, `row_sumsq` already reduced to the shard's tokens in order); returns `row_sumsq`."""
+    d = stats.d_model
+    shapes = {"dim_sum": (d,), "dim_sumsq": (d,), "dim_min": (d,), "dim_max": (d,), "dim_non_finite": (d,),
+              "row_sumsq": (n,)}
+    missing = sorted(set(shapes) - set(reductions))
+    if missing:
+        raise ValueError(f"{stats.hook}/{stats.layer}: the device's statistics lack {', '.join(missing)}")
+    arrays = {name: np.asarray(reductions[name]) for name in shapes}
+    for name, shape in shapes.items():
+        if arrays[name].shape != shape:
+            raise ValueError(f"{stats.hook}/{stats.layer}: the device's {name} has shape {arrays[name].shape}, "
+                             f"expected {shape} (d_model {d}, {n} tokens)")
+    stats.dim_sum, stats.dim_sumsq = (arrays[k].astype(np.float64) for k in ("dim_sum", "dim_sumsq"))
+    stats.dim_min, stats.dim_max = (arrays[k].astype(np.float64) for k in ("dim_min", "dim_max"))
+    stats.dim_non_finite = arrays["dim_non_finite"].astype(np.int64)
+    stats.non_finite = int(stats.dim_non_finite.sum())
+    return arrays["row_sumsq"].astype(np.float64)
+
+
 def _dimension_stats(activation: np.ndarray, stats: LayerStats) -> np.ndarray:
     """Fills the per-dimension fields of `stats`; returns each row's float64 sum of squares (NaN where the row
     holds a non-finite value)."""
@@ -438,12 +459,15 @@ def _check_columns(hook, layer, n, columns: dict) -> None:
 
 def compute(activation: np.ndarray, *, hook: str, layer: int, part: np.ndarray, row: np.ndarray, col: np.ndarray,
             color: np.ndarray, position: np.ndarray, token_id: np.ndarray, sample_index: np.ndarray,
-            sample_ids: Sequence[str], storage_dtype: str, float16_overflow: int = 0) -> LayerStats:
+            sample_ids: Sequence[str], storage_dtype: str, float16_overflow: int = 0,
+            reductions: dict | None = None) -> LayerStats:
     """Statistics of one shard's [n_tokens, d_model] activations (storage dtype) and its per-token columns.
 
     sample_index[i] indexes sample_ids for token i (a dictionary column's indices and values). part holds
     PART_CODES; row, col, color are -1 off grid cells. float16_overflow is the writer's count (a stored inf
-    cannot tell an overflow from the model's own inf)."""
+    cannot tell an overflow from the model's own inf). `reductions`: the per-dimension sums, extrema and counts
+    and the per-token sums of squares, made on the device beside the capture (model.statistics); the values
+    are then not read here at all."""
     activation = np.asarray(activation)
     if activation.ndim != 2:
         raise ValueError(f"{hook}/{layer}: activation must be [n_tokens, d_model], got shape {activation.shape}")
@@ -454,7 +478,9 @@ def compute(activation: np.ndarray, *, hook: str, layer: int, part: np.ndarray, 
                        float16_overflow=int(float16_overflow))
     if not n:
         return stats
-    norms = np.sqrt(_dimension_stats(activation, stats))
+    row_sumsq = (_dimension_stats(activation, stats) if reductions is None
+                 else _given_reductions(reductions, stats, n))
+    norms = np.sqrt(row_sumsq)
     finite = np.isfinite(norms)
     _norm_stats(stats, norms, finite)
     part = np.asarray(part).astype(np.int64)
@@ -484,9 +510,9 @@ def _top_tokens(norms, finite, sample_index, sample_ids, position, token_id, par
 
 
 def from_arrow(table, hook: str, layer: int, storage_dtype: str, float16_overflow: int = 0,
-               activation: np.ndarray | None = None) -> LayerStats:
+               activation: np.ndarray | None = None, reductions: dict | None = None) -> LayerStats:
     """Statistics of an activation table (the writer's, or a file read back). `activation` may pass the decoded
-    [rows, d_model] array when the caller already has it."""
+    [rows, d_model] array when the caller already has it; `reductions` the device's (see `compute`)."""
     import pyarrow as pa
 
     if activation is None:
@@ -517,7 +543,8 @@ def from_arrow(table, hook: str, layer: int, storage_dtype: str, float16_overflo
         activation, hook=hook, layer=layer, part=part_codes,
         row=numbers("row"), col=numbers("col"), color=numbers("color"), position=numbers("position"),
         token_id=numbers("token_id"), sample_index=sample_index,
-        sample_ids=sample_ids, storage_dtype=storage_dtype, float16_overflow=float16_overflow)
+        sample_ids=sample_ids, storage_dtype=storage_dtype, float16_overflow=float16_overflow,
+        reductions=reductions)
 
 
 def _part_code(name) -> int:

@@ -31,7 +31,9 @@ class ExtractedBatchHint:
 def extracted_batch_size(extracted: ExtractedBatch) -> int:
     """Bytes of the batch pickled: its activation arrays' bytes plus the pickled size of everything else."""
     arrays = sum(np.asarray(values).nbytes for values in extracted["activations"].values())
-    rest = {key: value for key, value in extracted.items() if key != "activations"}
+    arrays += sum(np.asarray(value).nbytes for fields in extracted.get("statistics", {}).values()
+                  for value in fields.values())
+    rest = {key: value for key, value in extracted.items() if key not in ("activations", "statistics")}
     return arrays + len(pickle.dumps(rest, pickle.HIGHEST_PROTOCOL))
 
 

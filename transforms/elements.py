@@ -68,3 +68,6 @@ class ExtractedBatch(TypedDict):
     activations: dict[HookLayer, np.ndarray]
     # --generate: one prediction row per sample (transforms.predictions), committed with the shard.
     predictions: NotRequired[list[dict]]
+    # Statistics' reductions made on the device (model.statistics.REDUCTION_FIELDS per (hook, layer), per-token
+    # fields in the activations' row order); absent when the writer computes them.
+    statistics: NotRequired[dict[HookLayer, dict[str, np.ndarray]]]

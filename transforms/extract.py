@@ -41,6 +41,8 @@ class ExtractConfig:
     progress_interval: float = 10.0
     # --generate: each batch's prompts are continued by the model first, then captured with their answers.
     generate: GenerateSettings | None = None
+    # Where the statistics' passes over the values run (model.statistics.PLACES), or "off" (no statistics).
+    statistics: str = "auto"
 
 
 def real_token_index(placements: list[Placement], batch_shape) -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +99,11 @@ class _ModelHandle:
             from transforms.grid_encoders import create_grid_encoder
 
             self.encoder = create_grid_encoder(config.generate.grid_encoder)
+        self.statistics_on_device = False
+        if config.statistics != "off" and hasattr(self.model, "reduce_statistics"):
+            from model.statistics import on_device
+
+            self.statistics_on_device = on_device(config.statistics, devices[0].platform)
         self.spec = CaptureSpec(
             hooks=config.hooks, layers=config.layers,
             out_dtype=transfer_dtype(config.dtype, config.storage_dtype))
@@ -141,12 +148,20 @@ class ExtractActivations(beam.DoFn):
         arrays = [np.asarray(batch[k], dtype=np.int32) for k in ("tokens", "segment_ids", "positions")]
         # numpy in: the model checks the batch and detects right padding before placing it on the devices.
         outputs = handle.handler.dispatch(handle.model, handle.handler.prepare(handle.model, *arrays, handle.spec))
-        return batch, outputs, time.perf_counter()
+        rows, cols = real_token_index(batch["placements"], arrays[0].shape)
+        reductions = None
+        if handle.statistics_on_device:
+            mask = np.zeros(arrays[0].shape, dtype=bool)
+            mask[rows, cols] = True
+            reductions = handle.handler.dispatch_statistics(handle.model, outputs, self._keys(), mask)
+        return batch, outputs, reductions, (rows, cols), time.perf_counter()
+
+    def _keys(self):
+        return [(hook, layer) for hook in self._config.hooks for layer in self._config.layers]
 
     def _collect(self, pending) -> ExtractedBatch:
-        batch, outputs, dispatched = pending
-        rows, cols = real_token_index(batch["placements"], np.shape(batch["tokens"]))
-        keys = [(hook, layer) for hook in self._config.hooks for layer in self._config.layers]
+        batch, outputs, reductions, (rows, cols), dispatched = pending
+        keys = self._keys()
         activations = {key: to_storage(values, self._config.storage_dtype)[0]
                        for key, values in self._handle.handler.fetch(outputs, keys, rows, cols).items()}
         if self._started is None:
@@ -163,6 +178,8 @@ class ExtractActivations(beam.DoFn):
         }
         if "predictions" in batch:
             extracted["predictions"] = batch["predictions"]
+        if reductions is not None:
+            extracted["statistics"] = self._handle.handler.fetch_statistics(reductions, keys, rows, cols)
         return extracted
 
     def _report(self, total_tokens):

@@ -283,8 +283,9 @@ class ShardWriter:
         }
 
     def _write_activation_file(self, shard: str, samples, placements, hook: str, layer: int,
-                               activation: np.ndarray) -> dict:
-        """Encodes one (hook, layer) file and uploads it under a temporary name (renamed by the caller)."""
+                               activation: np.ndarray, reductions: dict | None = None) -> dict:
+        """Encodes one (hook, layer) file and uploads it under a temporary name (renamed by the caller).
+        `reductions`: the device's part of the file's statistics (model.statistics), if it made them."""
         table = activation_table(samples, placements, activation, hook, layer, self.storage_dtype)
         metadata = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
         metadata.update(self._common_metadata(shard))
@@ -294,7 +295,8 @@ class ShardWriter:
                              row_group_size=row_group_rows(d_model, self.storage_dtype),
                              compression_level=self.compression_level,
                              vector_compression=self.activation_compression)
-        stats = (activation_stats.from_arrow(table, hook, layer, self.storage_dtype, int(metadata[KEY_OVERFLOW]))
+        stats = (activation_stats.from_arrow(table, hook, layer, self.storage_dtype, int(metadata[KEY_OVERFLOW]),
+                                             reductions=reductions)
                  if self.statistics else None)
         relpath = activation_relpath(hook, layer, shard)
         final = join(self.output_root, relpath)
@@ -349,11 +351,14 @@ class ShardWriter:
     def write_shard(self, batch_id: str, samples: Sequence[TokenizedSample], placements: Sequence[Placement],
                     activations: dict[HookLayer, np.ndarray],
                     executor: concurrent.futures.Executor | None = None,
-                    predictions: Sequence[dict] | None = None) -> dict:
+                    predictions: Sequence[dict] | None = None,
+                    reductions: dict[HookLayer, dict] | None = None) -> dict:
         """Writes every activation file of the batch, then the samples file (the commit marker). With an
         `executor`, the activation files are encoded and uploaded on it in parallel (a shard of all 24 layers is
         24 files); the commit stays in the calling thread. `predictions` (--generate: one row per sample,
         transforms.predictions) become predictions/<shard>.parquet, committed with the shard like its statistics.
+        `reductions` ((hook, layer) -> model.statistics' fields for those tokens) are the statistics' passes over
+        the values, made on the device; a (hook, layer) without them is computed here.
 
         Returns {"shard", "batch_id", "samples", "tokens", "rows", "bytes", "float16_overflow", "files",
         "already_committed", "stats_bytes"}; `bytes` and `files` count the activation and samples files, the
@@ -368,7 +373,8 @@ class ShardWriter:
         keys = sorted(activations, key=lambda key: (key[0], int(key[1])))
 
         def write_one(key):
-            return self._write_activation_file(shard, samples, placements, key[0], key[1], activations[key])
+            return self._write_activation_file(shard, samples, placements, key[0], key[1], activations[key],
+                                               (reductions or {}).get(key))
 
         # Every file is attempted and waited for before any cleanup, so no temporary file appears after it.
         if executor is None:
@@ -498,7 +504,7 @@ class _WriteShardFn(beam.DoFn):
             yield self._pop()
         future = self._commits.submit(
             self._writer.write_shard, extracted["batch_id"], extracted["samples"], extracted["placements"],
-            extracted["activations"], self._files, extracted.get("predictions"))
+            extracted["activations"], self._files, extracted.get("predictions"), extracted.get("statistics"))
         self._pending.append((future, size))
         self._pending_bytes += size
         while self._pending and self._pending[0][0].done():
