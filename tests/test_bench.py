@@ -282,6 +282,35 @@ def test_synthetic_activations_have_the_real_shape_and_differ_per_layer():
         source.capture(tokens, tokens, tokens, CaptureSpec(hooks=("resid_post",), layers=(0,), logits=True))
 
 
+def test_synthetic_statistics_equal_the_devices_reductions_of_its_views():
+    """The host ceiling's source answers the statistics' reductions from tables: the same as model.statistics
+    computes on its views (norms and extrema exact, sums to float64 rounding), runs across block edges too."""
+    import numpy as np
+
+    from model import CaptureSpec
+    from model.statistics import reduce_outputs
+    from pipeline.bench.host_ceiling import SyntheticActivations
+
+    source = SyntheticActivations(QWEN25_GEOMETRIES["tiny"])
+    tokens = np.zeros((3, 200), np.int32)
+    outputs = source.capture(tokens, tokens, tokens, CaptureSpec(hooks=("resid_post",), layers=(0, 2),
+                                                                 out_dtype="bfloat16"))
+    mask = np.zeros((3, 200), bool)
+    mask[0, :200] = True
+    mask[1, 5:70] = mask[1, 128:129] = mask[1, 130:195] = True  # row 2: no real token
+    answer = source.reduce_statistics(outputs, mask)
+    expected = reduce_outputs({name: np.asarray(value) for name, value in outputs.items()}, mask)
+    for name, fields in expected.items():
+        for field, value in fields.items():
+            value, got = np.asarray(value), np.asarray(answer[name][field])
+            if field in ("dim_sum", "dim_sumsq"):
+                np.testing.assert_allclose(got, value, rtol=1e-12, atol=1e-12, err_msg=f"{name} {field}")
+            elif field == "row_sumsq":
+                np.testing.assert_array_equal(got[mask], value[mask], err_msg=name)
+            else:
+                np.testing.assert_array_equal(got, value, err_msg=f"{name} {field}")
+
+
 def test_synthetic_forward_is_swapped_in_and_back():
     from model import qwen2
     from pipeline.bench.host_ceiling import SyntheticActivations

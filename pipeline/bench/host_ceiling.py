@@ -27,7 +27,11 @@ from pipeline.bench.settings import HOOK
 from pipeline.bench.weights import serving
 
 MODES = ("one", "all")
-STATISTICS_SETTINGS = ("on", "off", "numpy")
+# on: the statistics' passes over the values on the device (--statistics_on=device; here the source's tables,
+# below), as on a GPU host; host: the shard writer's compiled pass; numpy: the writer's numpy pass; off: none.
+STATISTICS_SETTINGS = ("on", "off", "host", "numpy")
+# Rows per block of the source's precomputed statistics tables.
+_TABLE_ROWS = 64
 # Rows the views of successive layers and batches are shifted by, so that no two files hold the same bytes.
 _SHIFT_ROWS = 61
 _SHIFTS = 16
@@ -59,10 +63,11 @@ def add_flags(group) -> None:
     group.add_argument("--host_writer_memory_gib", type=float, default=2.0,
                        help="Pipeline --writer_memory_gib: extracted batches that may wait for the writers.")
     group.add_argument("--host_statistics", default="on",
-                       help="Per-shard statistics in the runs: on, off, numpy (on, through the numpy pass instead "
-                            "of the compiled one), or a list (off,on,numpy) to run each mode once per setting, "
-                            "alternately; off sets ARC_ACTIVATIONS_STATISTICS=off for the run, to measure what the "
-                            "statistics cost.")
+                       help="Per-shard statistics in the runs: on (their passes over the values on the device, "
+                            "as a GPU host runs them: --statistics_on=device, served by the device-free source), "
+                            "host (the shard writer's compiled pass), numpy (the writer's numpy pass), off, or a "
+                            "list (off,on,host) to run each mode once per setting, alternately; off sets "
+                            "ARC_ACTIVATIONS_STATISTICS=off for the run, to measure what the statistics cost.")
     group.add_argument("--host_repeats", type=_positive_int("host_repeats"), default=1,
                        help="Rounds of the runs of each mode (with --host_statistics=off,on the order of the "
                             "settings alternates between rounds); the summary takes medians.")
@@ -105,7 +110,8 @@ def host_settings(parser, args) -> Optional[HostSettings]:
         parser.error(f"--host_writer_memory_gib must be positive, got {args.host_writer_memory_gib}")
     statistics = tuple(v.strip() for v in args.host_statistics.split(",") if v.strip())
     if not statistics or any(v not in STATISTICS_SETTINGS for v in statistics):
-        parser.error(f"--host_statistics: {args.host_statistics!r}: use on, off, numpy or a list such as off,on")
+        parser.error(f"--host_statistics: {args.host_statistics!r}: use on, off, host, numpy or a list such as "
+                     "off,on")
     return HostSettings(
         model=model, dataset=args.host_dataset, modes=modes, augmentations=args.host_augmentations,
         batch_size=args.host_batch_size or (1 if args.smoke else 8), max_seq_len=args.host_max_seq_len,
@@ -132,6 +138,8 @@ class SyntheticActivations:
         self.config = config
         self._seed = seed
         self._buffers: dict = {}
+        self._tables: dict = {}
+        self._starts: dict = {}  # output name -> first buffer row of its view in the last capture
         self.calls = 0
         self.token_positions = 0
         self.first_call: Optional[float] = None
@@ -141,13 +149,15 @@ class SyntheticActivations:
         self.thread_cpu: list[float] = []
 
     def buffer(self, dtype: np.dtype, rows: int) -> np.ndarray:
-        """The random values batches of `rows` token positions are cut from, made on first use."""
+        """The random values batches of `rows` token positions are cut from, made on first use, with the tables
+        `reduce_statistics` answers from."""
         needed = rows + _SHIFT_ROWS * _SHIFTS * (self.config.num_hidden_layers + 1)
         buffer = self._buffers.get(dtype)
         if buffer is None or len(buffer) < needed:
             rng = np.random.default_rng(self._seed)
             values = rng.standard_normal((needed, self.config.hidden_size), dtype=np.float32)
             buffer = self._buffers[dtype] = values.astype(dtype)
+            self._tables[dtype] = _statistics_tables(buffer)
         return buffer
 
     def prepare(self, tokens, segment_ids, positions, spec, right_padded=None) -> tuple[tuple, dict]:
@@ -177,15 +187,86 @@ class SyntheticActivations:
             start = _SHIFT_ROWS * ((self.calls + index) % _SHIFTS + _SHIFTS * layer)
             view = buffer[start:start + rows].reshape(batch, length, -1)
             out[hook_name(layer, hook)] = view.view(_HostArray)
+            self._starts[hook_name(layer, hook)] = (buffer.dtype, start)
         self.calls += 1
         self.token_positions += rows
         return out
 
 
-def _pipeline_argv(host: HostSettings, mode: str, output: Path) -> list[str]:
+    def reduce_statistics(self, outputs: dict, mask: np.ndarray) -> dict:
+        """HookedQwen.reduce_statistics' answer for the last capture's views, in what a device's reductions cost
+        the host (nothing but the answer): each real-token run of a batch row is whole blocks of the
+        precomputed tables plus at most two partial blocks summed here. The sums agree with a direct pass to
+        float64 rounding; norms, extrema and counts are exact."""
+        batch, length = mask.shape
+        out = {}
+        for name in outputs:
+            dtype, start = self._starts[name]
+            tables = self._tables[dtype]
+            buffer = self._buffers[dtype]
+            d = buffer.shape[1]
+            total = np.zeros(d)
+            squares = np.zeros(d)
+            low, high = np.full(d, np.inf), np.full(d, -np.inf)
+            for b in range(batch):
+                edges = np.flatnonzero(np.diff(np.concatenate([[0], mask[b].view(np.int8), [0]])))
+                for first, last in zip(edges[0::2], edges[1::2]):
+                    _add_range(buffer, tables, start + b * length + first, start + b * length + last,
+                               total, squares, low, high)
+            out[name] = {"dim_sum": total, "dim_sumsq": squares, "dim_min": low, "dim_max": high,
+                         "dim_non_finite": np.zeros(d, np.int64),
+                         "row_sumsq": tables["row_sumsq"][start:start + batch * length].reshape(batch, length)}
+        return out
+
+
+def _statistics_tables(buffer: np.ndarray) -> dict:
+    """Per-row sums of squares (numpy's order, as the device computes them) and per-block sums, sums of squares,
+    minima and maxima of `buffer`'s rows, made once before the clock starts."""
+    from transforms.activation_stats import LayerStats, _dimension_stats
+
+    rows, d = buffer.shape
+    blocks = rows // _TABLE_ROWS
+    tables = {"row_sumsq": np.empty(rows), "sum": np.empty((blocks, d)), "sumsq": np.empty((blocks, d)),
+              "min": np.empty((blocks, d)), "max": np.empty((blocks, d))}
+    for k in range(blocks):
+        part = LayerStats(hook="", layer=0, d_model=d, storage_dtype="")
+        rows_k = slice(k * _TABLE_ROWS, (k + 1) * _TABLE_ROWS)
+        tables["row_sumsq"][rows_k] = _dimension_stats(buffer[rows_k], part)
+        for field in ("sum", "sumsq", "min", "max"):
+            tables[field][k] = getattr(part, f"dim_{field}")
+    tail = LayerStats(hook="", layer=0, d_model=d, storage_dtype="")
+    tables["row_sumsq"][blocks * _TABLE_ROWS:] = _dimension_stats(buffer[blocks * _TABLE_ROWS:], tail)
+    return tables
+
+
+def _add_range(buffer, tables, first: int, last: int, total, squares, low, high) -> None:
+    """Adds rows [first, last) of `buffer` to the running per-dimension sums and extrema."""
+    block_first = -(-first // _TABLE_ROWS)
+    block_last = max(last // _TABLE_ROWS, block_first)
+    head_end = min(last, block_first * _TABLE_ROWS)
+    tail_start = head_end
+    if block_last > block_first:
+        blocks = slice(block_first, block_last)
+        total += tables["sum"][blocks].sum(0)
+        squares += tables["sumsq"][blocks].sum(0)
+        np.minimum(low, tables["min"][blocks].min(0), out=low)
+        np.maximum(high, tables["max"][blocks].max(0), out=high)
+        tail_start = block_last * _TABLE_ROWS
+    pieces = [(first, head_end), (tail_start, last)]
+    for a, b in pieces:
+        if b > a:
+            values = buffer[a:b].astype(np.float64)
+            total += values.sum(0)
+            squares += (values * values).sum(0)
+            np.minimum(low, values.min(0), out=low)
+            np.maximum(high, values.max(0), out=high)
+
+
+def _pipeline_argv(host: HostSettings, mode: str, output: Path, statistics_on: str = "device") -> list[str]:
     argv = ["--runner=DirectRunner", f"--model=random:{host.model}", f"--dataset={host.dataset}",
             f"--output={output}", f"--hooks={HOOK}", "--dtype=bfloat16", f"--max_seq_len={host.max_seq_len}",
-            "--progress_interval=0", f"--writer_memory_gib={host.writer_memory_gib}"]
+            "--progress_interval=0", f"--writer_memory_gib={host.writer_memory_gib}",
+            f"--statistics_on={statistics_on}"]
     if mode == "one":
         argv += ["--layers=" + str(_config(host).num_hidden_layers // 2), f"--batch_size={host.batch_size}",
                  f"--augmentations={host.augmentations}"]
@@ -231,13 +312,14 @@ def _phases(started: float, source: SyntheticActivations, result: dict) -> dict:
     }
 
 
-def measure_mode(run, host: HostSettings, mode: str) -> dict:
-    """One pipeline run of the host ceiling (`mode` one or all layers) with its rates, phases and targets."""
+def measure_mode(run, host: HostSettings, mode: str, statistics_on: str = "device") -> dict:
+    """One pipeline run of the host ceiling (`mode` one or all layers) with its rates, phases and targets;
+    `statistics_on` is the pipeline's --statistics_on."""
     config = _config(host)
     output = run.work / f"host-ceiling-{mode}"
     shutil.rmtree(output, ignore_errors=True)
     source = SyntheticActivations(config, run.settings.seed)
-    argv = _pipeline_argv(host, mode, output)
+    argv = _pipeline_argv(host, mode, output, statistics_on)
     import cProfile
 
     from model.dtypes import storage_numpy_dtype
@@ -309,7 +391,8 @@ def _verdict(mode: str, result: dict, disk: Optional[dict]) -> dict:
 
 
 def _with_statistics(setting: str, function, *args):
-    """function(*args) with the shard writer's statistics `setting` (on, off, numpy), restored afterwards."""
+    """function(*args, statistics_on=...) with the statistics `setting` (STATISTICS_SETTINGS), the environment
+    restored afterwards."""
     from transforms.stats_kernel import KERNEL_ENV
     from transforms.write import STATISTICS_ENV
 
@@ -317,7 +400,7 @@ def _with_statistics(setting: str, function, *args):
     before = {name: os.environ.get(name) for name in values}
     os.environ.update(values)
     try:
-        result = function(*args)
+        result = function(*args, statistics_on="device" if setting == "on" else "host")
     finally:
         for name, value in before.items():
             if value is None:
@@ -342,7 +425,7 @@ def _statistics_summary(runs: dict) -> dict:
     for settings in summary.values():
         for entry in settings.values():
             entry["median_tok_s"], entry["median_per_core"] = st.median(entry["tok_s"]), st.median(entry["per_core"])
-        for on in ("on", "numpy"):
+        for on in ("on", "host", "numpy"):
             if {on, "off"} <= set(settings):
                 settings[f"rate_{on}_vs_off"] = settings[on]["median_tok_s"] / settings["off"]["median_tok_s"]
                 settings[f"per_core_{on}_vs_off"] = (settings[on]["median_per_core"]
@@ -381,7 +464,7 @@ def format_host_ceiling(ceiling: dict) -> list[str]:
                      si(r["per_core_tok_s"]), si(r["arithmetic_16_cores_tok_s"]), f"{verdict} ({r['target']})"))
     lines = aligned(headers, rows)
     for mode, settings in ceiling.get("statistics", {}).items():
-        for on in ("on", "numpy"):
+        for on in ("on", "host", "numpy"):
             if f"rate_{on}_vs_off" in settings:
                 lines.append(f"host ceiling {mode}: statistics {on} / off: durable rate "
                              f"x{settings[f'rate_{on}_vs_off']:.3f}, tokens per process CPU second "
