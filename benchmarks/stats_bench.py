@@ -6,8 +6,9 @@
 For each kind of values (bf16, as bf16 compute produces them: `normal` is what the host-ceiling bench writes,
 `checkpoint-like` what trained models look like; benchmarks/storage_bench.py), times the whole
 `ShardWriter.write_shard` (tables, Parquet encoding, sha256, temporary file, rename, statistics file, samples file,
-to local disk) of one shard of `--layers` (hook, layer) files in three modes: statistics off, on through the
-compiled pass (transforms.stats_kernel) and on through the numpy pass, alternately in one process so that all see
+to local disk) of one shard of `--layers` (hook, layer) files in four modes: statistics off, on with the passes
+over the values made on the device (the writer then gets their reductions: --statistics_on=device), on through
+the writer's compiled pass (transforms.stats_kernel) and on through its numpy pass, alternately in one process so that all see
 the same load; reports the medians of wall and process CPU seconds and their ratios to "off". `--threads N` writes
 a shard's files on a pool of N threads, as the pipeline does. Also times `transforms.activation_stats.compute`
 alone on one (hook, layer), both passes. Prints one JSON line; results feed
@@ -44,8 +45,10 @@ def _medians(samples: list[tuple[float, float]], tokens: int) -> dict:
             "tok_per_cpu_s": round(tokens / cpu)}
 
 
-# Writer modes timed alternately: statistics off, on through the compiled pass, on through the numpy pass.
-MODES = ("off", "compiled", "numpy")
+# Writer modes timed alternately: statistics off; on, with the passes over the values made on the device
+# (--statistics_on=device: the writer gets their reductions, made here before the clock starts); on through the
+# writer's compiled pass; on through its numpy pass.
+MODES = ("off", "device", "compiled", "numpy")
 
 
 def _set_mode(mode: str) -> bool:
@@ -53,6 +56,20 @@ def _set_mode(mode: str) -> bool:
 
     os.environ[KERNEL_ENV] = "numpy" if mode == "numpy" else ""
     return mode != "off"
+
+
+def device_reductions(activations: dict) -> dict:
+    """What model.statistics hands the writer for these [n, d] arrays (all tokens real), computed here on the host
+    with the writer's own pass, which gives the same numbers (tests/test_device_statistics.py)."""
+    from transforms.activation_stats import LayerStats, _dimension_stats
+
+    out = {}
+    for key, values in activations.items():
+        stats = LayerStats(hook=key[0], layer=key[1], d_model=values.shape[1], storage_dtype="bfloat16")
+        row_sumsq = _dimension_stats(values, stats)
+        out[key] = {"dim_sum": stats.dim_sum, "dim_sumsq": stats.dim_sumsq, "dim_min": stats.dim_min,
+                    "dim_max": stats.dim_max, "dim_non_finite": stats.dim_non_finite, "row_sumsq": row_sumsq}
+    return out
 
 
 def writer_modes(kind: str, tokens: int, d_model: int, layers: int, threads: int, repeats: int) -> dict:
@@ -65,13 +82,16 @@ def writer_modes(kind: str, tokens: int, d_model: int, layers: int, threads: int
         sample.update(dataset="bench", task_id=sample["sample_id"], test_index=0, augmentation="{}", prompt="")
     base = make_values(kind, tokens + layers, d_model, rng)
     activations = {("resid_post", layer): base[layer:layer + tokens] for layer in range(layers)}
+    reductions = device_reductions(activations)
     pool = concurrent.futures.ThreadPoolExecutor(threads) if threads else None
     times = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory() as root:
         for round_ in range(repeats + 1):
-            for mode in MODES[round_ % 3:] + MODES[:round_ % 3]:
+            for mode in MODES[round_ % len(MODES):] + MODES[:round_ % len(MODES)]:
                 writer = ShardWriter(root, "bench", "random", "bfloat16", "bfloat16", statistics=_set_mode(mode))
-                sample = _timed(lambda: writer.write_shard("0" * 16, samples, placements, activations, pool))
+                given = reductions if mode == "device" else None
+                sample = _timed(lambda: writer.write_shard("0" * 16, samples, placements, activations, pool,
+                                                           reductions=given))
                 if round_:
                     times[mode].append(sample)
     _set_mode("compiled")
@@ -94,9 +114,10 @@ def compute_alone(kind: str, tokens: int, d_model: int, repeats: int) -> dict:
     columns = dict(part=rng.integers(0, 8, tokens), position=np.arange(tokens), token_id=np.arange(tokens),
                    sample_index=np.zeros(tokens, int), sample_ids=["s"], storage_dtype="bfloat16", **cells)
     run = lambda: activation_stats.compute(values, hook="resid_post", layer=12, **columns)  # noqa: E731
-    times = {mode: [] for mode in MODES[1:]}
+    passes = ("compiled", "numpy")
+    times = {mode: [] for mode in passes}
     for round_ in range(repeats + 1):
-        for mode in (MODES[1:] if round_ % 2 else MODES[:0:-1]):
+        for mode in (passes if round_ % 2 else passes[::-1]):
             _set_mode(mode)
             sample = _timed(run)
             if round_:

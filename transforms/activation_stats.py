@@ -24,7 +24,7 @@ import functools
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -101,6 +101,86 @@ class Group:
         return self.norm_sum / self.finite if self.finite else None
 
 
+class Groups(Mapping):
+    """Groups of one kind (prompt parts, grid cells or colours) as columns: their names in text order and, per
+    name, tokens, tokens with a norm and the sum of those norms. Read as a mapping of name to `Group`; kept as
+    arrays because a layer has up to 900 grid cells, and one object per cell, layer and shard cost more than the
+    writer's whole share of the statistics."""
+
+    __slots__ = ("names", "tokens", "finite", "norm_sum", "_positions")
+
+    def __init__(self, names: Sequence[str] = (), tokens=(), finite=(), norm_sum=()):
+        self.names = tuple(names)
+        self.tokens = np.asarray(tokens, np.int64).reshape(-1)
+        self.finite = np.asarray(finite, np.int64).reshape(-1)
+        self.norm_sum = np.asarray(norm_sum, np.float64).reshape(-1)
+        self._positions = None
+        if not len(self.names) == len(self.tokens) == len(self.finite) == len(self.norm_sum):
+            raise ValueError("group names, tokens, finite and norm_sum differ in length")
+
+    @classmethod
+    def from_groups(cls, groups: Mapping[str, Group]) -> "Groups":
+        if isinstance(groups, Groups):
+            return groups
+        names = sorted(groups)
+        return cls(names, [groups[k].tokens for k in names], [groups[k].finite for k in names],
+                   [groups[k].norm_sum for k in names])
+
+    def _index(self) -> dict[str, int]:
+        if self._positions is None:
+            self._positions = {name: i for i, name in enumerate(self.names)}
+        return self._positions
+
+    def __getitem__(self, name: str) -> Group:
+        i = self._index()[name]
+        return Group(int(self.tokens[i]), int(self.finite[i]), float(self.norm_sum[i]))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name) -> bool:
+        return name in self._index()
+
+    def __repr__(self) -> str:
+        return f"Groups({dict(self.items())!r})"
+
+    def merge(self, other: Mapping[str, Group]) -> "Groups":
+        """Per name: tokens and finite added, norm sums added (self's first), names of either kept."""
+        other = Groups.from_groups(other)
+        if self.names == other.names:
+            return Groups(self.names, self.tokens + other.tokens, self.finite + other.finite,
+                          self.norm_sum + other.norm_sum)
+        names = sorted(set(self.names) | set(other.names))
+        where = {name: i for i, name in enumerate(names)}
+        mine = np.fromiter((where[k] for k in self.names), np.int64, len(self.names))
+        theirs = np.fromiter((where[k] for k in other.names), np.int64, len(other.names))
+        tokens, finite, sums = np.zeros(len(names), np.int64), np.zeros(len(names), np.int64), np.zeros(len(names))
+        for into, a, b in ((tokens, self.tokens, other.tokens), (finite, self.finite, other.finite),
+                           (sums, self.norm_sum, other.norm_sum)):
+            into[mine] = a
+            into[theirs] += b
+        return Groups(names, tokens, finite, sums)
+
+    def to_json(self) -> dict:
+        return {"keys": list(self.names), "tokens": self.tokens.tolist(), "finite": self.finite.tolist(),
+                "norm_sum": _floats(self.norm_sum)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Groups":
+        names = [str(k) for k in data["keys"]]
+        groups = cls(names, data["tokens"], data["finite"], _array(data["norm_sum"], len(names)))
+        if len(set(names)) != len(names):
+            raise ValueError("group keys repeat")
+        if names != sorted(names):
+            order = sorted(range(len(names)), key=names.__getitem__)
+            groups = cls([names[i] for i in order], groups.tokens[order], groups.finite[order],
+                         groups.norm_sum[order])
+        return groups
+
+
 @dataclass
 class TopToken:
     norm: float
@@ -137,9 +217,9 @@ class LayerStats:
     norm_non_finite: int = 0
     histogram: np.ndarray = None
     top: list = field(default_factory=list)
-    by_part: dict = field(default_factory=dict)
-    by_cell: dict = field(default_factory=dict)
-    by_color: dict = field(default_factory=dict)
+    by_part: Groups = field(default_factory=Groups)
+    by_cell: Groups = field(default_factory=Groups)
+    by_color: Groups = field(default_factory=Groups)
 
     def __post_init__(self):
         d = self.d_model
@@ -151,6 +231,8 @@ class LayerStats:
             self.dim_non_finite = np.zeros(d, np.int64)
         if self.histogram is None:
             self.histogram = np.zeros(NUM_BINS, np.int64)
+        self.by_part, self.by_cell, self.by_color = (Groups.from_groups(g) for g in
+                                                     (self.by_part, self.by_cell, self.by_color))
 
     @property
     def key(self) -> tuple[str, int]:
@@ -231,8 +313,8 @@ class LayerStats:
             norm_sumsq=self.norm_sumsq + other.norm_sumsq, norm_min=min(self.norm_min, other.norm_min),
             norm_max=max(self.norm_max, other.norm_max), norm_non_finite=self.norm_non_finite + other.norm_non_finite,
             histogram=self.histogram + other.histogram, top=top,
-            by_part=_merge_groups(self.by_part, other.by_part), by_cell=_merge_groups(self.by_cell, other.by_cell),
-            by_color=_merge_groups(self.by_color, other.by_color))
+            by_part=self.by_part.merge(other.by_part), by_cell=self.by_cell.merge(other.by_cell),
+            by_color=self.by_color.merge(other.by_color))
 
     # ---------------------------------------------------------------------------------------- serialisation
 
@@ -251,8 +333,8 @@ class LayerStats:
                      "histogram": {str(i): int(self.histogram[i]) for i in np.flatnonzero(self.histogram)}},
             "top": [{"norm": _float(t.norm), "sample_id": t.sample_id, "position": t.position,
                      "token_id": t.token_id, "part": t.part} for t in self.top],
-            "by_part": _groups_json(self.by_part), "by_cell": _groups_json(self.by_cell),
-            "by_color": _groups_json(self.by_color),
+            "by_part": self.by_part.to_json(), "by_cell": self.by_cell.to_json(),
+            "by_color": self.by_color.to_json(),
             "derived": {"mean_norm": _float(mean), "norm_std": _float(self.norm_std()),
                         "saelens_scale": _float(self.saelens_scale())},
         }
@@ -274,8 +356,8 @@ class LayerStats:
                 histogram=_sparse(norm["histogram"], NUM_BINS),
                 top=[TopToken(float(t["norm"]), str(t["sample_id"]), int(t["position"]), int(t["token_id"]),
                               str(t["part"])) for t in data["top"]],
-                by_part=_groups(data["by_part"]), by_cell=_groups(data["by_cell"]),
-                by_color=_groups(data["by_color"]))
+                by_part=Groups.from_json(data["by_part"]), by_cell=Groups.from_json(data["by_cell"]),
+                by_color=Groups.from_json(data["by_color"]))
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise ValueError(f"{where}: not a statistics record of schema {SCHEMA_VERSION} "
                              f"({type(error).__name__}: {error}); rebuild it with python -m pipeline.stats --write") \
@@ -310,55 +392,32 @@ def _sparse(mapping: dict, length: int) -> np.ndarray:
     return array
 
 
-def _groups_json(groups: dict) -> dict:
-    keys = sorted(groups)  # text order: deterministic, and cheap for the hundreds of grid cells
-    return {"keys": keys, "tokens": [groups[k].tokens for k in keys], "finite": [groups[k].finite for k in keys],
-            "norm_sum": _floats([groups[k].norm_sum for k in keys])}
-
-
-def _groups(data: dict) -> dict:
-    keys = [str(k) for k in data["keys"]]
-    sums = _array(data["norm_sum"], len(keys)).tolist()
-    if not len(data["tokens"]) == len(data["finite"]) == len(keys):
-        raise ValueError("group keys, tokens and finite differ in length")
-    return {k: Group(int(t), int(f), s) for k, t, f, s in zip(keys, data["tokens"], data["finite"], sums)}
-
-
-def _merge_groups(a: dict, b: dict) -> dict:
-    merged = dict(a)
-    for key, group in b.items():
-        merged[key] = merged[key].merge(group) if key in merged else group
-    return merged
-
-
 # ------------------------------------------------------------------------------------------------ compute
 
 @functools.lru_cache(maxsize=64)
-def _key_names(kind: str, size: int, width: int = 1) -> tuple[str, ...]:
-    """Names of group keys 0..size-1: made once, not per key, shard and layer (a shard of 24 layers with 900
-    grid cells would otherwise format 21,600 names)."""
+def _key_names(kind: str, size: int, width: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Names of group keys 0..size-1 (an object array) and the keys in the names' text order: made once, not per
+    key, shard and layer (a shard of 24 layers with 900 grid cells would otherwise format 21,600 names)."""
     if kind == "part":
-        return tuple(PART_NAMES[:size])
-    if kind == "cell":
-        return tuple(f"{k // width},{k % width}" for k in range(size))
-    return tuple(str(k) for k in range(size))
+        names = list(PART_NAMES[:size])
+    elif kind == "cell":
+        names = [f"{k // width},{k % width}" for k in range(size)]
+    else:
+        names = [str(k) for k in range(size)]
+    return np.array(names, dtype=object), np.array(sorted(range(size), key=names.__getitem__), np.int64)
 
 
-def _group_stats(keys: np.ndarray, norms: np.ndarray, finite: np.ndarray, kind: str, width: int = 1) -> dict:
-    """Group per key (non-negative ints): tokens, tokens with a norm, their norm sum; keys named by _key_names."""
+def _group_stats(keys: np.ndarray, norms: np.ndarray, finite: np.ndarray, kind: str, width: int = 1) -> Groups:
+    """Groups per key (non-negative ints): tokens, tokens with a norm, their norm sum; keys named by _key_names."""
     if not keys.size:
-        return {}
+        return Groups()
     size = int(keys.max()) + 1
-    names = _key_names(kind, size, width)
+    names, text_order = _key_names(kind, size, width)
     tokens = np.bincount(keys, minlength=size)
     counted = np.bincount(keys, weights=finite, minlength=size)
     sums = np.bincount(keys, weights=np.where(finite, norms, 0.0), minlength=size)
-    present = np.flatnonzero(tokens)
-    # Python ints and floats from tolist(): per-key numpy scalars cost more than the whole pass over the values
-    # when a layer has hundreds of grid cells.
-    return {names[k]: Group(t, c, s) for k, t, c, s in zip(present.tolist(), tokens[present].tolist(),
-                                                           counted[present].astype(np.int64).tolist(),
-                                                           sums[present].tolist())}
+    present = text_order[tokens[text_order] > 0]
+    return Groups(names[present].tolist(), tokens[present], counted[present].astype(np.int64), sums[present])
 
 
 def _kernel_pass(activation: np.ndarray, stats: LayerStats) -> np.ndarray | None:
