@@ -157,7 +157,7 @@ class SyntheticActivations:
             rng = np.random.default_rng(self._seed)
             values = rng.standard_normal((needed, self.config.hidden_size), dtype=np.float32)
             buffer = self._buffers[dtype] = values.astype(dtype)
-            self._tables[dtype] = _statistics_tables(buffer)
+            self._tables[dtype] = _StatisticsTables(buffer)
         return buffer
 
     def prepare(self, tokens, segment_ids, positions, spec, right_padded=None) -> tuple[tuple, dict]:
@@ -194,72 +194,74 @@ class SyntheticActivations:
 
 
     def reduce_statistics(self, outputs: dict, mask: np.ndarray) -> dict:
-        """HookedQwen.reduce_statistics' answer for the last capture's views, in what a device's reductions cost
-        the host (nothing but the answer): each real-token run of a batch row is whole blocks of the
-        precomputed tables plus at most two partial blocks summed here. The sums agree with a direct pass to
-        float64 rounding; norms, extrema and counts are exact."""
+        """HookedQwen.reduce_statistics' answer for the last capture's views at about what a device's reductions
+        cost the host (nothing but the answer), from tables made before the clock starts (`_StatisticsTables`).
+        Norms, extrema and counts are exact; the sums come from differences of float64 running sums, within
+        `pipeline.stats`'s tolerance of a direct pass."""
         batch, length = mask.shape
+        edges = np.flatnonzero(np.diff(np.concatenate([np.zeros((batch, 1), np.int8), mask.view(np.int8),
+                                                       np.zeros((batch, 1), np.int8)], axis=1).ravel()))
+        # Runs of real tokens as [first, last) offsets into the flattened batch: each row framed by a zero on
+        # either side, a run starts and ends where the framed rows' values change.
+        offsets = edges - 2 * (edges // (length + 2))
+        runs = offsets[0::2], offsets[1::2]
         out = {}
         for name in outputs:
             dtype, start = self._starts[name]
             tables = self._tables[dtype]
-            buffer = self._buffers[dtype]
-            d = buffer.shape[1]
-            total = np.zeros(d)
-            squares = np.zeros(d)
-            low, high = np.full(d, np.inf), np.full(d, -np.inf)
-            for b in range(batch):
-                edges = np.flatnonzero(np.diff(np.concatenate([[0], mask[b].view(np.int8), [0]])))
-                for first, last in zip(edges[0::2], edges[1::2]):
-                    _add_range(buffer, tables, start + b * length + first, start + b * length + last,
-                               total, squares, low, high)
-            out[name] = {"dim_sum": total, "dim_sumsq": squares, "dim_min": low, "dim_max": high,
-                         "dim_non_finite": np.zeros(d, np.int64),
-                         "row_sumsq": tables["row_sumsq"][start:start + batch * length].reshape(batch, length)}
+            out[name] = tables.reduce(start + runs[0], start + runs[1])
+            out[name]["row_sumsq"] = tables.row_sumsq[start:start + batch * length].reshape(batch, length)
         return out
 
 
-def _statistics_tables(buffer: np.ndarray) -> dict:
-    """Per-row sums of squares (numpy's order, as the device computes them) and per-block sums, sums of squares,
-    minima and maxima of `buffer`'s rows, made once before the clock starts."""
-    from transforms.activation_stats import LayerStats, _dimension_stats
+class _StatisticsTables:
+    """What `SyntheticActivations.reduce_statistics` answers from, for one buffer: per-row float64 sums of squares
+    (numpy's order, as the device computes them), running sums of the values and of their squares, the values as
+    float32, and minima and maxima of blocks of rows in a sparse table (any run of blocks in two lookups)."""
 
-    rows, d = buffer.shape
-    blocks = rows // _TABLE_ROWS
-    tables = {"row_sumsq": np.empty(rows), "sum": np.empty((blocks, d)), "sumsq": np.empty((blocks, d)),
-              "min": np.empty((blocks, d)), "max": np.empty((blocks, d))}
-    for k in range(blocks):
-        part = LayerStats(hook="", layer=0, d_model=d, storage_dtype="")
-        rows_k = slice(k * _TABLE_ROWS, (k + 1) * _TABLE_ROWS)
-        tables["row_sumsq"][rows_k] = _dimension_stats(buffer[rows_k], part)
-        for field in ("sum", "sumsq", "min", "max"):
-            tables[field][k] = getattr(part, f"dim_{field}")
-    tail = LayerStats(hook="", layer=0, d_model=d, storage_dtype="")
-    tables["row_sumsq"][blocks * _TABLE_ROWS:] = _dimension_stats(buffer[blocks * _TABLE_ROWS:], tail)
-    return tables
+    def __init__(self, buffer: np.ndarray):
+        from transforms.activation_stats import LayerStats, _dimension_stats
 
+        rows, d = buffer.shape
+        self.d = d
+        self.values = buffer.astype(np.float32)
+        self.row_sumsq = _dimension_stats(buffer, LayerStats(hook="", layer=0, d_model=d, storage_dtype=""))
+        wide = self.values.astype(np.float64)
+        self.running = np.zeros((rows + 1, d))
+        self.running_sq = np.zeros((rows + 1, d))
+        np.cumsum(wide, axis=0, out=self.running[1:])
+        np.cumsum(wide * wide, axis=0, out=self.running_sq[1:])
+        del wide
+        blocks = rows // _TABLE_ROWS
+        shaped = self.values[:blocks * _TABLE_ROWS].reshape(blocks, _TABLE_ROWS, d)
+        self.low, self.high = [shaped.min(1)], [shaped.max(1)]
+        span = 1
+        while 2 * span <= blocks:
+            self.low.append(np.minimum(self.low[-1][:-span], self.low[-1][span:]))
+            self.high.append(np.maximum(self.high[-1][:-span], self.high[-1][span:]))
+            span *= 2
 
-def _add_range(buffer, tables, first: int, last: int, total, squares, low, high) -> None:
-    """Adds rows [first, last) of `buffer` to the running per-dimension sums and extrema."""
-    block_first = -(-first // _TABLE_ROWS)
-    block_last = max(last // _TABLE_ROWS, block_first)
-    head_end = min(last, block_first * _TABLE_ROWS)
-    tail_start = head_end
-    if block_last > block_first:
-        blocks = slice(block_first, block_last)
-        total += tables["sum"][blocks].sum(0)
-        squares += tables["sumsq"][blocks].sum(0)
-        np.minimum(low, tables["min"][blocks].min(0), out=low)
-        np.maximum(high, tables["max"][blocks].max(0), out=high)
-        tail_start = block_last * _TABLE_ROWS
-    pieces = [(first, head_end), (tail_start, last)]
-    for a, b in pieces:
-        if b > a:
-            values = buffer[a:b].astype(np.float64)
-            total += values.sum(0)
-            squares += (values * values).sum(0)
-            np.minimum(low, values.min(0), out=low)
-            np.maximum(high, values.max(0), out=high)
+    def reduce(self, firsts: np.ndarray, lasts: np.ndarray) -> dict:
+        """The reductions over the rows [first, last) of each run."""
+        total = (self.running[lasts] - self.running[firsts]).sum(0)
+        squares = (self.running_sq[lasts] - self.running_sq[firsts]).sum(0)
+        low, high = np.full(self.d, np.inf, np.float32), np.full(self.d, -np.inf, np.float32)
+        for first, last in zip(firsts.tolist(), lasts.tolist()):
+            block_first = -(-first // _TABLE_ROWS)
+            block_last = last // _TABLE_ROWS
+            if block_last > block_first:
+                level = (block_last - block_first).bit_length() - 1
+                for table, into, pick in ((self.low, low, np.minimum), (self.high, high, np.maximum)):
+                    pick(into, pick(table[level][block_first], table[level][block_last - (1 << level)]), out=into)
+                pieces = ((first, block_first * _TABLE_ROWS), (block_last * _TABLE_ROWS, last))
+            else:
+                pieces = ((first, last),)
+            for a, b in pieces:
+                if b > a:
+                    np.minimum(low, self.values[a:b].min(0), out=low)
+                    np.maximum(high, self.values[a:b].max(0), out=high)
+        return {"dim_sum": total, "dim_sumsq": squares, "dim_min": low.astype(np.float64),
+                "dim_max": high.astype(np.float64), "dim_non_finite": np.zeros(self.d, np.int64)}
 
 
 def _pipeline_argv(host: HostSettings, mode: str, output: Path, statistics_on: str = "device") -> list[str]:
