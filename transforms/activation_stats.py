@@ -510,17 +510,86 @@ def _norm_stats(stats: LayerStats, norms: np.ndarray, finite: np.ndarray) -> Non
         stats.histogram = np.bincount(histogram_bin(good), minlength=NUM_BINS).astype(np.int64)
 
 
-def _check_columns(hook, layer, n, columns: dict) -> None:
-    for name, values in columns.items():
-        if np.shape(values) != (n,):
-            raise ValueError(f"{hook}/{layer}: column {name} has shape {np.shape(values)}, expected ({n},)")
+@dataclass(frozen=True)
+class TokenColumns:
+    """A shard's per-token columns as the statistics use them (PART_CODES, the grid-cell and colour groups' keys
+    and members), checked once: every (hook, layer) file of a shard has the same, so the writer makes them once
+    per shard (`from_arrow` of its token table)."""
+    part: np.ndarray          # int64 PART_CODES
+    position: np.ndarray
+    token_id: np.ndarray
+    sample_index: np.ndarray  # indexes sample_ids
+    sample_ids: Sequence[str]
+    cells: np.ndarray         # rows of grid-cell tokens (row and col >= 0)
+    cell_keys: np.ndarray     # their row * cell_width + col
+    cell_width: int
+    colored: np.ndarray       # rows of tokens with a colour
+    colors: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return len(self.part)
+
+    @classmethod
+    def build(cls, *, part, row, col, color, position, token_id, sample_index, sample_ids,
+              where: str = "statistics") -> "TokenColumns":
+        """From the columns as arrays (row, col, color -1 off grid cells); a clear error naming `where` for
+        columns of different lengths or part codes outside PART_CODES."""
+        arrays = {"part": part, "row": row, "col": col, "color": color, "position": position,
+                  "token_id": token_id, "sample_index": sample_index}
+        n = len(np.asarray(part))
+        for name, values in arrays.items():
+            if np.shape(values) != (n,):
+                raise ValueError(f"{where}: column {name} has shape {np.shape(values)}, expected ({n},)")
+        part = np.asarray(part).astype(np.int64)
+        if n and (part.min() < 0 or part.max() >= len(PART_NAMES)):
+            raise ValueError(f"{where}: part codes must lie in 0..{len(PART_NAMES) - 1}")
+        row, col, color = (np.asarray(v).astype(np.int64) for v in (row, col, color))
+        cells = np.flatnonzero((row >= 0) & (col >= 0))
+        width = int(col[cells].max()) + 1 if cells.size else 1
+        colored = np.flatnonzero(color >= 0)
+        return cls(part=part, position=np.asarray(position), token_id=np.asarray(token_id),
+                   sample_index=np.asarray(sample_index), sample_ids=sample_ids, cells=cells,
+                   cell_keys=row[cells] * width + col[cells], cell_width=width, colored=colored,
+                   colors=color[colored])
+
+    @classmethod
+    def from_arrow(cls, table, where: str = "statistics") -> "TokenColumns":
+        """From an activation table or a shard's token table (transforms.write.token_table)."""
+        import pyarrow as pa
+
+        table = table.unify_dictionaries()
+
+        def column(name):
+            return table.column(name).combine_chunks()
+
+        def numbers(name):
+            return column(name).to_numpy(zero_copy_only=False)
+
+        ids = column("sample_id")
+        if pa.types.is_dictionary(ids.type):
+            sample_index, sample_ids = ids.indices.to_numpy(zero_copy_only=False), ids.dictionary.to_pylist()
+        else:
+            sample_ids, sample_index = np.unique(np.array(ids.to_pylist(), dtype=str), return_inverse=True)
+        part = column("part")
+        if pa.types.is_dictionary(part.type):
+            lookup = np.array([_part_code(name) for name in part.dictionary.to_pylist()], np.int64)
+            part_codes = lookup[part.indices.to_numpy(zero_copy_only=False)]
+        else:
+            part_codes = np.array([_part_code(name) for name in part.to_pylist()], np.int64)
+        return cls.build(part=part_codes, row=numbers("row"), col=numbers("col"), color=numbers("color"),
+                         position=numbers("position"), token_id=numbers("token_id"), sample_index=sample_index,
+                         sample_ids=sample_ids, where=where)
 
 
-def compute(activation: np.ndarray, *, hook: str, layer: int, part: np.ndarray, row: np.ndarray, col: np.ndarray,
-            color: np.ndarray, position: np.ndarray, token_id: np.ndarray, sample_index: np.ndarray,
-            sample_ids: Sequence[str], storage_dtype: str, float16_overflow: int = 0,
-            reductions: dict | None = None) -> LayerStats:
-    """Statistics of one shard's [n_tokens, d_model] activations (storage dtype) and its per-token columns.
+def compute(activation: np.ndarray, *, hook: str, layer: int, part: np.ndarray | None = None,
+            row: np.ndarray | None = None, col: np.ndarray | None = None, color: np.ndarray | None = None,
+            position: np.ndarray | None = None, token_id: np.ndarray | None = None,
+            sample_index: np.ndarray | None = None, sample_ids: Sequence[str] = (), storage_dtype: str,
+            float16_overflow: int = 0, reductions: dict | None = None,
+            columns: TokenColumns | None = None) -> LayerStats:
+    """Statistics of one shard's [n_tokens, d_model] activations (storage dtype) and its per-token columns,
+    given as arrays or as `columns` (TokenColumns, made once per shard).
 
     sample_index[i] indexes sample_ids for token i (a dictionary column's indices and values). part holds
     PART_CODES; row, col, color are -1 off grid cells. float16_overflow is the writer's count (a stored inf
@@ -531,8 +600,12 @@ def compute(activation: np.ndarray, *, hook: str, layer: int, part: np.ndarray, 
     if activation.ndim != 2:
         raise ValueError(f"{hook}/{layer}: activation must be [n_tokens, d_model], got shape {activation.shape}")
     n, d = activation.shape
-    _check_columns(hook, layer, n, {"part": part, "row": row, "col": col, "color": color, "position": position,
-                                    "token_id": token_id, "sample_index": sample_index})
+    if columns is None:
+        columns = TokenColumns.build(part=part, row=row, col=col, color=color, position=position,
+                                     token_id=token_id, sample_index=sample_index, sample_ids=sample_ids,
+                                     where=f"{hook}/{layer}")
+    if columns.size != n:
+        raise ValueError(f"{hook}/{layer}: {columns.size} tokens in the columns, {n} activation rows")
     stats = LayerStats(hook=hook, layer=int(layer), d_model=d, storage_dtype=storage_dtype, shards=1, tokens=n,
                        float16_overflow=int(float16_overflow))
     if not n:
@@ -542,18 +615,14 @@ def compute(activation: np.ndarray, *, hook: str, layer: int, part: np.ndarray, 
     norms = np.sqrt(row_sumsq)
     finite = np.isfinite(norms)
     _norm_stats(stats, norms, finite)
-    part = np.asarray(part).astype(np.int64)
-    if part.min() < 0 or part.max() >= len(PART_NAMES):
-        raise ValueError(f"{hook}/{layer}: part codes must lie in 0..{len(PART_NAMES) - 1}")
-    stats.by_part = _group_stats(part, norms, finite, "part")
-    row, col, color = (np.asarray(v).astype(np.int64) for v in (row, col, color))
-    cell = (row >= 0) & (col >= 0)
-    if cell.any():
-        width = int(col[cell].max()) + 1
-        stats.by_cell = _group_stats(row[cell] * width + col[cell], norms[cell], finite[cell], "cell", width)
-    colored = color >= 0
-    stats.by_color = _group_stats(color[colored], norms[colored], finite[colored], "color")
-    stats.top = _top_tokens(norms, finite, np.asarray(sample_index), sample_ids, position, token_id, part)
+    stats.by_part = _group_stats(columns.part, norms, finite, "part")
+    if columns.cells.size:
+        cells = columns.cells
+        stats.by_cell = _group_stats(columns.cell_keys, norms[cells], finite[cells], "cell", columns.cell_width)
+    colored = columns.colored
+    stats.by_color = _group_stats(columns.colors, norms[colored], finite[colored], "color")
+    stats.top = _top_tokens(norms, finite, columns.sample_index, columns.sample_ids, columns.position,
+                            columns.token_id, columns.part)
     return stats
 
 
@@ -569,41 +638,19 @@ def _top_tokens(norms, finite, sample_index, sample_ids, position, token_id, par
 
 
 def from_arrow(table, hook: str, layer: int, storage_dtype: str, float16_overflow: int = 0,
-               activation: np.ndarray | None = None, reductions: dict | None = None) -> LayerStats:
+               activation: np.ndarray | None = None, reductions: dict | None = None,
+               columns: TokenColumns | None = None) -> LayerStats:
     """Statistics of an activation table (the writer's, or a file read back). `activation` may pass the decoded
-    [rows, d_model] array when the caller already has it; `reductions` the device's (see `compute`)."""
-    import pyarrow as pa
-
+    [rows, d_model] array when the caller already has it; `reductions` the device's (see `compute`); `columns`
+    the shard's TokenColumns when the caller has them."""
     if activation is None:
         from transforms.output_format import activations_to_numpy
 
         activation = activations_to_numpy(table)
-
-    table = table.unify_dictionaries()
-
-    def column(name):
-        return table.column(name).combine_chunks()
-
-    def numbers(name):
-        return column(name).to_numpy(zero_copy_only=False)
-
-    ids = column("sample_id")
-    if pa.types.is_dictionary(ids.type):
-        sample_index, sample_ids = ids.indices.to_numpy(zero_copy_only=False), ids.dictionary.to_pylist()
-    else:
-        sample_ids, sample_index = np.unique(np.array(ids.to_pylist(), dtype=str), return_inverse=True)
-    part = column("part")
-    if pa.types.is_dictionary(part.type):
-        lookup = np.array([_part_code(name) for name in part.dictionary.to_pylist()], np.int64)
-        part_codes = lookup[part.indices.to_numpy(zero_copy_only=False)]
-    else:
-        part_codes = np.array([_part_code(name) for name in part.to_pylist()], np.int64)
-    return compute(
-        activation, hook=hook, layer=layer, part=part_codes,
-        row=numbers("row"), col=numbers("col"), color=numbers("color"), position=numbers("position"),
-        token_id=numbers("token_id"), sample_index=sample_index,
-        sample_ids=sample_ids, storage_dtype=storage_dtype, float16_overflow=float16_overflow,
-        reductions=reductions)
+    if columns is None:
+        columns = TokenColumns.from_arrow(table, where=f"{hook}/{layer}")
+    return compute(activation, hook=hook, layer=layer, storage_dtype=storage_dtype,
+                   float16_overflow=float16_overflow, reductions=reductions, columns=columns)
 
 
 def _part_code(name) -> int:

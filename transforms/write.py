@@ -115,22 +115,12 @@ def _check_placements(samples: Sequence[TokenizedSample], placements: Sequence[P
     return lengths
 
 
-def activation_table(samples: Sequence[TokenizedSample], placements: Sequence[Placement], activation: np.ndarray,
-                     hook: str, layer: int, storage_dtype: str = "float32") -> pa.Table:
-    """One row per real token: sample_id, position, token_id, activation, part, example_index, row, col, color.
-
-    `activation` is [n_real_tokens, d_model] with rows in sample order then position order. hook and layer are
-    not columns (they are the Hive partition directories) but are recorded in the schema metadata, with the
-    storage encoding and the float16 overflow count."""
+def token_table(samples: Sequence[TokenizedSample], placements: Sequence[Placement]) -> pa.Table:
+    """The columns of an activation file other than `activation`, one row per real token: sample_id, position,
+    token_id, part, example_index, row, col, color. The same for every (hook, layer) of a shard, so the writer
+    builds it once per shard."""
     lengths = _check_placements(samples, placements)
     total = sum(lengths)
-    activation = np.asarray(activation)
-    if activation.ndim != 2 or activation.shape[0] != total:
-        raise ValueError(
-            f"{transformer_lens_name(hook, layer)}: activation has shape {activation.shape}, expected "
-            f"({total}, d_model) for the {len(samples)} samples' {total} real tokens")
-    stored, overflow = to_storage(activation, storage_dtype)
-    d_model = int(stored.shape[1])
     sample_index = np.repeat(np.arange(len(samples), dtype=np.int32), lengths)
     if total:
         positions = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])
@@ -144,19 +134,39 @@ def activation_table(samples: Sequence[TokenizedSample], placements: Sequence[Pl
     if part.size and (part.min() < 0 or part.max() >= len(PART_NAMES)):
         bad = int(part[(part < 0) | (part >= len(PART_NAMES))][0])
         raise ValueError(f"annotation part code {bad} is not one of transforms.annotations.PART_CODES")
-    vectors = vectors_to_column(stored)
-    table = pa.table({
+    return pa.table({
         "sample_id": pa.DictionaryArray.from_arrays(
             pa.array(sample_index, pa.int32()), pa.array([s["sample_id"] for s in samples], pa.string())),
         "position": pa.array(positions, pa.int32()),
         "token_id": pa.array(token_ids, pa.int32()),
-        "activation": vectors,
         "part": pa.DictionaryArray.from_arrays(pa.array(part, pa.int8()), pa.array(PART_NAMES, pa.string())),
         "example_index": pa.array(columns["example_index"], pa.int16()),
         "row": pa.array(columns["row"], pa.int16()),
         "col": pa.array(columns["col"], pa.int16()),
         "color": pa.array(columns["color"], pa.int8()),
     })
+
+
+def activation_table(samples: Sequence[TokenizedSample], placements: Sequence[Placement], activation: np.ndarray,
+                     hook: str, layer: int, storage_dtype: str = "float32", tokens: pa.Table | None = None
+                     ) -> pa.Table:
+    """One row per real token: sample_id, position, token_id, activation, part, example_index, row, col, color.
+
+    `activation` is [n_real_tokens, d_model] with rows in sample order then position order. hook and layer are
+    not columns (they are the Hive partition directories) but are recorded in the schema metadata, with the
+    storage encoding and the float16 overflow count. `tokens`: the shard's `token_table`, when the caller has
+    it already."""
+    if tokens is None:
+        tokens = token_table(samples, placements)
+    total = tokens.num_rows
+    activation = np.asarray(activation)
+    if activation.ndim != 2 or activation.shape[0] != total:
+        raise ValueError(
+            f"{transformer_lens_name(hook, layer)}: activation has shape {activation.shape}, expected "
+            f"({total}, d_model) for the {len(samples)} samples' {total} real tokens")
+    stored, overflow = to_storage(activation, storage_dtype)
+    d_model = int(stored.shape[1])
+    table = tokens.add_column(3, "activation", vectors_to_column(stored))
     return table.replace_schema_metadata({
         KEY_HOOK_NAME: transformer_lens_name(hook, layer),
         "hook": hook,
@@ -283,10 +293,12 @@ class ShardWriter:
         }
 
     def _write_activation_file(self, shard: str, samples, placements, hook: str, layer: int,
-                               activation: np.ndarray, reductions: dict | None = None) -> dict:
+                               activation: np.ndarray, reductions: dict | None = None, tokens=None,
+                               columns=None) -> dict:
         """Encodes one (hook, layer) file and uploads it under a temporary name (renamed by the caller).
-        `reductions`: the device's part of the file's statistics (model.statistics), if it made them."""
-        table = activation_table(samples, placements, activation, hook, layer, self.storage_dtype)
+        `reductions`: the device's part of the file's statistics (model.statistics), if it made them; `tokens`
+        and `columns`: the shard's token table and its statistics columns, made once per shard."""
+        table = activation_table(samples, placements, activation, hook, layer, self.storage_dtype, tokens)
         metadata = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
         metadata.update(self._common_metadata(shard))
         table = table.replace_schema_metadata(metadata)
@@ -296,7 +308,7 @@ class ShardWriter:
                              compression_level=self.compression_level,
                              vector_compression=self.activation_compression)
         stats = (activation_stats.from_arrow(table, hook, layer, self.storage_dtype, int(metadata[KEY_OVERFLOW]),
-                                             reductions=reductions)
+                                             reductions=reductions, columns=columns)
                  if self.statistics else None)
         relpath = activation_relpath(hook, layer, shard)
         final = join(self.output_root, relpath)
@@ -371,10 +383,12 @@ class ShardWriter:
             if summary is not None:
                 return summary
         keys = sorted(activations, key=lambda key: (key[0], int(key[1])))
+        tokens = token_table(samples, placements)
+        columns = activation_stats.TokenColumns.from_arrow(tokens, f"shard {shard}") if self.statistics else None
 
         def write_one(key):
             return self._write_activation_file(shard, samples, placements, key[0], key[1], activations[key],
-                                               (reductions or {}).get(key))
+                                               (reductions or {}).get(key), tokens, columns)
 
         # Every file is attempted and waited for before any cleanup, so no temporary file appears after it.
         if executor is None:
