@@ -342,6 +342,8 @@ def test_host_ceiling_smoke_runs_the_real_pipeline(tmp_path):
     assert all(seconds >= 0 for seconds in run["phases_s"].values())
     assert _positive(run["tok_s"]) and _positive(run["vs_disk"]) and run["passed"] is False
     assert _positive(run["cpu"]["process_s"]) and _positive(run["per_core_tok_s"])
+    # The statistics (on the synthetic device: the writer's part and the extractor's) are timed in the run.
+    assert _positive(run["cpu"]["statistics_s"]) and 0 < run["cpu"]["statistics_share"] < 1
     assert run["cprofile"]["top_by_own_time"] and Path(run["cprofile"]["path"]).exists()
     assert "all layers" in report.format_table(results)
 

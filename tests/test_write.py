@@ -255,12 +255,14 @@ def test_retried_write_is_idempotent_and_leaves_no_temp_files(tmp_path):
     files = listing(root)
     assert len(files) == 4 and not any(os.path.basename(f).startswith(".") for f in files)
     second = writer.write_shard(batch["batch_id"], batch["samples"], batch["placements"], extracted(batch))
+    timing = "stats_cpu_s"  # CPU seconds: a measurement, not content
+    assert first.pop(timing) >= 0 and second.pop(timing) >= 0
     assert listing(root) == files and first == second
     # What WriteShards does on a Beam retry: a committed shard is left as it is, even if recomputed values differ.
     before = committed_shards(root)
     skipping = ShardWriter(root, "h000", "m", "bfloat16", skip_committed=True)
     third = skipping.write_shard(batch["batch_id"], batch["samples"], batch["placements"], extracted(batch, seed=9))
-    assert third == dict(first, already_committed=True)
+    assert third.pop(timing) == 0.0 and third == dict(first, already_committed=True)
     assert listing(root) == files and committed_shards(root) == before
     assert committed_sample_ids(root) == {s["sample_id"] for s in batch["samples"]}
 
@@ -340,6 +342,8 @@ def test_files_written_in_parallel_are_the_same_files(tmp_path):
     for name, executor in (("serial", None), ("parallel", concurrent.futures.ThreadPoolExecutor(3))):
         summaries[name] = ShardWriter(str(tmp_path / name), "h000", "m", "bfloat16", "bfloat16").write_shard(
             batch["batch_id"], batch["samples"], batch["placements"], acts, executor)
+    for summary in summaries.values():
+        assert summary.pop("stats_cpu_s") > 0  # CPU seconds: a measurement, not content
     assert summaries["serial"] == summaries["parallel"] and summaries["serial"]["files"] == 11
     serial, parallel = (committed_shards(str(tmp_path / name)) for name in ("serial", "parallel"))
     assert serial[f"h000-{batch['batch_id']}"]["files"] == parallel[f"h000-{batch['batch_id']}"]["files"]

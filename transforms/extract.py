@@ -25,6 +25,7 @@ from model.hooks import hook_name
 from transforms.answers import GenerateSettings, answer_batch, capture_batch
 from transforms.elements import ExtractedBatch, Placement
 from transforms.metrics import NAMESPACE
+from transforms.write import STATISTICS_CPU_COUNTER
 
 _LOG = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ class ExtractActivations(beam.DoFn):
         self._tokens = beam.metrics.Metrics.counter(NAMESPACE, "tokens_extracted")
         self._compile = beam.metrics.Metrics.distribution(NAMESPACE, "first_batch_ms")
         self._generation = {name: beam.metrics.Metrics.counter(NAMESPACE, name) for name in GENERATION_COUNTERS}
+        self._stats_cpu = beam.metrics.Metrics.counter(NAMESPACE, STATISTICS_CPU_COUNTER)
 
     def setup(self):
         config = self._config
@@ -151,9 +153,11 @@ class ExtractActivations(beam.DoFn):
         rows, cols = real_token_index(batch["placements"], arrays[0].shape)
         reductions = None
         if handle.statistics_on_device:
+            started = time.thread_time()
             mask = np.zeros(arrays[0].shape, dtype=bool)
             mask[rows, cols] = True
             reductions = handle.handler.dispatch_statistics(handle.model, outputs, self._keys(), mask)
+            self._stats_cpu.inc(int((time.thread_time() - started) * 1e6))
         return batch, outputs, reductions, (rows, cols), time.perf_counter()
 
     def _keys(self):
@@ -179,7 +183,9 @@ class ExtractActivations(beam.DoFn):
         if "predictions" in batch:
             extracted["predictions"] = batch["predictions"]
         if reductions is not None:
+            started = time.thread_time()
             extracted["statistics"] = self._handle.handler.fetch_statistics(reductions, keys, rows, cols)
+            self._stats_cpu.inc(int((time.thread_time() - started) * 1e6))
         return extracted
 
     def _report(self, total_tokens):

@@ -15,6 +15,7 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import time
 from typing import Iterable, Sequence
 
 import apache_beam as beam
@@ -238,6 +239,11 @@ def _outcome(function, *args):
 STATISTICS_ENV = "ARC_ACTIVATIONS_STATISTICS"
 
 
+# Beam counter (namespace arc_activations): CPU microseconds the statistics took on this host's threads (the
+# writer's, and the extractor's share when they are made on the device), summed over the run.
+STATISTICS_CPU_COUNTER = "statistics_cpu_us"
+
+
 def statistics_enabled() -> bool:
     value = os.environ.get(STATISTICS_ENV, "on").strip().lower()
     if value not in ("on", "off"):
@@ -283,7 +289,7 @@ class ShardWriter:
             "tokens": int(metadata["num_tokens"]), "rows": sum(int(f["rows"]) for f in files),
             "bytes": sum(int(f["bytes"]) for f in files) + int(matches[0].size_in_bytes),
             KEY_OVERFLOW: int(metadata.get(KEY_OVERFLOW, 0)), "files": len(files) + 1, "already_committed": True,
-            "stats_bytes": int((activation_stats.marker_entry(metadata) or {}).get("bytes", 0)),
+            "stats_bytes": int((activation_stats.marker_entry(metadata) or {}).get("bytes", 0)), "stats_cpu_s": 0.0,
         }
 
     def _common_metadata(self, shard: str) -> dict[str, str]:
@@ -307,9 +313,12 @@ class ShardWriter:
                              row_group_size=row_group_rows(d_model, self.storage_dtype),
                              compression_level=self.compression_level,
                              vector_compression=self.activation_compression)
-        stats = (activation_stats.from_arrow(table, hook, layer, self.storage_dtype, int(metadata[KEY_OVERFLOW]),
-                                             reductions=reductions, columns=columns)
-                 if self.statistics else None)
+        stats, stats_cpu = None, 0.0
+        if self.statistics:
+            started = time.thread_time()
+            stats = activation_stats.from_arrow(table, hook, layer, self.storage_dtype, int(metadata[KEY_OVERFLOW]),
+                                                reductions=reductions, columns=columns)
+            stats_cpu = time.thread_time() - started
         relpath = activation_relpath(hook, layer, shard)
         final = join(self.output_root, relpath)
         temp = _temp_path(final)
@@ -320,7 +329,8 @@ class ShardWriter:
             raise
         entry = {"path": relpath, "hook": hook, "layer": int(layer), "rows": table.num_rows, "bytes": data.size,
                  "sha256": hashlib.sha256(memoryview(data)).hexdigest(), KEY_OVERFLOW: int(metadata[KEY_OVERFLOW])}
-        return {"file": entry, "temp": temp, "final": final, "d_model": d_model, "stats": stats}
+        return {"file": entry, "temp": temp, "final": final, "d_model": d_model, "stats": stats,
+                "stats_cpu_s": stats_cpu}
 
     def _write_predictions(self, shard: str, samples: Sequence[dict], predictions: Sequence[dict] | None
                            ) -> dict | None:
@@ -373,8 +383,9 @@ class ShardWriter:
         the values, made on the device; a (hook, layer) without them is computed here.
 
         Returns {"shard", "batch_id", "samples", "tokens", "rows", "bytes", "float16_overflow", "files",
-        "already_committed", "stats_bytes"}; `bytes` and `files` count the activation and samples files, the
-        shard's statistics file (transforms.activation_stats) is `stats_bytes`."""
+        "already_committed", "stats_bytes", "stats_cpu_s"}; `bytes` and `files` count the activation and samples
+        files, the shard's statistics file (transforms.activation_stats) is `stats_bytes`, and `stats_cpu_s` the
+        CPU seconds its statistics took on the writer's threads."""
         if not activations:
             raise ValueError(f"batch {batch_id}: no activations to write (no hook and layer requested?)")
         shard = shard_name(self.worker_prefix, batch_id)
@@ -384,7 +395,9 @@ class ShardWriter:
                 return summary
         keys = sorted(activations, key=lambda key: (key[0], int(key[1])))
         tokens = token_table(samples, placements)
+        started = time.thread_time()
         columns = activation_stats.TokenColumns.from_arrow(tokens, f"shard {shard}") if self.statistics else None
+        columns_cpu = time.thread_time() - started
 
         def write_one(key):
             return self._write_activation_file(shard, samples, placements, key[0], key[1], activations[key],
@@ -408,7 +421,9 @@ class ShardWriter:
         except BaseException:
             _delete_quietly(entry["temp"] for entry in written)
             raise
-        return self._commit(shard, batch_id, samples, written, d_models.pop(), predictions)
+        summary = self._commit(shard, batch_id, samples, written, d_models.pop(), predictions)
+        summary["stats_cpu_s"] += columns_cpu + sum(entry["stats_cpu_s"] for entry in written)
+        return summary
 
     def _commit(self, shard: str, batch_id: str, samples: Sequence[dict], written: list[dict], d_model: int,
                 predictions: Sequence[dict] | None) -> dict:
@@ -416,7 +431,9 @@ class ShardWriter:
         that lists them all. Returns write_shard's summary."""
         files = [entry["file"] for entry in written]
         overflow = sum(f[KEY_OVERFLOW] for f in files)
+        started = time.thread_time()
         stats_entry = self._put_stats(shard, [entry["stats"] for entry in written]) if self.statistics else None
+        stats_cpu = time.thread_time() - started
         predictions_entry = self._write_predictions(shard, samples, predictions)
         table = samples_table(samples)
         metadata = self._marker_metadata(shard, batch_id, d_model, table, files, overflow, stats_entry,
@@ -427,7 +444,7 @@ class ShardWriter:
             "shard": shard, "batch_id": batch_id, "samples": table.num_rows,
             "tokens": int(metadata["num_tokens"]), "rows": sum(f["rows"] for f in files),
             "bytes": sum(f["bytes"] for f in files) + data.size, KEY_OVERFLOW: overflow, "files": len(files) + 1,
-            "stats_bytes": stats_entry["bytes"] if stats_entry else 0,
+            "stats_bytes": stats_entry["bytes"] if stats_entry else 0, "stats_cpu_s": stats_cpu,
             "already_committed": False,
         }
 
@@ -469,6 +486,7 @@ class _WriteShardFn(beam.DoFn):
         self._overflow = beam.metrics.Metrics.counter(NAMESPACE, "float16_overflow")
         self._skipped = beam.metrics.Metrics.counter(NAMESPACE, "shards_already_committed")
         self._waits = beam.metrics.Metrics.counter(NAMESPACE, "writer_backpressure_waits")
+        self._stats_cpu = beam.metrics.Metrics.counter(NAMESPACE, STATISTICS_CPU_COUNTER)
 
     def setup(self):
         self._writer = ShardWriter(*self._args, skip_committed=True, identity=self._identity,
@@ -498,6 +516,7 @@ class _WriteShardFn(beam.DoFn):
         self._samples.inc(summary["samples"])
         self._rows.inc(summary["rows"])
         self._bytes.inc(summary["bytes"])
+        self._stats_cpu.inc(int(summary["stats_cpu_s"] * 1e6))
         if summary[KEY_OVERFLOW]:
             self._overflow.inc(summary[KEY_OVERFLOW])
         return summary

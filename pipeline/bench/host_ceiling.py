@@ -338,6 +338,7 @@ def measure_mode(run, host: HostSettings, mode: str, statistics_on: str = "devic
         with serving(source):
             result = run_and_sync(argv, output, profiler)
         result["cpu"] = _cpu(source, result, time.process_time())
+        result["cpu"].update(_statistics_cpu(output, result["cpu"]["process_s"]))
     finally:
         release_pipeline_model()
         shutil.rmtree(output, ignore_errors=True)
@@ -373,6 +374,19 @@ def _cpu(source: SyntheticActivations, result: dict, process_cpu_now: float) -> 
     return {"process_s": process_s, "beam_thread_s": thread_s,
             "tok_per_process_cpu_s": result["tokens"] / process_s if process_s > 0 else None,
             "tok_per_beam_thread_cpu_s": between / thread_s if thread_s > 0 else None}
+
+
+def _statistics_cpu(output: Path, process_s: float) -> dict:
+    """The CPU seconds the run's statistics took on the host (the pipeline's statistics_cpu_us counter, from its
+    run record), and their share of the process's CPU."""
+    import json
+
+    from transforms.output_format import RUNS_DIR
+    from transforms.write import STATISTICS_CPU_COUNTER
+
+    micros = sum(json.loads(path.read_text()).get("run_counters", {}).get(STATISTICS_CPU_COUNTER, 0)
+                 for path in (output / RUNS_DIR).glob("*.json"))
+    return {"statistics_s": micros / 1e6, "statistics_share": micros / 1e6 / process_s if process_s > 0 else None}
 
 
 def _verdict(mode: str, result: dict, disk: Optional[dict]) -> dict:
@@ -421,9 +435,11 @@ def _statistics_summary(runs: dict) -> dict:
 
     summary = {}
     for run in (r for r in runs.values() if r):
-        entry = summary.setdefault(run["mode"], {}).setdefault(run["statistics"], {"tok_s": [], "per_core": []})
+        entry = summary.setdefault(run["mode"], {}).setdefault(
+            run["statistics"], {"tok_s": [], "per_core": [], "statistics_share": []})
         entry["tok_s"].append(run["tok_s"])
         entry["per_core"].append(run["per_core_tok_s"])
+        entry["statistics_share"].append(run["cpu"].get("statistics_share") or 0.0)
     for settings in summary.values():
         for entry in settings.values():
             entry["median_tok_s"], entry["median_per_core"] = st.median(entry["tok_s"]), st.median(entry["per_core"])
@@ -450,6 +466,8 @@ def measure_host_ceiling(run) -> dict:
 
 
 def format_host_ceiling(ceiling: dict) -> list[str]:
+    from statistics import median as st_median
+
     from pipeline.bench.report import aligned, si
 
     headers = ("host ceiling", "tokens", "shards", "durable tok/s", "durable B/s", "% disk", "B/value",
@@ -466,6 +484,10 @@ def format_host_ceiling(ceiling: dict) -> list[str]:
                      si(r["per_core_tok_s"]), si(r["arithmetic_16_cores_tok_s"]), f"{verdict} ({r['target']})"))
     lines = aligned(headers, rows)
     for mode, settings in ceiling.get("statistics", {}).items():
+        for setting, entry in settings.items():
+            if isinstance(entry, dict) and entry.get("statistics_share"):
+                lines.append(f"host ceiling {mode}: statistics {setting}: "
+                             f"{100 * st_median(entry['statistics_share']):.2f}% of the process's CPU (median)")
         for on in ("on", "host", "numpy"):
             if f"rate_{on}_vs_off" in settings:
                 lines.append(f"host ceiling {mode}: statistics {on} / off: durable rate "
@@ -478,7 +500,9 @@ def format_host_ceiling(ceiling: dict) -> list[str]:
             cpu = r["cpu"]
             lines.append(f"host ceiling {mode}: CPU {cpu['process_s']:.1f} s in the process, "
                          f"{cpu['beam_thread_s']:.1f} s in the Beam thread "
-                         f"({si(cpu['tok_per_beam_thread_cpu_s'])} tok per CPU second there)")
+                         f"({si(cpu['tok_per_beam_thread_cpu_s'])} tok per CPU second there), "
+                         f"{cpu.get('statistics_s', 0):.2f} s in the statistics "
+                         f"({100 * (cpu.get('statistics_share') or 0):.1f}% of the process's)")
     lines.append("host ceiling: durable = tokens of shards after the first over first-to-last commit plus the "
                  "fsync of the output; per core = tokens per CPU second of the process from the first batch to the "
                  "flush; 16-core arith. = per core x 16, at most the Beam thread's tokens per CPU second "
