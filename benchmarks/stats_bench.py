@@ -61,15 +61,9 @@ def _set_mode(mode: str) -> bool:
 def device_reductions(activations: dict) -> dict:
     """What model.statistics hands the writer for these [n, d] arrays (all tokens real), computed here on the host
     with the writer's own pass, which gives the same numbers (tests/test_device_statistics.py)."""
-    from transforms.activation_stats import LayerStats, _dimension_stats
+    from transforms.activation_stats import host_reductions
 
-    out = {}
-    for key, values in activations.items():
-        stats = LayerStats(hook=key[0], layer=key[1], d_model=values.shape[1], storage_dtype="bfloat16")
-        row_sumsq = _dimension_stats(values, stats)
-        out[key] = {"dim_sum": stats.dim_sum, "dim_sumsq": stats.dim_sumsq, "dim_min": stats.dim_min,
-                    "dim_max": stats.dim_max, "dim_non_finite": stats.dim_non_finite, "row_sumsq": row_sumsq}
-    return out
+    return {key: host_reductions(values) for key, values in activations.items()}
 
 
 def writer_modes(kind: str, tokens: int, d_model: int, layers: int, threads: int, repeats: int) -> dict:

@@ -76,6 +76,12 @@ def test_the_writer_takes_the_devices_reductions_and_checks_them(tmp_path):
     full, mask, (rows, cols) = _padded(batch, values, 0.0)
     name = "blocks.1.hook_resid_post"
     reductions = device_stats.to_host(device_stats.reduce_outputs({name: full}, mask)[name], rows, cols)
+    on_host = S.host_reductions(values)  # what the benchmarks stand in for the device with
+    for field in device_stats.REDUCTION_FIELDS:
+        if field in ("dim_sum", "dim_sumsq"):
+            np.testing.assert_allclose(on_host[field], reductions[field], rtol=1e-12, atol=1e-300)
+        else:
+            np.testing.assert_array_equal(on_host[field], reductions[field], err_msg=field)
     marked = dict(reductions, dim_sum=reductions["dim_sum"] + 1000.0)  # proof that these are what it stores
     root = str(tmp_path / "out")
     ShardWriter(root, "h000", "random:tiny", "bfloat16").write_shard(

@@ -93,9 +93,6 @@ class Group:
     finite: int = 0
     norm_sum: float = 0.0
 
-    def merge(self, other: "Group") -> "Group":
-        return Group(self.tokens + other.tokens, self.finite + other.finite, self.norm_sum + other.norm_sum)
-
     @property
     def mean_norm(self) -> float | None:
         return self.norm_sum / self.finite if self.finite else None
@@ -469,9 +466,9 @@ def _masked_pass(activation: np.ndarray, stats: LayerStats) -> np.ndarray:
 def _given_reductions(reductions: dict, stats: LayerStats, n: int) -> np.ndarray:
     """Fills the per-dimension fields of `stats` from reductions made beside the capture (model.statistics:
     REDUCTION_FIELDS, `row_sumsq` already reduced to the shard's tokens in order); returns `row_sumsq`."""
-    d = stats.d_model
-    shapes = {"dim_sum": (d,), "dim_sumsq": (d,), "dim_min": (d,), "dim_max": (d,), "dim_non_finite": (d,),
-              "row_sumsq": (n,)}
+    from model.statistics import REDUCTION_FIELDS
+
+    shapes = {name: (n,) if name == "row_sumsq" else (stats.d_model,) for name in REDUCTION_FIELDS}
     missing = sorted(set(shapes) - set(reductions))
     if missing:
         raise ValueError(f"{stats.hook}/{stats.layer}: the device's statistics lack {', '.join(missing)}")
@@ -479,12 +476,23 @@ def _given_reductions(reductions: dict, stats: LayerStats, n: int) -> np.ndarray
     for name, shape in shapes.items():
         if arrays[name].shape != shape:
             raise ValueError(f"{stats.hook}/{stats.layer}: the device's {name} has shape {arrays[name].shape}, "
-                             f"expected {shape} (d_model {d}, {n} tokens)")
+                             f"expected {shape} (d_model {stats.d_model}, {n} tokens)")
     stats.dim_sum, stats.dim_sumsq = (arrays[k].astype(np.float64) for k in ("dim_sum", "dim_sumsq"))
     stats.dim_min, stats.dim_max = (arrays[k].astype(np.float64) for k in ("dim_min", "dim_max"))
     stats.dim_non_finite = arrays["dim_non_finite"].astype(np.int64)
     stats.non_finite = int(stats.dim_non_finite.sum())
     return arrays["row_sumsq"].astype(np.float64)
+
+
+def host_reductions(activation: np.ndarray) -> dict[str, np.ndarray]:
+    """What model.statistics' reductions hold (REDUCTION_FIELDS, every row a real token), computed by the host's
+    pass over an [n, d_model] array: the same numbers (tests/test_device_statistics.py). For benchmarks that stand
+    in for the device."""
+    activation = np.asarray(activation)
+    stats = LayerStats(hook="", layer=0, d_model=activation.shape[1], storage_dtype=str(activation.dtype))
+    row_sumsq = _dimension_stats(activation, stats)
+    return {"dim_sum": stats.dim_sum, "dim_sumsq": stats.dim_sumsq, "dim_min": stats.dim_min,
+            "dim_max": stats.dim_max, "dim_non_finite": stats.dim_non_finite, "row_sumsq": row_sumsq}
 
 
 def _dimension_stats(activation: np.ndarray, stats: LayerStats) -> np.ndarray:

@@ -220,12 +220,12 @@ class _StatisticsTables:
     float32, and minima and maxima of blocks of rows in a sparse table (any run of blocks in two lookups)."""
 
     def __init__(self, buffer: np.ndarray):
-        from transforms.activation_stats import LayerStats, _dimension_stats
+        from transforms.activation_stats import host_reductions
 
         rows, d = buffer.shape
         self.d = d
         self.values = buffer.astype(np.float32)
-        self.row_sumsq = _dimension_stats(buffer, LayerStats(hook="", layer=0, d_model=d, storage_dtype=""))
+        self.row_sumsq = host_reductions(buffer)["row_sumsq"]
         wide = self.values.astype(np.float64)
         self.running = np.zeros((rows + 1, d))
         self.running_sq = np.zeros((rows + 1, d))
