@@ -8,7 +8,10 @@
 peak resident memory over the epoch against its resident memory before the loader started, next to the shuffle
 buffer's size. The files were just written, so they are read from the page cache. `gcs` starts gcp-storage-emulator (in memory,
 127.0.0.1, a process of its own, stopped at the end), uploads the output into it and reads it back as gs://: the
-rate is the emulator's HTTP server's as much as the loader's.
+rate is the emulator's HTTP server's as much as the loader's, so `gcs` also reports the emulator's CPU seconds per
+token. The emulator serves requests one at a time and copies each requested range out of the object before sending
+it; `--server zero_copy` sends the range from the stored object instead (a change to the emulator made in its process
+by this benchmark, nothing else), to measure the loader against a server that costs little more than its socket.
 """
 from __future__ import annotations
 
@@ -89,6 +92,28 @@ def read(root: str, batch_tokens: int, buffer_tokens: int | None, dtype: str, re
 _EMULATOR = """
 import sys, time
 from gcp_storage_emulator.server import create_server
+if sys.argv[2] == "zero_copy":
+    from gcp_storage_emulator import server as emulator_server
+    from gcp_storage_emulator.handlers import objects
+
+    class ObjectsAsViews:
+        # objects.download slices what get_file returns and sends the slice; a slice of a memoryview is no copy.
+        def __init__(self, storage):
+            self.storage = storage
+
+        def __getattr__(self, name):
+            return getattr(self.storage, name)
+
+        def get_file(self, *args, **kwargs):
+            return memoryview(self.storage.get_file(*args, **kwargs))
+
+    def download(request, response, storage, *args, **kwargs):
+        return objects.download(request, response, ObjectsAsViews(storage), *args, **kwargs)
+
+    for _, handlers in emulator_server.HANDLERS:
+        for method, handler in handlers.items():
+            if handler is objects.download:
+                handlers[method] = download
 server = create_server("127.0.0.1", int(sys.argv[1]), in_memory=True, default_bucket="loader-bench")
 server.start()
 print("ready", flush=True)
@@ -97,15 +122,25 @@ while True:
 """
 
 
+def _process_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def through_emulator(root: str, batch_tokens: int, buffer_tokens: int | None, dtype: str, readahead: int,
-                     check_pages: bool = True) -> dict:
+                     check_pages: bool = True, epochs: int = 1, server_kind: str = "stock",
+                     server_cpu: int | None = None) -> dict:
     import socket
     import subprocess
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-c", _EMULATOR, str(port)], stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, "-c", _EMULATOR, str(port), server_kind], stdout=subprocess.PIPE,
+                              text=True)
+    if server_cpu is not None:  # e.g. the loader under `taskset -c 0`, the emulator on core 1
+        os.sched_setaffinity(server.pid, {server_cpu})
     try:
         if server.stdout.readline().strip() != "ready":
             raise RuntimeError("the storage emulator did not start")
@@ -120,8 +155,14 @@ def through_emulator(root: str, batch_tokens: int, buffer_tokens: int | None, dt
                 path = os.path.join(folder, name)
                 bucket.blob("out/" + os.path.relpath(path, root)).upload_from_filename(path)
         upload_s = time.perf_counter() - started
-        result = read("gs://loader-bench/out", batch_tokens, buffer_tokens, dtype, readahead, check_pages)
-        return {**result, "upload_s": round(upload_s, 1)}
+        server_cpu_s = _process_cpu_seconds(server.pid)
+        result = read("gs://loader-bench/out", batch_tokens, buffer_tokens, dtype, readahead, check_pages, epochs)
+        server_cpu_s = _process_cpu_seconds(server.pid) - server_cpu_s
+        return {**result, "upload_s": round(upload_s, 1), "server": server_kind, "server_cpu": server_cpu,
+                "loader_cpus": sorted(os.sched_getaffinity(0)),
+                "server_cpu_s": round(server_cpu_s, 2),
+                "server_us_per_token": round(server_cpu_s / result["tokens"] * 1e6, 3),
+                "loader_us_per_token": round(result["cpu_s"] / result["tokens"] * 1e6, 3)}
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -173,7 +214,12 @@ def main(argv=None) -> int:
     parser.add_argument("--buffer_tokens", type=int, default=None)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--readahead", type=int, default=1)
-    parser.add_argument("--epochs", type=int, default=1, help="read: passes over the output (longer, steadier runs)")
+    parser.add_argument("--epochs", type=int, default=1,
+                        help="read, gcs: passes over the output (longer, steadier runs)")
+    parser.add_argument("--server", choices=("stock", "zero_copy"), default="stock",
+                        help="gcs: the emulator as released, or sending each range without copying it first")
+    parser.add_argument("--server_cpu", type=int, default=None,
+                        help="gcs: run the emulator on this core only (the loader's cores: taskset)")
     parser.add_argument("--compression", default="none", help="write: the activation column's codec")
     parser.add_argument("--phases", action="store_true",
                         help="read: also report microseconds per token in decoding (_decode), copying into the "
@@ -185,7 +231,7 @@ def main(argv=None) -> int:
         result = write(args.root, args.tokens, args.d_model, args.samples_per_shard, args.compression)
     elif args.mode == "gcs":
         result = through_emulator(args.root, args.batch_tokens, args.buffer_tokens, args.dtype, args.readahead,
-                                  not args.no_check_pages)
+                                  not args.no_check_pages, args.epochs, args.server, args.server_cpu)
     else:
         steps = timed_steps() if args.phases else None
         result = read(args.root, args.batch_tokens, args.buffer_tokens, args.dtype, args.readahead,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import http.client
 import json
 import os
 import threading
@@ -186,6 +187,7 @@ class _GcsStore:
         # large pieces.
         import google.api_core.exceptions
         import google.auth.credentials
+        import urllib3.exceptions
         from google.auth.transport.requests import AuthorizedSession
 
         session = getattr(self._local, "session", None)
@@ -205,20 +207,44 @@ class _GcsStore:
                 raise google.api_core.exceptions.from_http_response(response)
             if response.status_code == 200 and start:
                 raise OSError(f"{self.path(relpath)}: the server ignored the byte range")
+            encoding = response.headers.get("Content-Encoding", "identity").lower()
+            if encoding != "identity":
+                # Stored with Content-Encoding (e.g. gzip): GCS then serves whole objects, not the footer's ranges.
+                raise OSError(f"{self.path(relpath)}: the object is served with Content-Encoding {encoding}; "
+                              f"upload the output's files without it (gsutil cp without -z/-Z)")
             # Reused: a fresh buffer of a row group's size costs its page faults and zeroing on every read.
             buffer = getattr(self._local, "buffer", None)
             if buffer is None or len(buffer) < size:
                 buffer = self._local.buffer = np.empty(size, np.uint8)
-            view, got = memoryview(buffer)[:size], 0
-            while got < size:
-                n = response.raw.readinto(view[got:])
-                if not n:
-                    break
-                got += n
+            view, got, body = memoryview(buffer)[:size], 0, _response_body(response)
+            try:
+                while got < size:
+                    n = body.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+            except (OSError, http.client.HTTPException) as err:
+                # What urllib3 raises for these (its _error_catcher), so that google-cloud-storage retries them; so is
+                # a body that ends early, below.
+                raise urllib3.exceptions.ProtocolError(f"{self.path(relpath)}: the connection failed after {got} "
+                                                       f"of {size} bytes: {err!r}") from err
+            if got != size and getattr(body, "length", None):  # bytes the server promised are missing
+                raise urllib3.exceptions.ProtocolError(f"{self.path(relpath)}: the connection ended after {got} of "
+                                                       f"{size} bytes")
         if got != size:
             raise parquet_pages.DamagedPage(f"{self.path(relpath)}: {got} bytes at offset {start}, the footer says "
                                             f"{size}: the object is shorter than its footer says")
         return view.toreadonly()
+
+
+def _response_body(response):
+    """The body of a streamed `requests` response to read into a buffer: http.client's response itself when urllib3
+    wraps one, which receives straight into the buffer, else urllib3's (which reads into a temporary bytes object
+    and copies it: three more passes over a row group's bytes and two fresh allocations of its size)."""
+    # TODO(https://github.com/urllib3/urllib3/issues/1540): urllib3's HTTPResponse.readinto is read() plus a copy.
+    # Read through its public readinto when it wraps http.client's.
+    body = getattr(response.raw, "_fp", None)
+    return body if isinstance(body, http.client.HTTPResponse) else response.raw
 
 
 def _store(output: str):
@@ -508,6 +534,13 @@ class ActivationDataset:
 
     def _read_unit(self, unit: _Unit, where, join: bool, metadata: bool):
         footer = self._footer(unit.file)
+        ranged = hasattr(self._store, "read_range")
+        if ranged and where is None and not metadata and self.format_version == 2:
+            # A gs:// object is opened (a metadata request, then reads through pyarrow) only when pyarrow must
+            # decode the chunk or read the token columns; the vectors come in one ranged read.
+            in_place = self._vectors_in_place(None, footer, unit)
+            if in_place is not None:
+                return in_place, np.arange(unit.rows, dtype=np.int64), None
         with self._store.open(unit.file.path) as handle:
             # A memory-mapped file's pages are checked here, faster than pyarrow checks them (pipeline.parquet_pages)
             check_here = self.check_pages and isinstance(handle, pa.MemoryMappedFile)
@@ -519,8 +552,9 @@ class ActivationDataset:
                 for name in fmt.TOKEN_COLUMNS:
                     _mapped_chunk(handle, footer, unit.row_group, name, check=True)
             in_place = None
-            # Local files are mapped; a gs:// object's chunk comes in one ranged read (_GcsStore.read_range).
-            tried_in_place = ((isinstance(handle, pa.MemoryMappedFile) or hasattr(self._store, "read_range"))
+            # Local files are mapped; a gs:// object's chunk comes in one ranged read (_GcsStore.read_range), tried
+            # above already when the token columns are not needed.
+            tried_in_place = ((isinstance(handle, pa.MemoryMappedFile) or (ranged and metadata))
                               and where is None and self.format_version == 2)
             if tried_in_place:  # checks the chunk's pages when check_pages, whatever it returns
                 in_place = self._vectors_in_place(handle, footer, unit)

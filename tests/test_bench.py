@@ -377,3 +377,19 @@ def test_quick_profile_defaults():
     assert quick.seeded_weights and quick.disk_test_bytes == 1 << 30
     assert not settings.parse_settings(["--profile=quick", "--weights=checkpoint"]).seeded_weights
     assert settings.parse_settings(["--profile=quick", "--steps=5"]).steps == 5
+
+
+@pytest.mark.parametrize("server", ["stock", "zero_copy"])
+def test_loader_bench_reads_a_small_output_through_the_emulator(tmp_path, server):
+    """benchmarks/loader_bench.py gcs: every token back through the emulator as released and through its
+    zero-copy change (the benchmark patches the emulator's handler table; this catches an emulator release that
+    moves it), with the emulator's CPU reported."""
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks" / "loader_bench.py")
+    root = str(tmp_path / "out")
+    subprocess.run([sys.executable, bench, "write", root, "--tokens", "30000", "--d_model", "64"], check=True,
+                   capture_output=True, timeout=300)
+    done = subprocess.run([sys.executable, bench, "gcs", root, "--batch_tokens", "256", "--server", server],
+                          check=True, capture_output=True, text=True, timeout=300)
+    result = json.loads(done.stdout)
+    assert result["tokens"] == result["num_tokens"] == 30000 and result["server"] == server
+    assert result["server_us_per_token"] > 0 and "Traceback" not in done.stderr

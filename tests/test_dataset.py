@@ -483,6 +483,17 @@ def test_gcs_vectors_come_in_one_ranged_read_per_chunk_and_a_damaged_page_is_ref
     got = {k: x for x, cols in ds.batches("mlp_out", 0, 5, drop_last=False, with_metadata=True, dtype="bfloat16")
            for k, x in zip(keys_of(cols), x)}
     assert len(ranges) == (len(ds.units("mlp_out", 0)) if compression == "none" else 0)
+    # Without the token columns, an uncompressed chunk needs no open object (a metadata request each) either.
+    opened, ranges[:] = [], []
+    open_object = dataset_module._GcsStore.open
+    monkeypatch.setattr(dataset_module._GcsStore, "open",
+                        lambda self, relpath: opened.append(relpath) or open_object(self, relpath))
+    vectors = np.concatenate(list(ds.batches("mlp_out", 0, 5, drop_last=False, dtype="bfloat16", shuffle=False)))
+    assert len(vectors) == len(truth[("mlp_out", 0)])
+    if compression == "none":
+        assert opened == [] and len(ranges) == len(ds.units("mlp_out", 0))
+    else:
+        assert len(opened) == len(ds.units("mlp_out", 0)) and ranges == []
     assert got.keys() == truth[("mlp_out", 0)].keys()
     assert all(np.array_equal(bits(got[k]), bits(v)) for k, v in truth[("mlp_out", 0)].items())
 
@@ -539,6 +550,97 @@ def test_gcs_ranged_reads_use_scoped_credentials_and_name_the_object_when_refuse
                              r".*check access to the bucket and the network"):
         store.read_range("activations/x.parquet", 4, 100)
     assert used and "https://www.googleapis.com/auth/devstorage.read_only" in used[0].scopes
+
+
+class _FlakyRangeServer:
+    """A GCS media endpoint on 127.0.0.1 serving one object's byte ranges, misbehaving on the first requests as
+    `faults` says: "cut" (the connection closes mid-body), "stall" (no byte after the headers), "short" (a complete
+    response with fewer bytes than asked: the object is shorter than its footer says)."""
+
+    def __init__(self, data: bytes, faults: list[str]):
+        import http.server
+        import threading
+
+        outer, self.requests = self, 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                first, _, last = self.headers["Range"].removeprefix("bytes=").partition("-")
+                body = data[int(first):int(last) + 1]
+                fault = faults[outer.requests] if outer.requests < len(faults) else "ok"
+                outer.requests += 1
+                if fault == "short":
+                    body = body[:len(body) // 2]
+                self.send_response(206)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if fault == "cut":
+                    self.wfile.write(body[:len(body) // 3])
+                elif fault == "stall":
+                    outer.release.wait(30)
+                else:
+                    self.wfile.write(body)
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.release = threading.Event()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.host = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("fault", ["cut", "stall", "short"])
+def test_gcs_ranged_read_retries_a_broken_connection_and_refuses_a_short_object(monkeypatch, fault):
+    """A ranged read's body goes straight into the buffer (http.client's readinto), bypassing urllib3's error
+    handling, so its failures are re-raised as what urllib3 raises: a connection cut or stalled mid-body is retried
+    and the read returns the right bytes; a complete but short answer is damage, named, not retried."""
+    from pipeline import dataset as dataset_module, parquet_pages
+
+    data = bytes(np.random.default_rng(0).integers(0, 256, 3_000_000, dtype=np.uint8))
+    server = _FlakyRangeServer(data, [fault])
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.host)
+        store = dataset_module._GcsStore("gs://bucket/out")
+        monkeypatch.setattr(store, "_TIMEOUT", (5, 0.5))
+        if fault == "short":
+            with pytest.raises(parquet_pages.DamagedPage,
+                               match=r"gs://bucket/out/x.parquet: 1000000 bytes at offset 1000, .*shorter"):
+                store.read_range("x.parquet", 1000, 2_000_000)
+            assert server.requests == 1
+        else:
+            got = store.read_range("x.parquet", 1000, 2_000_000)
+            assert bytes(got) == data[1000:2_001_000] and server.requests == 2
+    finally:
+        server.stop()
+
+
+def test_gcs_ranged_read_goes_straight_into_the_buffer(gcs_emulator, monkeypatch):
+    """The body of a ranged read is received by http.client's readinto (one copy); urllib3's readinto, a read into
+    a temporary object and a second copy, is not used while urllib3 wraps an http.client response."""
+    import urllib3.response
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    from pipeline import dataset as dataset_module
+
+    data = bytes(range(256)) * 4096
+    storage.Client(project="test", credentials=AnonymousCredentials()).bucket(gcs_emulator.bucket).blob(
+        "direct/x.bin").upload_from_string(data)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("urllib3's readinto was used")
+
+    monkeypatch.setattr(urllib3.response.HTTPResponse, "readinto", refused)
+    store = dataset_module._GcsStore(f"{gcs_emulator.root}/direct")
+    assert bytes(store.read_range("x.bin", 5, 300_000)) == data[5:300_005]
 
 
 def test_torch_iterable_splits_across_dataloader_workers_without_duplicates(output):
