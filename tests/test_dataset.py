@@ -602,7 +602,8 @@ def test_gcs_ranged_read_retries_a_broken_connection_and_refuses_a_short_object(
     """A ranged read's body goes straight into the buffer (http.client's readinto), bypassing urllib3's error
     handling, so its failures are re-raised as what urllib3 raises: a connection cut or stalled mid-body is retried
     and the read returns the right bytes; a complete but short answer is damage, named, not retried."""
-    from pipeline import dataset as dataset_module, parquet_pages
+    from pipeline import dataset as dataset_module
+    from pipeline import parquet_pages
 
     data = bytes(np.random.default_rng(0).integers(0, 256, 3_000_000, dtype=np.uint8))
     server = _FlakyRangeServer(data, [fault])
