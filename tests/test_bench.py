@@ -344,6 +344,9 @@ def test_host_ceiling_smoke_runs_the_real_pipeline(tmp_path):
     assert _positive(run["cpu"]["process_s"]) and _positive(run["per_core_tok_s"])
     # The statistics (on the synthetic device: the writer's part and the extractor's) are timed in the run.
     assert _positive(run["cpu"]["statistics_s"]) and 0 < run["cpu"]["statistics_share"] < 1
+    # Garbage collections are timed too (a run of the pipeline allocates enough for some young ones).
+    assert run["cpu"]["gc_collections"][0] > 0 and 0 <= run["cpu"]["gc_full_s"] <= run["cpu"]["gc_s"]
+    assert 0 < run["cpu"]["gc_share"] < 1
     assert run["cprofile"]["top_by_own_time"] and Path(run["cprofile"]["path"]).exists()
     assert "all layers" in report.format_table(results)
 
@@ -393,3 +396,21 @@ def test_loader_bench_reads_a_small_output_through_the_emulator(tmp_path, server
     result = json.loads(done.stdout)
     assert result["tokens"] == result["num_tokens"] == 30000 and result["server"] == server
     assert result["server_us_per_token"] > 0 and "Traceback" not in done.stderr
+
+
+def test_collector_clock_times_collections_per_generation():
+    import gc
+    import time
+
+    from pipeline.bench.host_ceiling import CollectorClock
+
+    with CollectorClock() as clock:
+        gc.collect(0)
+        since = time.time()
+        gc.collect()
+    assert clock._callback not in gc.callbacks
+    summary = clock.summary(since, process_s=100.0)
+    assert summary["gc_collections"][2] == 1 and 0 < summary["gc_full_s"] <= summary["gc_s"]
+    assert summary["gc_share"] == summary["gc_s"] / 100.0
+    everything = clock.summary(0.0, process_s=100.0)["gc_collections"]
+    assert everything[0] >= 1 and everything[2] == 1

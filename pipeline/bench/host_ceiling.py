@@ -314,6 +314,48 @@ def _phases(started: float, source: SyntheticActivations, result: dict) -> dict:
     }
 
 
+class CollectorClock:
+    """CPU seconds and count of Python's garbage collections per generation while it is entered (gc.callbacks; a
+    collection runs on the thread whose allocation set it off, so thread CPU time measures it), each with the
+    wall time it ended. The statistics' counter does not see collections their allocations set off elsewhere;
+    this does, for every setting."""
+
+    def __init__(self):
+        self.ended: list[tuple[float, int, float]] = []  # (time.time(), generation, CPU seconds)
+        self._started = {}
+
+    def _callback(self, phase: str, info: dict):
+        import threading
+
+        if phase == "start":
+            self._started[threading.get_ident()] = time.thread_time()
+        else:
+            started = self._started.pop(threading.get_ident(), None)
+            if started is not None:
+                self.ended.append((time.time(), info["generation"], time.thread_time() - started))
+
+    def __enter__(self):
+        import gc
+
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc):
+        import gc
+
+        gc.callbacks.remove(self._callback)
+
+    def summary(self, since: float, process_s: float) -> dict:
+        """The collections that ended after `since` (time.time()), against the process's CPU seconds then."""
+        seconds, collections = [0.0, 0.0, 0.0], [0, 0, 0]
+        for ended, generation, cpu in self.ended:
+            if ended >= since:
+                seconds[generation] += cpu
+                collections[generation] += 1
+        return {"gc_s": sum(seconds), "gc_full_s": seconds[2], "gc_collections": collections,
+                "gc_share": sum(seconds) / process_s if process_s > 0 else None}
+
+
 def measure_mode(run, host: HostSettings, mode: str, statistics_on: str = "device") -> dict:
     """One pipeline run of the host ceiling (`mode` one or all layers) with its rates, phases and targets;
     `statistics_on` is the pipeline's --statistics_on."""
@@ -335,10 +377,11 @@ def measure_mode(run, host: HostSettings, mode: str, statistics_on: str = "devic
           flush=True)
     started = time.time()
     try:
-        with serving(source):
+        with serving(source), CollectorClock() as collector:
             result = run_and_sync(argv, output, profiler)
         result["cpu"] = _cpu(source, result, time.process_time())
         result["cpu"].update(_statistics_cpu(output, result["cpu"]["process_s"]))
+        result["cpu"].update(collector.summary(source.first_call, result["cpu"]["process_s"]))
     finally:
         release_pipeline_model()
         shutil.rmtree(output, ignore_errors=True)
@@ -502,7 +545,9 @@ def format_host_ceiling(ceiling: dict) -> list[str]:
                          f"{cpu['beam_thread_s']:.1f} s in the Beam thread "
                          f"({si(cpu['tok_per_beam_thread_cpu_s'])} tok per CPU second there), "
                          f"{cpu.get('statistics_s', 0):.2f} s in the statistics "
-                         f"({100 * (cpu.get('statistics_share') or 0):.1f}% of the process's)")
+                         f"({100 * (cpu.get('statistics_share') or 0):.1f}% of the process's), "
+                         f"{cpu.get('gc_s', 0):.2f} s in garbage collections ({cpu.get('gc_full_s', 0):.2f} s in "
+                         f"{(cpu.get('gc_collections') or [0, 0, 0])[2]} full ones)")
     lines.append("host ceiling: durable = tokens of shards after the first over first-to-last commit plus the "
                  "fsync of the output; per core = tokens per CPU second of the process from the first batch to the "
                  "flush; 16-core arith. = per core x 16, at most the Beam thread's tokens per CPU second "
