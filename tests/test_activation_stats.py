@@ -139,6 +139,22 @@ def test_json_round_trip_is_lossless(shards):
     assert S.dumps(S.document([back], shard="h000-ab")) == data
 
 
+def test_documents_are_strict_json_with_the_json_modules_numbers(shards):
+    """dumps (orjson) gives strict JSON that the json module reads to the same document; a float NaN that skipped
+    _float is refused, as the json module refuses it, not written as null; a None is null either way."""
+    import json
+
+    doc = S.document(S.merge_all(shard_stats(s) for s in shards).values(), shard="h000-0")
+    data = S.dumps(doc)
+    assert json.loads(data) == json.loads(json.dumps(doc, sort_keys=True, allow_nan=False))
+    assert data == S.dumps(json.loads(data)) and b" " not in data[:200]
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        S.dumps({**doc, "stray": float("nan")})
+    assert json.loads(S.dumps({**doc, "none": None}))["none"] is None
+    with pytest.raises(ValueError, match="somewhere.json: not JSON"):
+        S.loads(b'{"schema_version": 1, "x": NaN}', "somewhere.json")
+
+
 def test_non_finite_values_are_counted_and_left_out():
     rng = np.random.default_rng(1)
     values, cols, sample_index, ids = make_shard(rng, 50, 0, dtype=np.float16)
