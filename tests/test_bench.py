@@ -1,6 +1,7 @@
 """`python -m pipeline.bench`: the CPU smoke run end to end (no timing asserts) and the arithmetic behind it."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -414,3 +415,26 @@ def test_collector_clock_times_collections_per_generation():
     assert summary["gc_share"] == summary["gc_s"] / 100.0
     everything = clock.summary(0.0, process_s=100.0)["gc_collections"]
     assert everything[0] >= 1 and everything[2] == 1
+
+
+def test_host_ceiling_warmup_runs_are_left_out(monkeypatch):
+    """--host_warmup=N: N runs of each mode first, with the settings in turn, none of them in the results."""
+    from types import SimpleNamespace
+
+    from pipeline.bench import host_ceiling
+
+    calls = []
+
+    def fake_measure(run, host, mode, statistics_on="device"):
+        calls.append((mode, os.environ.get("ARC_ACTIVATIONS_STATISTICS")))
+        return {"mode": mode, "tok_s": 1.0, "per_core_tok_s": 1.0, "cpu": {}}
+
+    monkeypatch.setattr(host_ceiling, "measure_mode", fake_measure)
+    host = host_ceiling.HostSettings(
+        model="tiny", dataset="arc-agi-1", modes=("all",), augmentations=1, batch_size=1, max_seq_len=64,
+        all_layers_batch_size=1, all_layers_samples=1, one_layer_samples=1, writer_threads=None,
+        writer_memory_gib=1.0, cprofile=False, statistics=("on", "off"), repeats=1, warmup=2)
+    run = SimpleNamespace(settings=SimpleNamespace(host_ceiling=host), attempt=lambda where, path, f, *a: f(*a))
+    result = host_ceiling.measure_host_ceiling(run)
+    assert calls == [("all", "on"), ("all", "off"), ("all", "on"), ("all", "off")]
+    assert sorted(result["runs"]) == ["all stats=off #1", "all stats=on #1"]

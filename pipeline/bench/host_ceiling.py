@@ -71,6 +71,9 @@ def add_flags(group) -> None:
     group.add_argument("--host_repeats", type=_positive_int("host_repeats"), default=1,
                        help="Rounds of the runs of each mode (with --host_statistics=off,on the order of the "
                             "settings alternates between rounds); the summary takes medians.")
+    group.add_argument("--host_warmup", type=int, default=0,
+                       help="Runs of each mode made first and left out of the results and medians (the first "
+                            "run in a process also pays the process's first allocations and imports).")
     group.add_argument("--host_cprofile", action="store_true",
                        help="Also profile each run with cProfile (the main thread, where Beam runs the DoFns) "
                             "and record the top functions; profiling slows the run, so take rates from a run "
@@ -93,6 +96,7 @@ class HostSettings:
     cprofile: bool
     statistics: tuple[str, ...] = ("on",)
     repeats: int = 1
+    warmup: int = 0
 
 
 def host_settings(parser, args) -> Optional[HostSettings]:
@@ -106,6 +110,8 @@ def host_settings(parser, args) -> Optional[HostSettings]:
     modes = tuple(m.strip() for m in (args.layers or "one,all").split(",") if m.strip())
     if not modes or any(m not in MODES for m in modes):
         parser.error(f"--layers: {args.layers!r} is not a layer selection; use one, all or one,all")
+    if args.host_warmup < 0:
+        parser.error(f"--host_warmup must be 0 or more, got {args.host_warmup}")
     if args.host_writer_memory_gib <= 0:
         parser.error(f"--host_writer_memory_gib must be positive, got {args.host_writer_memory_gib}")
     statistics = tuple(v.strip() for v in args.host_statistics.split(",") if v.strip())
@@ -119,7 +125,7 @@ def host_settings(parser, args) -> Optional[HostSettings]:
         all_layers_samples=args.host_all_layers_samples or (4 if args.smoke else 40),
         one_layer_samples=4 if args.smoke else None, writer_threads=args.host_writer_threads,
         writer_memory_gib=args.host_writer_memory_gib, cprofile=args.host_cprofile, statistics=statistics,
-        repeats=args.host_repeats)
+        repeats=args.host_repeats, warmup=args.host_warmup)
 
 
 class _HostArray(np.ndarray):
@@ -499,6 +505,9 @@ def measure_host_ceiling(run) -> dict:
     runs = {}
     plain = host.statistics == ("on",) and host.repeats == 1
     for mode in host.modes:
+        for warmup in range(host.warmup):
+            run.attempt({"host_ceiling": f"{mode} warm-up #{warmup + 1}"}, "host ceiling warm-up", _with_statistics,
+                        host.statistics[warmup % len(host.statistics)], measure_mode, run, host, mode)
         for round_ in range(host.repeats):
             for setting in (host.statistics if round_ % 2 == 0 else host.statistics[::-1]):
                 key = mode if plain else f"{mode} stats={setting} #{round_ + 1}"
