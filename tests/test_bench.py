@@ -396,7 +396,8 @@ def test_loader_bench_reads_a_small_output_through_the_emulator(tmp_path, server
                           check=True, capture_output=True, text=True, timeout=300)
     result = json.loads(done.stdout)
     assert result["tokens"] == result["num_tokens"] == 30000 and result["server"] == server
-    assert result["server_us_per_token"] > 0 and "Traceback" not in done.stderr
+    # /proc counts CPU in clock ticks (10 ms): a read this small may take less than one.
+    assert result["server_us_per_token"] >= 0 and result["server_cpu_s"] >= 0 and "Traceback" not in done.stderr
 
 
 def test_collector_clock_times_collections_per_generation():
