@@ -688,12 +688,13 @@ def document(stats: Iterable[LayerStats], **extra) -> dict[str, Any]:
 
 
 def dumps(doc: dict[str, Any]) -> bytes:
-    """Strict JSON, keys sorted, no spaces: through orjson, a thirtieth of the json module's time on a shard's
-    document of 24 layers, where the stats file was the largest part of the statistics' cost to the writer."""
+    """Strict JSON, keys sorted, no spaces. Through orjson: with the json module, a shard's stats file was the
+    largest part of what the statistics cost the writer (docs/benchmarks.md)."""
     data = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
     if b"null" in data:
         # orjson writes a float NaN or infinity as null; the json module refuses them (every float here passes
-        # through _float first, so this is a bug), and writes a None the same way as orjson.
+        # through _float first, so that would be a bug) and writes a None as null too. A string holding "null"
+        # only takes this slower path.
         return json.dumps(doc, sort_keys=True, allow_nan=False, ensure_ascii=False,
                           separators=(",", ":")).encode("utf-8")
     return data
