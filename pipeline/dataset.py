@@ -231,6 +231,10 @@ class _GcsStore:
             if got != size and getattr(body, "length", None):  # bytes the server promised are missing
                 raise urllib3.exceptions.ProtocolError(f"{self.path(relpath)}: the connection ended after {got} of "
                                                        f"{size} bytes")
+            if body is not response.raw and body.isclosed() and not getattr(body, "length", None):
+                # Read to its end: the connection goes back to the pool for the next range, as urllib3 does when it
+                # reads a body itself (requests would otherwise close it: a new TCP and TLS handshake per read).
+                response.raw.release_conn()
         if got != size:
             raise parquet_pages.DamagedPage(f"{self.path(relpath)}: {got} bytes at offset {start}, the footer says "
                                             f"{size}: the object is shorter than its footer says")

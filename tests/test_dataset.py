@@ -557,14 +557,17 @@ class _FlakyRangeServer:
     `faults` says: "cut" (the connection closes mid-body), "stall" (no byte after the headers), "short" (a complete
     response with fewer bytes than asked: the object is shorter than its footer says)."""
 
-    def __init__(self, data: bytes, faults: list[str]):
+    def __init__(self, data: bytes, faults: list[str], keep_alive: bool = False):
         import http.server
         import threading
 
-        outer, self.requests = self, 0
+        outer, self.requests, self.connections = self, 0, set()
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+
             def do_GET(self):
+                outer.connections.add(self.client_address)
                 first, _, last = self.headers["Range"].removeprefix("bytes=").partition("-")
                 body = data[int(first):int(last) + 1]
                 fault = faults[outer.requests] if outer.requests < len(faults) else "ok"
@@ -580,7 +583,7 @@ class _FlakyRangeServer:
                     outer.release.wait(30)
                 else:
                     self.wfile.write(body)
-                self.close_connection = True
+                self.close_connection = not keep_alive or fault != "ok"
 
             def log_message(self, *args):
                 pass
@@ -619,6 +622,23 @@ def test_gcs_ranged_read_retries_a_broken_connection_and_refuses_a_short_object(
         else:
             got = store.read_range("x.parquet", 1000, 2_000_000)
             assert bytes(got) == data[1000:2_001_000] and server.requests == 2
+    finally:
+        server.stop()
+
+
+def test_gcs_ranged_reads_keep_their_connection(monkeypatch):
+    """A body read to its end through http.client gives its connection back to the pool, as urllib3 does: against
+    a keep-alive server, consecutive ranged reads of a thread share one connection (no handshake per row group)."""
+    from pipeline import dataset as dataset_module
+
+    data = bytes(np.random.default_rng(1).integers(0, 256, 1_000_000, dtype=np.uint8))
+    server = _FlakyRangeServer(data, [], keep_alive=True)
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.host)
+        store = dataset_module._GcsStore("gs://bucket/out")
+        for start in range(0, 900_000, 100_000):
+            assert bytes(store.read_range("x.parquet", start, 50_000)) == data[start:start + 50_000]
+        assert server.requests == 9 and len(server.connections) == 1
     finally:
         server.stop()
 

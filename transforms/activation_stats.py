@@ -23,6 +23,7 @@ import base64
 import functools
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -687,14 +688,17 @@ def document(stats: Iterable[LayerStats], **extra) -> dict[str, Any]:
             "layers": [s.to_json() for s in records]}
 
 
+_JSON_NULL = re.compile(rb"[:,\[]null[,\]}]")  # a null value, not "null" inside a string (base64 holds some)
+
+
 def dumps(doc: dict[str, Any]) -> bytes:
     """Strict JSON, keys sorted, no spaces. Through orjson: with the json module, a shard's stats file was the
     largest part of what the statistics cost the writer (docs/benchmarks.md)."""
     data = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
-    if b"null" in data:
+    if b"null" in data and _JSON_NULL.search(data):
         # orjson writes a float NaN or infinity as null; the json module refuses them (every float here passes
-        # through _float first, so that would be a bug) and writes a None as null too. A string holding "null"
-        # only takes this slower path.
+        # through _float first, so that would be a bug) and writes a None as null too. A string that looks like
+        # a null value only takes this slower path.
         return json.dumps(doc, sort_keys=True, allow_nan=False, ensure_ascii=False,
                           separators=(",", ":")).encode("utf-8")
     return data
