@@ -24,8 +24,7 @@ from model.dtypes import to_storage, transfer_dtype
 from model.hooks import hook_name
 from transforms.answers import GenerateSettings, answer_batch, capture_batch
 from transforms.elements import ExtractedBatch, Placement
-from transforms.metrics import NAMESPACE
-from transforms.write import STATISTICS_CPU_COUNTER
+from transforms.metrics import NAMESPACE, STATISTICS_CPU_COUNTER
 
 _LOG = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from transforms import activation_stats, stats_kernel
 from transforms.annotations import PART_NAMES
 from transforms.batching import stable_group
 from transforms.elements import ExtractedBatch, HookLayer, Placement, TokenizedSample
-from transforms.metrics import NAMESPACE
+from transforms.metrics import NAMESPACE, STATISTICS_CPU_COUNTER
 from transforms.output_format import (  # noqa: F401 - the format's names, re-exported for the writer's callers
     DEFAULT_ACTIVATION_COMPRESSION,
     ACTIVATIONS_DIR,
@@ -237,11 +237,6 @@ def _outcome(function, *args):
 # measure the writer without statistics; a run with them off commits shards without statistics files, which
 # the manifest reports and `python -m pipeline.stats OUTPUT --write` can fill in.
 STATISTICS_ENV = "ARC_ACTIVATIONS_STATISTICS"
-
-
-# Beam counter (namespace arc_activations): CPU microseconds the statistics took on this host's threads (the
-# writer's, and the extractor's share when they are made on the device), summed over the run.
-STATISTICS_CPU_COUNTER = "statistics_cpu_us"
 
 
 def statistics_enabled() -> bool:

@@ -431,7 +431,7 @@ def _statistics_cpu(output: Path, process_s: float) -> dict:
     import json
 
     from transforms.output_format import RUNS_DIR
-    from transforms.write import STATISTICS_CPU_COUNTER
+    from transforms.metrics import STATISTICS_CPU_COUNTER
 
     micros = sum(json.loads(path.read_text()).get("run_counters", {}).get(STATISTICS_CPU_COUNTER, 0)
                  for path in (output / RUNS_DIR).glob("*.json"))
