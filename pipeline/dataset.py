@@ -18,6 +18,7 @@ Imports pyarrow, numpy and ml_dtypes only; google-cloud-storage for gs:// output
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import hashlib
 import http.client
@@ -101,13 +102,19 @@ class _GcsStore:
     _TIMEOUT = (60, 60)
     _RETRY_S = 600
     _READ_SCOPES = ("https://www.googleapis.com/auth/devstorage.read_only",)
+    # A row group's range is fetched as slices of at most _SLICE bytes, up to _CONNECTIONS at once per store: one
+    # HTTP stream from GCS is slower than the loader, and a failed slice is retried alone. docs/benchmarks.md
+    # ("gs:// reads in slices") has the measurements behind the sizes.
+    _SLICE = 24 * 1024 * 1024
+    _CONNECTIONS = 4
 
     def __init__(self, root: str):
         bucket, _, prefix = root[len("gs://"):].partition("/")
         if not bucket:
             raise ValueError(f"{root}: a gs:// output needs a bucket, e.g. gs://bucket/prefix")
         self.root, self.bucket_name, self.prefix = root.rstrip("/"), bucket, prefix.strip("/")
-        self._local, self._lock, self._auth = threading.local(), threading.Lock(), None
+        self._lock = threading.Lock()
+        self._reset()
 
     def __str__(self):
         return self.root
@@ -117,10 +124,22 @@ class _GcsStore:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._local, self._lock, self._auth = threading.local(), threading.Lock(), None
+        self._lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        # Clients, sessions (their pooled connections), buffers and slice threads belong to one process: a forked
+        # child (e.g. a DataLoader worker) that used its parent's would share TCP connections with it.
+        self._pid, self._local, self._auth, self._slicers = os.getpid(), threading.local(), None, None
+
+    def _this_process(self) -> None:
+        if self._pid != os.getpid():
+            self._lock = threading.Lock()
+            self._reset()
 
     def _bucket(self):
         # A client per thread: the readahead threads download in parallel.
+        self._this_process()
         bucket = getattr(self._local, "bucket", None)
         if bucket is None:
             from google.cloud import storage
@@ -165,22 +184,44 @@ class _GcsStore:
         return self._bucket().blob(self._name(relpath)).download_as_bytes()
 
     def read_range(self, relpath: str, start: int, size: int) -> memoryview:
-        """`size` bytes of the object from `start`, in one ranged GET of the JSON API's media download read
-        straight into this thread's buffer (retried on the errors google-cloud-storage retries, for up to
-        _RETRY_S seconds). The view is valid until this thread's next read_range: the loader copies the vectors
-        out first, on the same thread. The bytes are checked by the Parquet page CRCs they hold; no whole-object
-        checksum exists for a range. StorageReadError when the read fails (access, network, retries exhausted)."""
+        """`size` bytes of the object from `start`, read straight into this thread's buffer by ranged GETs of the
+        JSON API's media download: slices of at most _SLICE bytes, up to _CONNECTIONS at once, each retried on the
+        errors google-cloud-storage retries, for up to _RETRY_S seconds. The view is valid until this thread's next
+        read_range: the loader copies the vectors out first, on the same thread. The bytes are checked by the
+        Parquet page CRCs they hold; no whole-object checksum exists for a range. StorageReadError when the read
+        fails (access, network, retries exhausted)."""
         import google.api_core.exceptions
         import google.auth.exceptions
         from google.cloud.storage.retry import DEFAULT_RETRY
 
+        self._this_process()
+        # Reused: a fresh buffer of a row group's size costs its page faults and zeroing on every read.
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None or len(buffer) < size:
+            buffer = self._local.buffer = np.empty(size, np.uint8)
+        view = memoryview(buffer)[:size]
+        read = DEFAULT_RETRY.with_timeout(self._RETRY_S)(self._get_range)
         try:
-            return DEFAULT_RETRY.with_timeout(self._RETRY_S)(self._get_range)(relpath, start, size)
+            if size <= self._SLICE:
+                read(relpath, start, view)
+            else:
+                with self._lock:
+                    if self._slicers is None:
+                        self._slicers = concurrent.futures.ThreadPoolExecutor(self._CONNECTIONS,
+                                                                              thread_name_prefix="gcs-slices")
+                step = -(-size // -(-size // self._SLICE))  # as few slices as the limit allows, of equal size
+                slices = [self._slicers.submit(read, relpath, start + offset, view[offset:offset + step])
+                          for offset in range(0, size, step)]
+                # Every slice ends before the buffer can be read, reused or left behind by an error.
+                concurrent.futures.wait(slices)
+                for done in slices:
+                    done.result()
         except (google.api_core.exceptions.GoogleAPIError, google.auth.exceptions.GoogleAuthError) as err:
             raise StorageReadError(f"{self.path(relpath)}: reading {size} bytes at offset {start} failed: {err}; "
                                    f"check access to the bucket and the network, then run again") from err
+        return view.toreadonly()
 
-    def _get_range(self, relpath: str, start: int, size: int) -> memoryview:
+    def _get_range(self, relpath: str, start: int, view: memoryview) -> None:
         # TODO(https://github.com/googleapis/google-resumable-media-python/pull/47, whose review names it):
         # Blob.download_as_bytes moves a download through Python in 8 KiB pieces (Download._write_to_stream); this
         # GET reads the body into one buffer in large reads instead. Drop it when the library reads large ranges in
@@ -190,6 +231,7 @@ class _GcsStore:
         import urllib3.exceptions
         from google.auth.transport.requests import AuthorizedSession
 
+        size = len(view)
         session = getattr(self._local, "session", None)
         if session is None:
             bucket = self._bucket()  # also looks up the credentials once per store
@@ -212,11 +254,7 @@ class _GcsStore:
                 # Stored with Content-Encoding (e.g. gzip): GCS then serves whole objects, not the footer's ranges.
                 raise OSError(f"{self.path(relpath)}: the object is served with Content-Encoding {encoding}; "
                               f"upload the output's files without it (gsutil cp without -z/-Z)")
-            # Reused: a fresh buffer of a row group's size costs its page faults and zeroing on every read.
-            buffer = getattr(self._local, "buffer", None)
-            if buffer is None or len(buffer) < size:
-                buffer = self._local.buffer = np.empty(size, np.uint8)
-            view, got, body = memoryview(buffer)[:size], 0, _response_body(response)
+            got, body = 0, _response_body(response)
             try:
                 while got < size:
                     n = body.readinto(view[got:])
@@ -238,7 +276,6 @@ class _GcsStore:
         if got != size:
             raise parquet_pages.DamagedPage(f"{self.path(relpath)}: {got} bytes at offset {start}, the footer says "
                                             f"{size}: the object is shorter than its footer says")
-        return view.toreadonly()
 
 
 def _response_body(response):

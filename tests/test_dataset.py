@@ -643,6 +643,110 @@ def test_gcs_ranged_reads_keep_their_connection(monkeypatch):
         server.stop()
 
 
+def _sliced_store(monkeypatch, data: bytes, slice_bytes: int, fail=lambda start, attempt: None):
+    """A _GcsStore whose ranged GETs are answered from `data` in memory; `fail(start, attempt)` may raise instead.
+    Returns the store and the log of (start, size, attempt, finished) per GET."""
+    import threading
+    import time
+
+    from pipeline import dataset as dataset_module
+
+    store = dataset_module._GcsStore("gs://bucket/out")
+    monkeypatch.setattr(store, "_SLICE", slice_bytes)
+    log, lock = [], threading.Lock()
+
+    def get_range(relpath, start, view):
+        with lock:
+            attempt = sum(1 for entry in log if entry["start"] == start)
+            entry = {"start": start, "size": len(view), "attempt": attempt, "finished": False}
+            log.append(entry)
+        try:
+            time.sleep(0.05 if start % 3 else 0.0)  # slices end out of order
+            fail(start, attempt)
+            view[:] = data[start:start + len(view)]
+        finally:
+            entry["finished"] = True
+
+    monkeypatch.setattr(store, "_get_range", get_range)
+    return store, log
+
+
+def test_gcs_ranged_read_comes_in_equal_slices_at_once(monkeypatch):
+    """A range longer than _SLICE is fetched as the fewest slices of equal size, several at a time (one HTTP stream
+    from GCS is slower than the loader), each into its place in the buffer."""
+    data = bytes(np.random.default_rng(2).integers(0, 256, 1_000_000, dtype=np.uint8))
+    store, log = _sliced_store(monkeypatch, data, 100_000)
+    got = store.read_range("x.parquet", 1234, 950_003)
+    assert bytes(got) == data[1234:951_237] and got.readonly
+    assert sorted((e["start"], e["size"]) for e in log) == [(1234 + i * 95_001, 95_001) for i in range(9)] + [
+        (1234 + 9 * 95_001, 94_994)]
+    log.clear()
+    assert bytes(store.read_range("x.parquet", 7, 100_000)) == data[7:100_007] and len(log) == 1
+
+
+def test_gcs_slice_is_retried_alone_and_a_failure_waits_for_every_slice(monkeypatch):
+    """A slice that fails with an error google-cloud-storage retries is fetched again by itself; one that fails for
+    good raises StorageReadError naming the object, only after every other slice has ended, so no thread writes
+    into the buffer after the read returned."""
+    import google.api_core.exceptions
+    import urllib3.exceptions
+
+    from pipeline import dataset as dataset_module
+
+    data = bytes(np.random.default_rng(3).integers(0, 256, 600_000, dtype=np.uint8))
+
+    def cut_once(start, attempt):
+        if start == 200_000 and attempt == 0:
+            raise urllib3.exceptions.ProtocolError("connection cut")
+
+    store, log = _sliced_store(monkeypatch, data, 100_000, cut_once)
+    assert bytes(store.read_range("x.parquet", 0, 600_000)) == data
+    assert Counter(e["start"] for e in log) == {0: 1, 100_000: 1, 200_000: 2, 300_000: 1, 400_000: 1, 500_000: 1}
+
+    def refused(start, attempt):
+        if start == 0:
+            raise google.api_core.exceptions.Forbidden("caller does not have storage.objects.get access")
+
+    store, log = _sliced_store(monkeypatch, data, 100_000, refused)
+    with pytest.raises(dataset_module.StorageReadError,
+                       match=r"gs://bucket/out/x.parquet: reading 600000 bytes at offset 0 failed: 403"):
+        store.read_range("x.parquet", 0, 600_000)
+    assert len(log) == 6 and all(e["finished"] for e in log)
+
+
+def _read_in_child(store, data, queue):
+    try:
+        queue.put(all(bytes(store.read_range("x.parquet", s, 50_000)) == data[s:s + 50_000]
+                      for s in (0, 100_000, 200_000)))
+    except BaseException as err:  # reported to the parent, which asserts on it
+        queue.put(repr(err))
+
+
+def test_gcs_store_in_a_forked_child_opens_its_own_connections(monkeypatch):
+    """A DataLoader worker is forked with its parent's dataset: its reads must not go through the parent's pooled
+    keep-alive connections (two processes on one TCP connection mix their answers)."""
+    import multiprocessing
+
+    from pipeline import dataset as dataset_module
+
+    data = bytes(np.random.default_rng(4).integers(0, 256, 300_000, dtype=np.uint8))
+    server = _FlakyRangeServer(data, [], keep_alive=True)
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.host)
+        store = dataset_module._GcsStore("gs://bucket/out")
+        assert bytes(store.read_range("x.parquet", 0, 50_000)) == data[:50_000]
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=_read_in_child, args=(store, data, queue))
+        child.start()
+        assert queue.get(timeout=60) is True
+        child.join(60)
+        assert bytes(store.read_range("x.parquet", 1000, 50_000)) == data[1000:51_000]
+        assert server.requests == 5 and len(server.connections) == 2
+    finally:
+        server.stop()
+
+
 def test_gcs_ranged_read_goes_straight_into_the_buffer(gcs_emulator, monkeypatch):
     """The body of a ranged read is received by http.client's readinto (one copy); urllib3's readinto, a read into
     a temporary object and a second copy, is not used while urllib3 wraps an http.client response."""
