@@ -458,6 +458,30 @@ def test_gcs_output_reads_like_a_local_one(output, gcs_emulator, small_row_group
     assert ds.samples().num_rows == 12
 
 
+def test_gcs_output_through_sliced_reads_and_forked_dataloader_workers(gcs_emulator, small_row_groups, monkeypatch):
+    """The same through the emulator with every chunk fetched in slices of 100 bytes, first in this process (its
+    sessions and slice threads made), then by two forked DataLoader workers, each with connections of its own."""
+    torch = pytest.importorskip("torch")
+    from pipeline import dataset as dataset_module
+
+    monkeypatch.setattr(dataset_module._GcsStore, "_SLICE", 100)
+    root = f"{gcs_emulator.root}/dataset/sliced"
+    truth = write_output(root, shards=2)
+    ds = open_activations(root)
+    x, columns = ds.to_numpy("mlp_out", 0, with_metadata=True)
+    np.testing.assert_array_equal(bits(x), bits(np.stack([truth[("mlp_out", 0)][k] for k in keys_of(columns)])))
+    loader = torch.utils.data.DataLoader(ds.torch_iterable("mlp_out", 0, 6, drop_last=False, with_metadata=True,
+                                                           buffer_tokens=10), batch_size=None, num_workers=2,
+                                         multiprocessing_context="fork")
+    seen = []
+    for tensor, cols in loader:
+        keys = keys_of(cols)
+        np.testing.assert_array_equal(tensor.numpy(), np.stack([truth[("mlp_out", 0)][k] for k in keys]).astype(
+            np.float32))
+        seen += keys
+    assert Counter(seen) == Counter(truth[("mlp_out", 0)].keys())
+
+
 @pytest.mark.parametrize("compression", ["none", "zstd"])
 def test_gcs_vectors_come_in_one_ranged_read_per_chunk_and_a_damaged_page_is_refused(gcs_emulator, monkeypatch,
                                                                                      small_row_groups, compression):
