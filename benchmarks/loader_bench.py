@@ -6,12 +6,14 @@
 
 `read` reports the loader's rate (shuffled float32 batches from bfloat16 storage by default) and the process's
 peak resident memory over the epoch against its resident memory before the loader started, next to the shuffle
-buffer's size. The files were just written, so they are read from the page cache. `gcs` starts gcp-storage-emulator (in memory,
-127.0.0.1, a process of its own, stopped at the end), uploads the output into it and reads it back as gs://: the
-rate is the emulator's HTTP server's as much as the loader's, so `gcs` also reports the emulator's CPU seconds per
-token. The emulator serves requests one at a time and copies each requested range out of the object before sending
-it; `--server zero_copy` sends the range from the stored object instead (a change to the emulator made in its process
-by this benchmark, nothing else), to measure the loader against a server that costs little more than its socket.
+buffer's size. The files were just written, so they are read from the page cache. `gcs` starts gcp-storage-emulator
+(in memory, 127.0.0.1, a process of its own, stopped at the end), uploads the output into it once and reads it back
+as gs:// with `read` in a fresh process per run, printing one JSON line per run: the rate is the emulator's HTTP
+server's as much as the loader's, so `gcs` also reports the emulator's CPU seconds per token. The emulator serves
+requests one at a time and copies each requested range out of the object before sending it; `--server zero_copy`
+sends the range from the stored object instead (a change to the emulator made in its process by this benchmark,
+nothing else), to measure the loader against a server that costs little more than its socket.
+`--gcs_slice_mib 0,24 --rounds 3` alternates the most bytes one ranged GET fetches (0: a column chunk in one GET).
 """
 from __future__ import annotations
 
@@ -128,9 +130,10 @@ def _process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def through_emulator(root: str, batch_tokens: int, buffer_tokens: int | None, dtype: str, readahead: int,
-                     check_pages: bool = True, epochs: int = 1, server_kind: str = "stock",
-                     server_cpu: int | None = None) -> dict:
+def through_emulator(root: str, reader_args: list[str], server_kind: str = "stock", server_cpu: int | None = None,
+                     slices_mib: tuple[float, ...] = (24,), rounds: int = 1) -> list[dict]:
+    """Uploads the output into one emulator, then reads it back as gs:// once per round and slice size, each read
+    in a fresh `read` process (the cores this one may use), the sizes alternating within a round."""
     import socket
     import subprocess
 
@@ -155,14 +158,21 @@ def through_emulator(root: str, batch_tokens: int, buffer_tokens: int | None, dt
                 path = os.path.join(folder, name)
                 bucket.blob("out/" + os.path.relpath(path, root)).upload_from_filename(path)
         upload_s = time.perf_counter() - started
-        server_cpu_s = _process_cpu_seconds(server.pid)
-        result = read("gs://loader-bench/out", batch_tokens, buffer_tokens, dtype, readahead, check_pages, epochs)
-        server_cpu_s = _process_cpu_seconds(server.pid) - server_cpu_s
-        return {**result, "upload_s": round(upload_s, 1), "server": server_kind, "server_cpu": server_cpu,
-                "loader_cpus": sorted(os.sched_getaffinity(0)),
-                "server_cpu_s": round(server_cpu_s, 2),
-                "server_us_per_token": round(server_cpu_s / result["tokens"] * 1e6, 3),
-                "loader_us_per_token": round(result["cpu_s"] / result["tokens"] * 1e6, 3)}
+        results = []
+        for round_ in range(rounds):
+            for slice_mib in slices_mib:
+                server_cpu_s = _process_cpu_seconds(server.pid)
+                done = subprocess.run([sys.executable, os.path.abspath(__file__), "read", "gs://loader-bench/out",
+                                       *reader_args, "--gcs_slice_mib", str(slice_mib)],
+                                      capture_output=True, text=True, check=True)
+                result = json.loads(done.stdout)
+                server_cpu_s = _process_cpu_seconds(server.pid) - server_cpu_s
+                results.append({**result, "round": round_, "upload_s": round(upload_s, 1), "server": server_kind,
+                                "server_cpu": server_cpu, "loader_cpus": sorted(os.sched_getaffinity(0)),
+                                "server_cpu_s": round(server_cpu_s, 2),
+                                "server_us_per_token": round(server_cpu_s / result["tokens"] * 1e6, 3),
+                                "loader_us_per_token": round(result["cpu_s"] / result["tokens"] * 1e6, 3)})
+        return results
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -220,6 +230,10 @@ def main(argv=None) -> int:
                         help="gcs: the emulator as released, or sending each range without copying it first")
     parser.add_argument("--server_cpu", type=int, default=None,
                         help="gcs: run the emulator on this core only (the loader's cores: taskset)")
+    parser.add_argument("--gcs_slice_mib", default="24",
+                        help="read (of a gs:// root), gcs: the most MiB one ranged GET fetches (0: a chunk in one GET, "
+                             "as before slices); gcs takes a comma-separated list and alternates its sizes")
+    parser.add_argument("--rounds", type=int, default=1, help="gcs: reads per slice size")
     parser.add_argument("--compression", default="none", help="write: the activation column's codec")
     parser.add_argument("--phases", action="store_true",
                         help="read: also report microseconds per token in decoding (_decode), copying into the "
@@ -230,9 +244,21 @@ def main(argv=None) -> int:
     if args.mode == "write":
         result = write(args.root, args.tokens, args.d_model, args.samples_per_shard, args.compression)
     elif args.mode == "gcs":
-        result = through_emulator(args.root, args.batch_tokens, args.buffer_tokens, args.dtype, args.readahead,
-                                  not args.no_check_pages, args.epochs, args.server, args.server_cpu)
+        reader_args = ["--batch_tokens", str(args.batch_tokens), "--dtype", args.dtype, "--readahead",
+                       str(args.readahead), "--epochs", str(args.epochs)]
+        reader_args += ["--buffer_tokens", str(args.buffer_tokens)] if args.buffer_tokens is not None else []
+        reader_args += ["--no_check_pages"] if args.no_check_pages else []
+        for result in through_emulator(args.root, reader_args, args.server, args.server_cpu,
+                                       tuple(float(x) for x in args.gcs_slice_mib.split(",")), args.rounds):
+            print(json.dumps(result), flush=True)
+        return 0
     else:
+        if args.root.startswith("gs://"):
+            from pipeline import dataset
+
+            slice_mib = float(args.gcs_slice_mib)
+            dataset._GcsStore._SLICE = int(slice_mib * 2**20) if slice_mib else 2**62
+        result_slice = {"gcs_slice_mib": float(args.gcs_slice_mib)} if args.root.startswith("gs://") else {}
         steps = timed_steps() if args.phases else None
         result = read(args.root, args.batch_tokens, args.buffer_tokens, args.dtype, args.readahead,
                       not args.no_check_pages, args.epochs)
@@ -240,6 +266,7 @@ def main(argv=None) -> int:
             per_token = {name: round(value / result["tokens"] * 1e6, 3) for name, value in steps.items()}
             per_token["copy_into_store"] = round(per_token["_load"] - per_token["_decode"], 3)
             result["us_per_token"] = per_token
+        result.update(result_slice)
     print(json.dumps(result))
     return 0
 

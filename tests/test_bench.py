@@ -392,12 +392,16 @@ def test_loader_bench_reads_a_small_output_through_the_emulator(tmp_path, server
     root = str(tmp_path / "out")
     subprocess.run([sys.executable, bench, "write", root, "--tokens", "30000", "--d_model", "64"], check=True,
                    capture_output=True, timeout=300)
-    done = subprocess.run([sys.executable, bench, "gcs", root, "--batch_tokens", "256", "--server", server],
-                          check=True, capture_output=True, text=True, timeout=300)
-    result = json.loads(done.stdout)
-    assert result["tokens"] == result["num_tokens"] == 30000 and result["server"] == server
-    # /proc counts CPU in clock ticks (10 ms): a read this small may take less than one.
-    assert result["server_us_per_token"] >= 0 and result["server_cpu_s"] >= 0 and "Traceback" not in done.stderr
+    slices = {"stock": "0,0.01", "zero_copy": "24"}[server]  # a chunk in one GET, then in slices of 10 KiB
+    done = subprocess.run([sys.executable, bench, "gcs", root, "--batch_tokens", "256", "--server", server,
+                           "--gcs_slice_mib", slices], check=True, capture_output=True, text=True, timeout=300)
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["gcs_slice_mib"] for r in results] == [float(x) for x in slices.split(",")]
+    for result in results:
+        assert result["tokens"] == result["num_tokens"] == 30000 and result["server"] == server
+        # /proc counts CPU in clock ticks (10 ms): a read this small may take less than one.
+        assert result["server_us_per_token"] >= 0 and result["server_cpu_s"] >= 0
+    assert "Traceback" not in done.stderr
 
 
 def test_collector_clock_times_collections_per_generation():
