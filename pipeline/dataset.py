@@ -213,7 +213,13 @@ class _GcsStore:
                 slices = [self._slicers.submit(read, relpath, start + offset, view[offset:offset + step])
                           for offset in range(0, size, step)]
                 # Every slice ends before the buffer can be read, reused or left behind by an error.
-                concurrent.futures.wait(slices)
+                try:
+                    concurrent.futures.wait(slices)
+                except BaseException:  # e.g. KeyboardInterrupt: slices still running write into this buffer
+                    for pending in slices:
+                        pending.cancel()
+                    self._local.buffer = None
+                    raise
                 for done in slices:
                     done.result()
         except (google.api_core.exceptions.GoogleAPIError, google.auth.exceptions.GoogleAuthError) as err:

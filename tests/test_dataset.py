@@ -738,6 +738,36 @@ def test_gcs_slice_is_retried_alone_and_a_failure_waits_for_every_slice(monkeypa
     assert len(log) == 6 and all(e["finished"] for e in log)
 
 
+def test_gcs_read_interrupted_while_slices_run_leaves_its_buffer_to_them(monkeypatch):
+    """Ctrl-C while slices are still arriving: the read raises at once, and the next read of that thread gets a
+    buffer of its own, so a slice finishing late cannot write into the bytes it returns."""
+    import concurrent.futures
+    import threading
+
+    data = bytes(np.random.default_rng(5).integers(0, 256, 400_000, dtype=np.uint8))
+    release = threading.Event()
+
+    def late(start, attempt):
+        if start == 0 and attempt == 0:
+            release.wait(30)
+
+    store, log = _sliced_store(monkeypatch, data, 100_000, late)
+    waited = concurrent.futures.wait
+
+    def interrupted(futures, *args, **kwargs):
+        monkeypatch.setattr(concurrent.futures, "wait", waited)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(concurrent.futures, "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.read_range("x.parquet", 0, 400_000)
+    assert getattr(store._local, "buffer", None) is None
+    got = store.read_range("x.parquet", 100_000, 100_000)  # one slice, read on this thread
+    release.set()
+    store._slicers.shutdown(wait=True)  # the late slice has written its bytes by now
+    assert bytes(got) == data[100_000:200_000]
+
+
 def _read_in_child(store, data, queue):
     try:
         queue.put(all(bytes(store.read_range("x.parquet", s, 50_000)) == data[s:s + 50_000]
