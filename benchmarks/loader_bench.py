@@ -3,6 +3,7 @@
     python benchmarks/loader_bench.py write /tmp/loader-out --tokens 1400000   # shards written by ShardWriter
     python benchmarks/loader_bench.py read /tmp/loader-out --batch_tokens 4096  # in a fresh process
     python benchmarks/loader_bench.py gcs /tmp/loader-out --batch_tokens 4096   # the same files through a GCS emulator
+    python benchmarks/loader_bench.py torch /tmp/loader-out --num_workers 0,2   # through torch DataLoader workers
 
 `read` reports the loader's rate (shuffled float32 batches from bfloat16 storage by default) and the process's
 peak resident memory over the epoch against its resident memory before the loader started, next to the shuffle
@@ -14,6 +15,8 @@ requests one at a time and copies each requested range out of the object before 
 sends the range from the stored object instead (a change to the emulator made in its process by this benchmark,
 nothing else), to measure the loader against a server that costs little more than its socket.
 `--gcs_slice_mib 0,24 --rounds 3` alternates the most bytes one ranged GET fetches (0: a column chunk in one GET).
+`torch` reads the output through `ds.torch_iterable` and a DataLoader with each `--num_workers` count in turn, one
+JSON line per run, and times torch's move of one batch into shared memory (how a worker's batch reaches the caller).
 """
 from __future__ import annotations
 
@@ -178,6 +181,39 @@ def through_emulator(root: str, reader_args: list[str], server_kind: str = "stoc
         server.wait(timeout=30)
 
 
+def through_dataloader(root: str, batch_tokens: int, dtype: str, epochs: int, workers: tuple[int, ...],
+                       rounds: int) -> list[dict]:
+    """`ds.torch_iterable` through `torch.utils.data.DataLoader(num_workers=N)` for each N in turn, `rounds` times,
+    every epoch read to its end; and what torch's move of one batch into shared memory costs (the way a worker's
+    tensor reaches the trainer's process), timed in this process."""
+    import torch
+
+    from pipeline.dataset import open_activations
+
+    ds = open_activations(root)
+    results = []
+    for round_ in range(rounds):
+        for num_workers in workers:
+            loader = torch.utils.data.DataLoader(
+                ds.torch_iterable("resid_post", 6, batch_tokens, dtype=dtype, drop_last=False, epochs=epochs),
+                batch_size=None, num_workers=num_workers)
+            started, tokens = time.perf_counter(), 0
+            for batch in loader:
+                tokens += len(batch)
+            seconds = time.perf_counter() - started
+            results.append({"round": round_, "num_workers": num_workers, "dtype": dtype, "tokens": tokens,
+                            "num_tokens": ds.num_tokens("resid_post", 6) * epochs, "seconds": round(seconds, 3),
+                            "tok_s": round(tokens / seconds), "load_average": os.getloadavg()[0]})
+    batch = next(iter(ds.torch_iterable("resid_post", 6, batch_tokens, dtype=dtype)))
+    started = time.perf_counter()
+    for _ in range(20):
+        batch.clone().share_memory_()
+    per_batch = (time.perf_counter() - started) / 20
+    for result in results:
+        result["share_memory_ms_per_batch"] = round(per_batch * 1e3, 2)
+    return results
+
+
 _TIMED_STEPS = ("_decode", "_load", "_emit", "_gather")
 
 
@@ -215,7 +251,7 @@ def _rss_bytes() -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("write", "read", "gcs"))
+    parser.add_argument("mode", choices=("write", "read", "gcs", "torch"))
     parser.add_argument("root")
     parser.add_argument("--tokens", type=int, default=1_400_000)
     parser.add_argument("--d_model", type=int, default=896)
@@ -233,7 +269,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gcs_slice_mib", default="24",
                         help="read (of a gs:// root), gcs: the most MiB one ranged GET fetches (0: a chunk in one GET, "
                              "as before slices); gcs takes a comma-separated list and alternates its sizes")
-    parser.add_argument("--rounds", type=int, default=1, help="gcs: reads per slice size")
+    parser.add_argument("--rounds", type=int, default=1, help="gcs, torch: reads per slice size / worker count")
+    parser.add_argument("--num_workers", default="0,2", help="torch: DataLoader worker counts to alternate")
     parser.add_argument("--compression", default="none", help="write: the activation column's codec")
     parser.add_argument("--phases", action="store_true",
                         help="read: also report microseconds per token in decoding (_decode), copying into the "
@@ -243,6 +280,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.mode == "write":
         result = write(args.root, args.tokens, args.d_model, args.samples_per_shard, args.compression)
+    elif args.mode == "torch":
+        for result in through_dataloader(args.root, args.batch_tokens, args.dtype, args.epochs,
+                                         tuple(int(x) for x in args.num_workers.split(",")), args.rounds):
+            print(json.dumps(result), flush=True)
+        return 0
     elif args.mode == "gcs":
         reader_args = ["--batch_tokens", str(args.batch_tokens), "--dtype", args.dtype, "--readahead",
                        str(args.readahead), "--epochs", str(args.epochs)]

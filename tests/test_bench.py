@@ -404,6 +404,21 @@ def test_loader_bench_reads_a_small_output_through_the_emulator(tmp_path, server
     assert "Traceback" not in done.stderr
 
 
+def test_loader_bench_reads_a_small_output_through_dataloader_workers(tmp_path):
+    """benchmarks/loader_bench.py torch: every token through the DataLoader with and without a worker, and the cost
+    of moving one batch into shared memory."""
+    pytest.importorskip("torch")
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks" / "loader_bench.py")
+    root = str(tmp_path / "out")
+    subprocess.run([sys.executable, bench, "write", root, "--tokens", "30000", "--d_model", "64"], check=True,
+                   capture_output=True, timeout=300)
+    done = subprocess.run([sys.executable, bench, "torch", root, "--batch_tokens", "256", "--num_workers", "0,1"],
+                          check=True, capture_output=True, text=True, timeout=300)
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["num_workers"] for r in results] == [0, 1]
+    assert all(r["tokens"] == r["num_tokens"] == 30000 and r["share_memory_ms_per_batch"] > 0 for r in results)
+
+
 def test_collector_clock_times_collections_per_generation():
     import gc
     import time
