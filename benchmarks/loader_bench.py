@@ -166,8 +166,9 @@ def through_emulator(root: str, reader_args: list[str], server_kind: str = "stoc
             for slice_mib in slices_mib:
                 server_cpu_s = _process_cpu_seconds(server.pid)
                 done = subprocess.run([sys.executable, os.path.abspath(__file__), "read", "gs://loader-bench/out",
-                                       *reader_args, "--gcs_slice_mib", str(slice_mib)],
-                                      capture_output=True, text=True, check=True)
+                                       *reader_args, "--gcs_slice_mib", str(slice_mib)], capture_output=True, text=True)
+                if done.returncode:
+                    raise RuntimeError(f"the reader failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
                 result = json.loads(done.stdout)
                 server_cpu_s = _process_cpu_seconds(server.pid) - server_cpu_s
                 results.append({**result, "round": round_, "upload_s": round(upload_s, 1), "server": server_kind,
@@ -205,10 +206,11 @@ def through_dataloader(root: str, batch_tokens: int, dtype: str, epochs: int, wo
                             "num_tokens": ds.num_tokens("resid_post", 6) * epochs, "seconds": round(seconds, 3),
                             "tok_s": round(tokens / seconds), "load_average": os.getloadavg()[0]})
     batch = next(iter(ds.torch_iterable("resid_post", 6, batch_tokens, dtype=dtype)))
+    copies = [batch.clone() for _ in range(20)]
     started = time.perf_counter()
-    for _ in range(20):
-        batch.clone().share_memory_()
-    per_batch = (time.perf_counter() - started) / 20
+    for copy in copies:
+        copy.share_memory_()
+    per_batch = (time.perf_counter() - started) / len(copies)
     for result in results:
         result["share_memory_ms_per_batch"] = round(per_batch * 1e3, 2)
     return results

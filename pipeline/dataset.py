@@ -25,6 +25,7 @@ import http.client
 import json
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import quote
@@ -130,16 +131,11 @@ class _GcsStore:
     def _reset(self) -> None:
         # Clients, sessions (their pooled connections), buffers and slice threads belong to one process: a forked
         # child (e.g. a DataLoader worker) that used its parent's would share TCP connections with it.
-        self._pid, self._local, self._auth, self._slicers = os.getpid(), threading.local(), None, None
-
-    def _this_process(self) -> None:
-        if self._pid != os.getpid():
-            self._lock = threading.Lock()
-            self._reset()
+        self._local, self._auth, self._slicers = threading.local(), None, None
+        _GCS_STORES.add(self)
 
     def _bucket(self):
         # A client per thread: the readahead threads download in parallel.
-        self._this_process()
         bucket = getattr(self._local, "bucket", None)
         if bucket is None:
             from google.cloud import storage
@@ -194,7 +190,6 @@ class _GcsStore:
         import google.auth.exceptions
         from google.cloud.storage.retry import DEFAULT_RETRY
 
-        self._this_process()
         # Reused: a fresh buffer of a row group's size costs its page faults and zeroing on every read.
         buffer = getattr(self._local, "buffer", None)
         if buffer is None or len(buffer) < size:
@@ -210,10 +205,11 @@ class _GcsStore:
                         self._slicers = concurrent.futures.ThreadPoolExecutor(self._CONNECTIONS,
                                                                               thread_name_prefix="gcs-slices")
                 step = -(-size // -(-size // self._SLICE))  # as few slices as the limit allows, of equal size
-                slices = [self._slicers.submit(read, relpath, start + offset, view[offset:offset + step])
-                          for offset in range(0, size, step)]
+                slices = []
                 # Every slice ends before the buffer can be read, reused or left behind by an error.
                 try:
+                    for offset in range(0, size, step):
+                        slices.append(self._slicers.submit(read, relpath, start + offset, view[offset:offset + step]))
                     concurrent.futures.wait(slices)
                 except BaseException:  # e.g. KeyboardInterrupt: slices still running write into this buffer
                     for pending in slices:
@@ -251,6 +247,9 @@ class _GcsStore:
                                        "Accept-Encoding": "identity"}, stream=True, timeout=self._TIMEOUT) as response:
             if response.status_code == 404:
                 raise FileNotFoundError(self.path(relpath))
+            if response.status_code == 416:  # the object ends before `start`
+                raise parquet_pages.DamagedPage(f"{self.path(relpath)}: no bytes at offset {start}, where the footer "
+                                                f"says {size} more are: the object is shorter than its footer says")
             if response.status_code not in (200, 206):
                 raise google.api_core.exceptions.from_http_response(response)
             if response.status_code == 200 and start:
@@ -280,8 +279,20 @@ class _GcsStore:
                 # reads a body itself (requests would otherwise close it: a new TCP and TLS handshake per read).
                 response.raw.release_conn()
         if got != size:
-            raise parquet_pages.DamagedPage(f"{self.path(relpath)}: {got} bytes at offset {start}, the footer says "
-                                            f"{size}: the object is shorter than its footer says")
+            raise parquet_pages.DamagedPage(f"{self.path(relpath)}: {got} bytes at offset {start}, where the footer "
+                                            f"says {size} are: the object is shorter than its footer says")
+
+
+_GCS_STORES: weakref.WeakSet = weakref.WeakSet()
+
+
+def _reset_gcs_stores_in_child() -> None:
+    for store in list(_GCS_STORES):
+        store._lock = threading.Lock()  # a copy may be held by a thread the child does not have
+        store._reset()
+
+
+os.register_at_fork(after_in_child=_reset_gcs_stores_in_child)
 
 
 def _response_body(response):

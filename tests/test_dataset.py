@@ -579,7 +579,8 @@ def test_gcs_ranged_reads_use_scoped_credentials_and_name_the_object_when_refuse
 class _FlakyRangeServer:
     """A GCS media endpoint on 127.0.0.1 serving one object's byte ranges, misbehaving on the first requests as
     `faults` says: "cut" (the connection closes mid-body), "stall" (no byte after the headers), "short" (a complete
-    response with fewer bytes than asked: the object is shorter than its footer says)."""
+    response with fewer bytes than asked: the object is shorter than its footer says), "past_end" (416: the object
+    ends before the range starts)."""
 
     def __init__(self, data: bytes, faults: list[str], keep_alive: bool = False):
         import http.server
@@ -598,6 +599,12 @@ class _FlakyRangeServer:
                 outer.requests += 1
                 if fault == "short":
                     body = body[:len(body) // 2]
+                if fault == "past_end":
+                    self.send_response(416)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    self.close_connection = True
+                    return
                 self.send_response(206)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -646,6 +653,25 @@ def test_gcs_ranged_read_retries_a_broken_connection_and_refuses_a_short_object(
         else:
             got = store.read_range("x.parquet", 1000, 2_000_000)
             assert bytes(got) == data[1000:2_001_000] and server.requests == 2
+    finally:
+        server.stop()
+
+
+def test_gcs_slice_past_the_end_of_a_cut_object_is_damage(monkeypatch):
+    """An object cut at a slice boundary answers the next slice with 416: the file is damaged (run verify), not an
+    access or network failure."""
+    from pipeline import dataset as dataset_module
+    from pipeline import parquet_pages
+
+    data = bytes(np.random.default_rng(6).integers(0, 256, 300_000, dtype=np.uint8))
+    server = _FlakyRangeServer(data, ["past_end"])
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.host)
+        store = dataset_module._GcsStore("gs://bucket/out")
+        with pytest.raises(parquet_pages.DamagedPage, match=r"gs://bucket/out/x.parquet: no bytes at offset 200000, "
+                                                             r"where the footer says 100000 more are: .*shorter"):
+            store.read_range("x.parquet", 200_000, 100_000)
+        assert server.requests == 1
     finally:
         server.stop()
 
