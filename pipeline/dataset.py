@@ -114,7 +114,6 @@ class _GcsStore:
         if not bucket:
             raise ValueError(f"{root}: a gs:// output needs a bucket, e.g. gs://bucket/prefix")
         self.root, self.bucket_name, self.prefix = root.rstrip("/"), bucket, prefix.strip("/")
-        self._lock = threading.Lock()
         self._reset()
 
     def __str__(self):
@@ -125,13 +124,13 @@ class _GcsStore:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._lock = threading.Lock()
         self._reset()
 
     def _reset(self) -> None:
         # Clients, sessions (their pooled connections), buffers and slice threads belong to one process: a forked
-        # child (e.g. a DataLoader worker) that used its parent's would share TCP connections with it.
-        self._local, self._auth, self._slicers = threading.local(), None, None
+        # child (e.g. a DataLoader worker) that used its parent's would share TCP connections with it. The lock is
+        # new too: a forked copy may be held by a thread the child does not have.
+        self._lock, self._local, self._auth, self._slicers = threading.Lock(), threading.local(), None, None
         _GCS_STORES.add(self)
 
     def _bucket(self):
@@ -288,7 +287,6 @@ _GCS_STORES: weakref.WeakSet = weakref.WeakSet()
 
 def _reset_gcs_stores_in_child() -> None:
     for store in list(_GCS_STORES):
-        store._lock = threading.Lock()  # a copy may be held by a thread the child does not have
         store._reset()
 
 

@@ -14,8 +14,10 @@ for the duration of the run only, inside this process, and nothing in the produc
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -331,8 +333,6 @@ class CollectorClock:
         self._started = {}
 
     def _callback(self, phase: str, info: dict):
-        import threading
-
         if phase == "start":
             self._started[threading.get_ident()] = time.thread_time()
         else:
@@ -341,14 +341,10 @@ class CollectorClock:
                 self.ended.append((time.time(), info["generation"], time.thread_time() - started))
 
     def __enter__(self):
-        import gc
-
         gc.callbacks.append(self._callback)
         return self
 
     def __exit__(self, *exc):
-        import gc
-
         gc.callbacks.remove(self._callback)
 
     def summary(self, since: float, process_s: float) -> dict:
