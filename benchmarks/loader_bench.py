@@ -7,20 +7,24 @@
 
 `read` reports the loader's rate (shuffled float32 batches from bfloat16 storage by default) and the process's
 peak resident memory over the epoch against its resident memory before the loader started, next to the shuffle
-buffer's size. The files were just written, so they are read from the page cache. `gcs` starts gcp-storage-emulator
+buffer's size, and the rate and CPU per token of each epoch (`epoch_tok_s`, `epoch_us_per_token`: the first also
+pays for the loader's memory being touched for the first time, the later ones show the steady rate). The files were
+just written, so they are read from the page cache. `gcs` starts gcp-storage-emulator
 (in memory, 127.0.0.1, a process of its own, stopped at the end), uploads the output into it once and reads it back
 as gs:// with `read` in a fresh process per run, printing one JSON line per run: the rate is the emulator's HTTP
 server's as much as the loader's, so `gcs` also reports the emulator's CPU seconds per token. The emulator serves
 requests one at a time and copies each requested range out of the object before sending it; `--server zero_copy`
 sends the range from the stored object instead (a change to the emulator made in its process by this benchmark,
 nothing else), to measure the loader against a server that costs little more than its socket.
-`--gcs_slice_mib 0,24 --rounds 3` alternates the most bytes one ranged GET fetches (0: a column chunk in one GET).
+`--gcs_slice_mib 0,24 --rounds 3` alternates the most bytes one ranged GET fetches (0: a column chunk in one GET),
+`--readahead 1,2` the row groups read ahead.
 `torch` reads the output through `ds.torch_iterable` and a DataLoader with each `--num_workers` count in turn, one
 JSON line per run, and times torch's move of one batch into shared memory (how a worker's batch reaches the caller).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -68,30 +72,38 @@ def write(root: str, tokens: int, d_model: int, samples_per_shard: int, compress
     return {"tokens": written, "shards": shard, "activation_bytes": size, "write_s": time.perf_counter() - started}
 
 
-def read(root: str, batch_tokens: int, buffer_tokens: int | None, dtype: str, readahead: int,
+def read(root: str, batch_tokens: int, buffer_tokens: int | None, dtype: str, readahead: int | None,
          check_pages: bool = True, epochs: int = 1) -> dict:
     from pipeline.dataset import open_activations
 
     ds = open_activations(root, check_pages=check_pages)
     before = _rss_bytes()
     loader = ds.batches("resid_post", 6, batch_tokens, dtype=dtype, buffer_tokens=buffer_tokens,
-                        readahead=readahead, drop_last=False, epochs=epochs)
+                        drop_last=False, epochs=epochs, **({} if readahead is None else {"readahead": readahead}))
     started, cpu_started = time.perf_counter(), _cpu_seconds()
     tokens = batches = 0
     checksum = 0.0
+    epoch_ends = []  # (tokens, seconds, CPU seconds) when each epoch's last batch was taken
     for batch in loader:
+        if loader.epoch != len(epoch_ends):
+            epoch_ends.append((tokens, time.perf_counter() - started, _cpu_seconds() - cpu_started))
         tokens += len(batch)
         batches += 1
         checksum += float(batch[0, 0])
     seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
+    epoch_ends.append((tokens, seconds, cpu))
+    per_epoch = [(t1 - t0, s1 - s0, c1 - c0) for (t0, s0, c0), (t1, s1, c1) in zip([(0, 0.0, 0.0)] + epoch_ends,
+                                                                                   epoch_ends)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     itemsize = 2
     return {"tokens": tokens, "batches": batches, "seconds": round(seconds, 3), "tok_s": round(tokens / seconds),
             "cpu_s": round(cpu, 3), "tok_per_cpu_s": round(tokens / cpu), "load_average": os.getloadavg()[0],
             "buffer_tokens": loader.buffer_tokens, "store_bytes": loader._capacity * ds.d_model * itemsize,
-            "check_pages": check_pages, "readahead": readahead, "compiled_gather": loader._kernel is not None,
+            "check_pages": check_pages, "readahead": loader.readahead, "compiled_gather": loader._kernel is not None,
             "rss_before_loader": before, "rss_peak": peak, "rss_growth": peak - before,
-            "num_tokens": ds.num_tokens("resid_post", 6), "row_groups": len(ds.units("resid_post", 6))}
+            "num_tokens": ds.num_tokens("resid_post", 6), "row_groups": len(ds.units("resid_post", 6)),
+            "epoch_tok_s": [round(n / s) for n, s, _ in per_epoch],
+            "epoch_us_per_token": [round(c / n * 1e6, 3) for n, _, c in per_epoch]}
 
 
 _EMULATOR = """
@@ -134,9 +146,10 @@ def _process_cpu_seconds(pid: int) -> float:
 
 
 def through_emulator(root: str, reader_args: list[str], server_kind: str = "stock", server_cpu: int | None = None,
-                     slices_mib: tuple[float, ...] = (24,), rounds: int = 1) -> list[dict]:
-    """Uploads the output into one emulator, then reads it back as gs:// once per round and slice size, each read
-    in a fresh `read` process (the cores this one may use), the sizes alternating within a round."""
+                     slices_mib: tuple[float, ...] = (24,), rounds: int = 1,
+                     readaheads: tuple[str, ...] = ("default",)) -> list[dict]:
+    """Uploads the output into one emulator, then reads it back as gs:// once per round, slice size and readahead,
+    each read in a fresh `read` process (the cores this one may use), the settings alternating within a round."""
     import socket
     import subprocess
 
@@ -162,20 +175,20 @@ def through_emulator(root: str, reader_args: list[str], server_kind: str = "stoc
                 bucket.blob("out/" + os.path.relpath(path, root)).upload_from_filename(path)
         upload_s = time.perf_counter() - started
         results = []
-        for round_ in range(rounds):
-            for slice_mib in slices_mib:
-                server_cpu_s = _process_cpu_seconds(server.pid)
-                done = subprocess.run([sys.executable, os.path.abspath(__file__), "read", "gs://loader-bench/out",
-                                       *reader_args, "--gcs_slice_mib", str(slice_mib)], capture_output=True, text=True)
-                if done.returncode:
-                    raise RuntimeError(f"the reader failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-                result = json.loads(done.stdout)
-                server_cpu_s = _process_cpu_seconds(server.pid) - server_cpu_s
-                results.append({**result, "round": round_, "upload_s": round(upload_s, 1), "server": server_kind,
-                                "server_cpu": server_cpu, "loader_cpus": sorted(os.sched_getaffinity(0)),
-                                "server_cpu_s": round(server_cpu_s, 2),
-                                "server_us_per_token": round(server_cpu_s / result["tokens"] * 1e6, 3),
-                                "loader_us_per_token": round(result["cpu_s"] / result["tokens"] * 1e6, 3)})
+        for round_, slice_mib, readahead in itertools.product(range(rounds), slices_mib, readaheads):
+            server_cpu_s = _process_cpu_seconds(server.pid)
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), "read", "gs://loader-bench/out",
+                                   *reader_args, "--gcs_slice_mib", str(slice_mib), "--readahead", readahead],
+                                  capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"the reader failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+            result = json.loads(done.stdout)
+            server_cpu_s = _process_cpu_seconds(server.pid) - server_cpu_s
+            results.append({**result, "round": round_, "upload_s": round(upload_s, 1), "server": server_kind,
+                            "server_cpu": server_cpu, "loader_cpus": sorted(os.sched_getaffinity(0)),
+                            "server_cpu_s": round(server_cpu_s, 2),
+                            "server_us_per_token": round(server_cpu_s / result["tokens"] * 1e6, 3),
+                            "loader_us_per_token": round(result["cpu_s"] / result["tokens"] * 1e6, 3)})
         return results
     finally:
         server.terminate()
@@ -261,7 +274,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_tokens", type=int, default=4096)
     parser.add_argument("--buffer_tokens", type=int, default=None)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--readahead", type=int, default=1)
+    parser.add_argument("--readahead", default="default",
+                        help="read: row groups decoded ahead ('default': the loader's own choice); gcs: a "
+                             "comma-separated list to alternate")
     parser.add_argument("--epochs", type=int, default=1,
                         help="read, gcs: passes over the output (longer, steadier runs)")
     parser.add_argument("--server", choices=("stock", "zero_copy"), default="stock",
@@ -288,12 +303,12 @@ def main(argv=None) -> int:
             print(json.dumps(result), flush=True)
         return 0
     elif args.mode == "gcs":
-        reader_args = ["--batch_tokens", str(args.batch_tokens), "--dtype", args.dtype, "--readahead",
-                       str(args.readahead), "--epochs", str(args.epochs)]
+        reader_args = ["--batch_tokens", str(args.batch_tokens), "--dtype", args.dtype, "--epochs", str(args.epochs)]
         reader_args += ["--buffer_tokens", str(args.buffer_tokens)] if args.buffer_tokens is not None else []
         reader_args += ["--no_check_pages"] if args.no_check_pages else []
         for result in through_emulator(args.root, reader_args, args.server, args.server_cpu,
-                                       tuple(float(x) for x in args.gcs_slice_mib.split(",")), args.rounds):
+                                       tuple(float(x) for x in args.gcs_slice_mib.split(",")), args.rounds,
+                                       tuple(args.readahead.split(","))):
             print(json.dumps(result), flush=True)
         return 0
     else:
@@ -304,7 +319,8 @@ def main(argv=None) -> int:
             dataset._GcsStore._SLICE = int(slice_mib * 2**20) if slice_mib else 2**62
         result_slice = {"gcs_slice_mib": float(args.gcs_slice_mib)} if args.root.startswith("gs://") else {}
         steps = timed_steps() if args.phases else None
-        result = read(args.root, args.batch_tokens, args.buffer_tokens, args.dtype, args.readahead,
+        readahead = None if args.readahead == "default" else int(args.readahead)
+        result = read(args.root, args.batch_tokens, args.buffer_tokens, args.dtype, readahead,
                       not args.no_check_pages, args.epochs)
         if steps is not None:
             per_token = {name: round(value / result["tokens"] * 1e6, 3) for name, value in steps.items()}

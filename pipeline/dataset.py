@@ -490,6 +490,11 @@ class ActivationDataset:
         return (f"ActivationDataset({self.output!r}, hooks={self.hooks}, layers={self.layers}, "
                 f"d_model={self.d_model}, storage_dtype={self.storage_dtype!r}, from the {self.source})")
 
+    @property
+    def remote(self) -> bool:
+        """Whether the output is read over the network (gs://) rather than from a local file system."""
+        return isinstance(self._store, _GcsStore)
+
     def check_pair(self, hook: str, layer: int) -> tuple[str, int]:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
             raise TypeError(f"layer must be an int, got {layer!r}")

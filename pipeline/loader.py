@@ -81,7 +81,7 @@ class ActivationBatches:
     def __init__(self, dataset: ActivationDataset, hook: str, layer: int, batch_tokens: int, *, shuffle: bool = True,
                  seed: int = 0, dtype="float32", epochs: int | None = 1, rank: int = 0, world_size: int = 1,
                  where=None, buffer_tokens: int | None = None, with_metadata: bool = False, drop_last: bool = True,
-                 readahead: int = 1):
+                 readahead: int | None = None):
         self._ds = dataset
         self.hook, self.layer = dataset.check_pair(hook, layer)
         self.batch_tokens = _positive("batch_tokens", batch_tokens)
@@ -104,6 +104,10 @@ class ActivationBatches:
         if self.shuffle and self.buffer_tokens < self.batch_tokens:
             raise ValueError(f"buffer_tokens={self.buffer_tokens} is smaller than batch_tokens={self.batch_tokens}: "
                              f"the shuffle buffer must hold at least one batch; raise buffer_tokens or leave it out")
+        if readahead is None:
+            # Over the network a row group takes longer to arrive than to draw from, and the server works only
+            # while a request is open: two in flight keep it busy (docs/benchmarks.md, "readahead 2 for gs://").
+            readahead = 2 if dataset.remote else 1
         self.readahead = max(0, int(readahead))
         self._where, self._join = dataset.check_where(where)
         self._units = dataset.units(self.hook, self.layer)

@@ -393,10 +393,15 @@ def test_loader_bench_reads_a_small_output_through_the_emulator(tmp_path, server
     subprocess.run([sys.executable, bench, "write", root, "--tokens", "30000", "--d_model", "64"], check=True,
                    capture_output=True, timeout=300)
     slices = {"stock": "0,0.01", "zero_copy": "24"}[server]  # a chunk in one GET, then in slices of 10 KiB
+    readahead = {"stock": ["--readahead", "0,default"], "zero_copy": []}[server]
     done = subprocess.run([sys.executable, bench, "gcs", root, "--batch_tokens", "256", "--server", server,
-                           "--gcs_slice_mib", slices], check=True, capture_output=True, text=True, timeout=300)
+                           "--gcs_slice_mib", slices, *readahead], check=True, capture_output=True, text=True,
+                          timeout=300)
     results = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [r["gcs_slice_mib"] for r in results] == [float(x) for x in slices.split(",")]
+    if server == "stock":  # each slice size with each readahead in turn; the loader's default over gs:// is 2
+        assert [(r["gcs_slice_mib"], r["readahead"]) for r in results] == [(0, 0), (0, 2), (0.01, 0), (0.01, 2)]
+    else:
+        assert [(r["gcs_slice_mib"], r["readahead"]) for r in results] == [(24, 2)]
     for result in results:
         assert result["tokens"] == result["num_tokens"] == 30000 and result["server"] == server
         # /proc counts CPU in clock ticks (10 ms): a read this small may take less than one.

@@ -456,6 +456,10 @@ def test_gcs_output_reads_like_a_local_one(output, gcs_emulator, small_row_group
             for k in keys_of(cols)]
     assert Counter(seen) == Counter(truth[("mlp_out", 0)].keys())
     assert ds.samples().num_rows == 12
+    # Over the network two row groups are read ahead by default, from a local disk one.
+    assert ds.remote and ds.batches("mlp_out", 0, 6).readahead == 2
+    local = open_activations(output.root)
+    assert not local.remote and local.batches("resid_post", 1, 6).readahead == 1
 
 
 def test_gcs_output_through_sliced_reads_and_forked_dataloader_workers(gcs_emulator, small_row_groups, monkeypatch):
