@@ -85,7 +85,7 @@ def read(root: str, batch_tokens: int, buffer_tokens: int | None, dtype: str, re
     checksum = 0.0
     epoch_ends = []  # (tokens, seconds, CPU seconds) when each epoch's last batch was taken
     for batch in loader:
-        if loader.epoch != len(epoch_ends):
+        while loader.epoch > len(epoch_ends):  # (an epoch with no batch ends where the next one starts)
             epoch_ends.append((tokens, time.perf_counter() - started, _cpu_seconds() - cpu_started))
         tokens += len(batch)
         batches += 1
@@ -102,8 +102,8 @@ def read(root: str, batch_tokens: int, buffer_tokens: int | None, dtype: str, re
             "check_pages": check_pages, "readahead": loader.readahead, "compiled_gather": loader._kernel is not None,
             "rss_before_loader": before, "rss_peak": peak, "rss_growth": peak - before,
             "num_tokens": ds.num_tokens("resid_post", 6), "row_groups": len(ds.units("resid_post", 6)),
-            "epoch_tok_s": [round(n / s) for n, s, _ in per_epoch],
-            "epoch_us_per_token": [round(c / n * 1e6, 3) for n, _, c in per_epoch]}
+            "epoch_tok_s": [round(n / s) if n else 0 for n, s, _ in per_epoch],
+            "epoch_us_per_token": [round(c / n * 1e6, 3) if n else None for n, _, c in per_epoch]}
 
 
 _EMULATOR = """
