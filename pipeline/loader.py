@@ -108,7 +108,10 @@ class ActivationBatches:
             # Over the network a row group takes longer to arrive than to draw from, and the server works only
             # while a request is open: two in flight keep it busy (docs/benchmarks.md, "readahead 2 for gs://").
             readahead = 2 if dataset.remote else 1
-        self.readahead = max(0, int(readahead))
+        if isinstance(readahead, bool) or not isinstance(readahead, (int, np.integer)) or readahead < 0:
+            raise ValueError(f"readahead must be a non-negative integer (row groups read ahead; 0: none) or None "
+                             f"(2 for gs://, 1 for a local output), got {readahead!r}")
+        self.readahead = int(readahead)
         self._where, self._join = dataset.check_where(where)
         self._units = dataset.units(self.hook, self.layer)
         if self.world_size > len(self._units):

@@ -305,6 +305,9 @@ def test_bad_arguments_name_what_is_wrong(output):
         ds.batches("resid_post", 1, 0)
     with pytest.raises(ValueError, match="buffer_tokens=2 is smaller than batch_tokens=7"):
         ds.batches("resid_post", 1, 7, buffer_tokens=2)
+    for bad in (-1, 1.5, "2", True):
+        with pytest.raises(ValueError, match=f"readahead must be a non-negative integer .*, got {bad!r}"):
+            ds.batches("resid_post", 1, 4, readahead=bad)
     total = ds.num_tokens("resid_post", 1)
     with pytest.raises(ValueError, match=f"rank 0 of 1 has {total} token\\(s\\) in an epoch, fewer than "
                                          f"batch_tokens={total + 1}: with epochs=None no batch would ever come"):
