@@ -83,17 +83,31 @@ def read(root: str, batch_tokens: int, buffer_tokens: int | None, dtype: str, re
     started, cpu_started = time.perf_counter(), _cpu_seconds()
     tokens = batches = 0
     checksum = 0.0
-    epoch_ends = []  # (tokens, seconds, CPU seconds) when each epoch's last batch was taken
-    for batch in loader:
-        while loader.epoch > len(epoch_ends):  # (an epoch with no batch ends where the next one starts)
-            epoch_ends.append((tokens, time.perf_counter() - started, _cpu_seconds() - cpu_started))
+    # Each epoch's tokens, and the (seconds, CPU seconds) at which it starts. An epoch starts with the call that draws
+    # its first batch, filling the shuffle buffer: with readahead that is the call that returns the previous epoch's
+    # last batch (it draws the next batch ahead), without it the call that returns the epoch's first batch.
+    epoch_tokens, epoch_starts = [], []
+    calls = [(0.0, 0.0)]  # (seconds, CPU seconds) at the start of the call that returned the last batch and this one
+    iterator = iter(loader)
+    while True:
+        calls = calls[-1:] + [(time.perf_counter() - started, _cpu_seconds() - cpu_started)]
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            break
+        while loader.epoch >= len(epoch_starts):  # (an epoch without batches starts where the next one does)
+            epoch_starts.append(calls[0] if loader.readahead and batches else calls[1])
+            epoch_tokens.append(0)
+        epoch_tokens[-1] += len(batch)
         tokens += len(batch)
         batches += 1
         checksum += float(batch[0, 0])
     seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
-    epoch_ends.append((tokens, seconds, cpu))
-    per_epoch = [(t1 - t0, s1 - s0, c1 - c0) for (t0, s0, c0), (t1, s1, c1) in zip([(0, 0.0, 0.0)] + epoch_ends,
-                                                                                   epoch_ends)]
+    while epochs is not None and len(epoch_starts) < epochs:  # trailing epochs without batches
+        epoch_starts.append((seconds, cpu))
+        epoch_tokens.append(0)
+    ends = epoch_starts[1:] + [(seconds, cpu)]
+    per_epoch = [(n, s1 - s0, c1 - c0) for n, (s0, c0), (s1, c1) in zip(epoch_tokens, epoch_starts, ends)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     itemsize = 2
     return {"tokens": tokens, "batches": batches, "seconds": round(seconds, 3), "tok_s": round(tokens / seconds),
@@ -102,7 +116,7 @@ def read(root: str, batch_tokens: int, buffer_tokens: int | None, dtype: str, re
             "check_pages": check_pages, "readahead": loader.readahead, "compiled_gather": loader._kernel is not None,
             "rss_before_loader": before, "rss_peak": peak, "rss_growth": peak - before,
             "num_tokens": ds.num_tokens("resid_post", 6), "row_groups": len(ds.units("resid_post", 6)),
-            "epoch_tok_s": [round(n / s) if n else 0 for n, s, _ in per_epoch],
+            "epoch_tok_s": [round(n / s) if n and s else 0 for n, s, _ in per_epoch],
             "epoch_us_per_token": [round(c / n * 1e6, 3) if n else None for n, _, c in per_epoch]}
 
 
@@ -276,7 +290,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--readahead", default="default",
                         help="read: row groups decoded ahead ('default': the loader's own choice); gcs: a "
-                             "comma-separated list to alternate")
+                             "comma-separated list to alternate; not used by torch")
     parser.add_argument("--epochs", type=int, default=1,
                         help="read, gcs: passes over the output (longer, steadier runs)")
     parser.add_argument("--server", choices=("stock", "zero_copy"), default="stock",
@@ -286,7 +300,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gcs_slice_mib", default="24",
                         help="read (of a gs:// root), gcs: the most MiB one ranged GET fetches (0: a chunk in one GET, "
                              "as before slices); gcs takes a comma-separated list and alternates its sizes")
-    parser.add_argument("--rounds", type=int, default=1, help="gcs, torch: reads per slice size / worker count")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="gcs, torch: reads per slice size and readahead / worker count")
     parser.add_argument("--num_workers", default="0,2", help="torch: DataLoader worker counts to alternate")
     parser.add_argument("--compression", default="none", help="write: the activation column's codec")
     parser.add_argument("--phases", action="store_true",
@@ -295,6 +310,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no_check_pages", action="store_true",
                         help="read, gcs: open_activations(check_pages=False), no CRC check of each page")
     args = parser.parse_args(argv)
+    readaheads = args.readahead.split(",")
+    if any(not (r == "default" or r.isdigit()) for r in readaheads) or (args.mode != "gcs" and len(readaheads) > 1):
+        parser.error(f"--readahead: 'default' or a non-negative integer{' list' if args.mode == 'gcs' else ''}, "
+                     f"got {args.readahead!r}")
     if args.mode == "write":
         result = write(args.root, args.tokens, args.d_model, args.samples_per_shard, args.compression)
     elif args.mode == "torch":
@@ -308,7 +327,7 @@ def main(argv=None) -> int:
         reader_args += ["--no_check_pages"] if args.no_check_pages else []
         for result in through_emulator(args.root, reader_args, args.server, args.server_cpu,
                                        tuple(float(x) for x in args.gcs_slice_mib.split(",")), args.rounds,
-                                       tuple(args.readahead.split(","))):
+                                       tuple(readaheads)):
             print(json.dumps(result), flush=True)
         return 0
     else:

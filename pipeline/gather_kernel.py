@@ -86,8 +86,10 @@ static void widen_row(uint32_t *dst, const uint16_t *src, int64_t d, int stream)
 static void prefetch_row(const void *row, int64_t bytes)
 {
 #if defined(__GNUC__)
-    for (int64_t j = 0; j < bytes; j += 64)
-        __builtin_prefetch((const char *)row + j, 0, 0);
+    /* every 64-byte line the row touches, from the one its first byte lies in */
+    const char *line = (const char *)((uintptr_t)row & ~(uintptr_t)63), *end = (const char *)row + bytes;
+    for (; line < end; line += 64)
+        __builtin_prefetch(line, 0, 0);
 #else
     (void)row;
     (void)bytes;

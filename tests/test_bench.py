@@ -393,17 +393,21 @@ def test_loader_bench_reads_a_small_output_through_the_emulator(tmp_path, server
     subprocess.run([sys.executable, bench, "write", root, "--tokens", "30000", "--d_model", "64"], check=True,
                    capture_output=True, timeout=300)
     slices = {"stock": "0,0.01", "zero_copy": "24"}[server]  # a chunk in one GET, then in slices of 10 KiB
-    readahead = {"stock": ["--readahead", "0,default"], "zero_copy": []}[server]
+    more = {"stock": ["--readahead", "0,default"], "zero_copy": ["--epochs", "2"]}[server]
     done = subprocess.run([sys.executable, bench, "gcs", root, "--batch_tokens", "256", "--server", server,
-                           "--gcs_slice_mib", slices, *readahead], check=True, capture_output=True, text=True,
+                           "--gcs_slice_mib", slices, *more], check=True, capture_output=True, text=True,
                           timeout=300)
     results = [json.loads(line) for line in done.stdout.splitlines()]
     if server == "stock":  # each slice size with each readahead in turn; the loader's default over gs:// is 2
         assert [(r["gcs_slice_mib"], r["readahead"]) for r in results] == [(0, 0), (0, 2), (0.01, 0), (0.01, 2)]
     else:
         assert [(r["gcs_slice_mib"], r["readahead"]) for r in results] == [(24, 2)]
+    epochs = {"stock": 1, "zero_copy": 2}[server]
     for result in results:
-        assert result["tokens"] == result["num_tokens"] == 30000 and result["server"] == server
+        assert result["tokens"] == result["num_tokens"] * epochs == 30000 * epochs and result["server"] == server
+        # one rate and CPU figure per epoch
+        assert len(result["epoch_tok_s"]) == len(result["epoch_us_per_token"]) == epochs
+        assert all(rate > 0 for rate in result["epoch_tok_s"])
         # /proc counts CPU in clock ticks (10 ms): a read this small may take less than one.
         assert result["server_us_per_token"] >= 0 and result["server_cpu_s"] >= 0
     assert "Traceback" not in done.stderr
