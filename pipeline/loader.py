@@ -46,11 +46,14 @@ _EMPTY_EPOCHS = 100
 _TILE_ROWS = 256
 
 
-def _positive(name: str, value, allow_none: bool = False):
+def _count(name: str, value, minimum: int = 1, allow_none: bool = False, note: str = ""):
+    """`value` as an int of at least `minimum` (1 or 0), or None when allowed; a ValueError naming `name` (followed
+    by `note`) otherwise."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else "a non-negative integer"
+        raise ValueError(f"{name} must be {kind}{note}{' or None' if allow_none else ''}, got {value!r}")
     return int(value)
 
 
@@ -84,23 +87,21 @@ class ActivationBatches:
                  readahead: int | None = None):
         self._ds = dataset
         self.hook, self.layer = dataset.check_pair(hook, layer)
-        self.batch_tokens = _positive("batch_tokens", batch_tokens)
-        self.epochs = _positive("epochs", epochs, allow_none=True)
-        self.world_size = _positive("world_size", world_size)
+        self.batch_tokens = _count("batch_tokens", batch_tokens)
+        self.epochs = _count("epochs", epochs, allow_none=True)
+        self.world_size = _count("world_size", world_size)
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < self.world_size:
             raise ValueError(f"rank must be an integer in 0..{self.world_size - 1} (world_size={world_size}), "
                              f"got {rank!r}")
         self.rank = int(rank)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.seed, self.shuffle, self.drop_last, self.with_metadata = int(seed), bool(shuffle), bool(drop_last), \
-            bool(with_metadata)
+        self.seed = _count("seed", seed, minimum=0)
+        self.shuffle, self.drop_last, self.with_metadata = bool(shuffle), bool(drop_last), bool(with_metadata)
         self.dtype = dtypes.read_dtype(dtype, dataset.storage_dtype)
         self._storage = dtypes.storage_numpy_dtype(dataset.storage_dtype)
         self._bfloat16 = self._storage == dtypes.storage_numpy_dtype("bfloat16")
         if buffer_tokens is None:
             buffer_tokens = max(self.batch_tokens, DEFAULT_BUFFER_BYTES // (dataset.d_model * self._storage.itemsize))
-        self.buffer_tokens = _positive("buffer_tokens", buffer_tokens)
+        self.buffer_tokens = _count("buffer_tokens", buffer_tokens)
         if self.shuffle and self.buffer_tokens < self.batch_tokens:
             raise ValueError(f"buffer_tokens={self.buffer_tokens} is smaller than batch_tokens={self.batch_tokens}: "
                              f"the shuffle buffer must hold at least one batch; raise buffer_tokens or leave it out")
@@ -108,10 +109,8 @@ class ActivationBatches:
             # Over the network a row group takes longer to arrive than to draw from, and the server works only
             # while a request is open: two in flight keep it busy (docs/benchmarks.md, "readahead 2 for gs://").
             readahead = 2 if dataset.remote else 1
-        if isinstance(readahead, bool) or not isinstance(readahead, (int, np.integer)) or readahead < 0:
-            raise ValueError(f"readahead must be a non-negative integer (row groups read ahead; 0: none) or None "
-                             f"(2 for gs://, 1 for a local output), got {readahead!r}")
-        self.readahead = int(readahead)
+        self.readahead = _count("readahead", readahead, minimum=0, note=" (row groups read ahead; 0: none) or None "
+                                "(2 for gs://, 1 for a local output)")
         self._where, self._join = dataset.check_where(where)
         self._units = dataset.units(self.hook, self.layer)
         if self.world_size > len(self._units):
