@@ -18,13 +18,16 @@ Imports pyarrow, numpy and ml_dtypes only; google-cloud-storage for gs:// output
 """
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
+import concurrent.futures.thread  # before _give_up_reads_at_exit is registered (see there)
 import functools
 import hashlib
 import http.client
 import json
 import os
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -102,6 +105,9 @@ class _GcsStore:
     # A ranged read: seconds to connect, seconds without a byte before the read is retried, and seconds of retries.
     _TIMEOUT = (60, 60)
     _RETRY_S = 600
+    # google-cloud-storage's back-off between retries (DEFAULT_RETRY's initial, maximum, multiplier); the wait is
+    # ours, so that a read given up on stops waiting at once.
+    _BACKOFF = (1.0, 60.0, 2.0)
     _READ_SCOPES = ("https://www.googleapis.com/auth/devstorage.read_only",)
     # A row group's range is fetched as slices of at most _SLICE bytes, up to _CONNECTIONS at once per store: one
     # HTTP stream from GCS is slower than the loader, and a failed slice is retried alone. docs/benchmarks.md
@@ -178,23 +184,28 @@ class _GcsStore:
     def read_bytes(self, relpath: str) -> bytes:
         return self._bucket().blob(self._name(relpath)).download_as_bytes()
 
-    def read_range(self, relpath: str, start: int, size: int) -> memoryview:
+    def read_range(self, relpath: str, start: int, size: int, give_up: threading.Event | None = None) -> memoryview:
         """`size` bytes of the object from `start`, read straight into this thread's buffer by ranged GETs of the
         JSON API's media download: slices of at most _SLICE bytes, up to _CONNECTIONS at once, each retried on the
         errors google-cloud-storage retries, for up to _RETRY_S seconds. The view is valid until this thread's next
         read_range: the loader copies the vectors out first, on the same thread. The bytes are checked by the
         Parquet page CRCs they hold; no whole-object checksum exists for a range. StorageReadError when the read
-        fails (access, network, retries exhausted)."""
+        fails (access, network, retries exhausted). Slices still retrying give up when the caller is interrupted,
+        `give_up` is set (the loader no longer wants the bytes) or the interpreter exits (`_give_up_reads_at_exit`):
+        the back-off stops at once, an attempt under way ends first (within _TIMEOUT)."""
         import google.api_core.exceptions
         import google.auth.exceptions
-        from google.cloud.storage.retry import DEFAULT_RETRY
 
         # Reused: a fresh buffer of a row group's size costs its page faults and zeroing on every read.
         buffer = getattr(self._local, "buffer", None)
         if buffer is None or len(buffer) < size:
             buffer = self._local.buffer = np.empty(size, np.uint8)
         view = memoryview(buffer)[:size]
-        read = DEFAULT_RETRY.with_timeout(self._RETRY_S)(self._get_range)
+        abandoned = threading.Event()
+        _READS_IN_FLIGHT.add(abandoned)
+        if _EXITING.is_set():
+            abandoned.set()
+        read = self._retrying(relpath, start, size, (abandoned,) if give_up is None else (abandoned, give_up))
         try:
             if size <= self._SLICE:
                 read(relpath, start, view)
@@ -211,6 +222,7 @@ class _GcsStore:
                         slices.append(self._slicers.submit(read, relpath, start + offset, view[offset:offset + step]))
                     concurrent.futures.wait(slices)
                 except BaseException:  # e.g. KeyboardInterrupt: slices still running write into this buffer
+                    abandoned.set()  # nobody will read what they fetch: no more retries
                     for pending in slices:
                         pending.cancel()
                     self._local.buffer = None
@@ -221,6 +233,33 @@ class _GcsStore:
             raise StorageReadError(f"{self.path(relpath)}: reading {size} bytes at offset {start} failed: {err}; "
                                    f"check access to the bucket and the network, then run again") from err
         return view.toreadonly()
+
+    def _retrying(self, relpath: str, start: int, size: int, give_up: tuple[threading.Event, ...]):
+        """_get_range retried as google-cloud-storage retries a download (its DEFAULT_RETRY: the same errors, the same
+        back-off, for up to _RETRY_S seconds), except that the back-off watches `give_up`: once one of them is set,
+        a failure raises StorageReadError instead of waiting and trying again."""
+        from google.api_core.retry import exponential_sleep_generator
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        # Retry's own sleep, after the back-off below, is made negligible (its minimum must be above 0).
+        retry = DEFAULT_RETRY.with_timeout(self._RETRY_S).with_delay(initial=1e-3, maximum=1e-3)
+
+        def get_range(*args):
+            delays = exponential_sleep_generator(*self._BACKOFF)  # per slice, as each Retry call has its own
+
+            def back_off_unless_given_up(err: Exception):
+                end = time.monotonic() + next(delays)
+                while not any(event.is_set() for event in give_up):
+                    if time.monotonic() >= end:
+                        return
+                    give_up[0].wait(min(end - time.monotonic(), _GIVE_UP_POLL_S))
+                raise StorageReadError(f"{self.path(relpath)}: reading {size} bytes at offset {start} was given up "
+                                       f"(interrupted, no longer wanted, or the interpreter is exiting) after: {err}"
+                                       ) from err
+
+            return retry(self._get_range, on_error=back_off_unless_given_up)(*args)
+
+        return get_range
 
     def _get_range(self, relpath: str, start: int, view: memoryview) -> None:
         # TODO(https://github.com/googleapis/google-resumable-media-python/pull/47, whose review names it):
@@ -283,6 +322,26 @@ class _GcsStore:
 
 
 _GCS_STORES: weakref.WeakSet = weakref.WeakSet()
+# One event per read_range under way, set to make its slices stop retrying.
+_READS_IN_FLIGHT: weakref.WeakSet = weakref.WeakSet()
+_EXITING = threading.Event()
+_GIVE_UP_POLL_S = 0.25  # how often a back-off looks at the caller's give_up event besides its own
+
+
+def _give_up_reads_at_exit() -> None:
+    """Reads still retrying (say, after Ctrl-C during a network outage) stop at their next failure, so that the
+    interpreter, which joins the loader's and the slices' threads before it exits, does not wait out _RETRY_S for
+    bytes that nobody will read."""
+    _EXITING.set()
+    for abandoned in list(_READS_IN_FLIGHT):
+        abandoned.set()
+
+
+# TODO(https://github.com/python/cpython/issues/86128): threading._register_atexit is private; concurrent.futures
+# uses it to stop its workers before the interpreter joins them, and no public hook runs that early (atexit's run
+# after the join). Hooks run last-registered first, so this one runs before concurrent.futures' own (registered when
+# concurrent.futures.thread was imported, above), which waits for its workers.
+getattr(threading, "_register_atexit", atexit.register)(_give_up_reads_at_exit)
 
 
 def _reset_gcs_stores_in_child() -> None:
@@ -576,13 +635,15 @@ class ActivationDataset:
             self._sample_fields = self.samples(columns=["sample_id"] + _SAMPLE_SCHEMA.names)
         return self._sample_fields
 
-    def read_unit(self, unit: _Unit, where, join: bool, metadata: bool, in_place: bool = False
-                   ) -> tuple[np.ndarray | list[np.ndarray], np.ndarray, dict[str, np.ndarray] | None]:
+    def read_unit(self, unit: _Unit, where, join: bool, metadata: bool, in_place: bool = False,
+                  give_up: threading.Event | None = None
+                  ) -> tuple[np.ndarray | list[np.ndarray], np.ndarray, dict[str, np.ndarray] | None]:
         """(vectors in the storage dtype, the rows' indices in their row group, token columns or None). With
         in_place the vectors may come as a list of read-only views, one per page, of a memory-mapped file or (gs://)
-        of this thread's read buffer, to be copied once by the caller before this thread reads again."""
+        of this thread's read buffer, to be copied once by the caller before this thread reads again. Once `give_up`
+        is set, a gs:// read failing through an outage raises StorageReadError rather than retrying on."""
         try:
-            values, rows, columns = self._read_unit(unit, where, join, metadata)
+            values, rows, columns = self._read_unit(unit, where, join, metadata, give_up)
             if isinstance(values, list) and not in_place:
                 values = np.concatenate(values) if values else np.zeros(
                     (0, self.d_model), dtypes.storage_numpy_dtype(self.storage_dtype))
@@ -593,13 +654,13 @@ class ActivationDataset:
             raise ValueError(f"{self._store.path(unit.file.path)}, row group {unit.row_group}: {err}; the file is "
                              f"damaged: run python -m pipeline.verify {self.output} --repair") from err
 
-    def _read_unit(self, unit: _Unit, where, join: bool, metadata: bool):
+    def _read_unit(self, unit: _Unit, where, join: bool, metadata: bool, give_up: threading.Event | None):
         footer = self._footer(unit.file)
         ranged = hasattr(self._store, "read_range")
         if ranged and where is None and not metadata and self.format_version == 2:
             # A gs:// object is opened (a metadata request, then reads through pyarrow) only when pyarrow must
             # decode the chunk or read the token columns; the vectors come in one ranged read.
-            in_place = self._vectors_in_place(None, footer, unit)
+            in_place = self._vectors_in_place(None, footer, unit, give_up)
             if in_place is not None:
                 return in_place, np.arange(unit.rows, dtype=np.int64), None
         with self._store.open(unit.file.path) as handle:
@@ -618,7 +679,7 @@ class ActivationDataset:
             tried_in_place = ((isinstance(handle, pa.MemoryMappedFile) or (ranged and metadata))
                               and where is None and self.format_version == 2)
             if tried_in_place:  # checks the chunk's pages when check_pages, whatever it returns
-                in_place = self._vectors_in_place(handle, footer, unit)
+                in_place = self._vectors_in_place(handle, footer, unit, give_up)
             if where is not None or metadata:
                 tokens = reader.read_row_group(unit.row_group, columns=list(fmt.TOKEN_COLUMNS))
                 tokens = pa.table({name: _decoded(tokens.column(name)) for name in fmt.TOKEN_COLUMNS})
@@ -646,7 +707,8 @@ class ActivationDataset:
                              f"d_model is {self.d_model}")
         return values, rows, (_columns(tokens) if metadata else None)
 
-    def _vectors_in_place(self, handle, footer: pq.FileMetaData, unit: _Unit):
+    def _vectors_in_place(self, handle, footer: pq.FileMetaData, unit: _Unit,
+                          give_up: threading.Event | None = None):
         """The unit's vectors as views of the map (or of the chunk read from GCS), one per page
         (parquet_pages.plain_values), their pages checked when check_pages; None when pyarrow must decode them
         (compressed, nulls, another encoding; pyarrow then checks a gs:// object's pages itself)."""
@@ -663,8 +725,8 @@ class ActivationDataset:
         if mapped:
             data, found, _ = _mapped_chunk(handle, footer, unit.row_group, fmt.ACTIVATION_COLUMN, self.check_pages)
         else:
-            data, found, _ = _read_chunk(functools.partial(self._store.read_range, unit.file.path), footer,
-                                         unit.row_group, fmt.ACTIVATION_COLUMN, self.check_pages)
+            data, found, _ = _read_chunk(functools.partial(self._store.read_range, unit.file.path, give_up=give_up),
+                                         footer, unit.row_group, fmt.ACTIVATION_COLUMN, self.check_pages)
         found = found if found is not None else list(parquet_pages.pages(data))
         views = parquet_pages.plain_values(data, found, width, column.max_definition_level,
                                            column.max_repetition_level)

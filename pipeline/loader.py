@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import threading
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -133,6 +134,7 @@ class ActivationBatches:
         self._row_of = np.zeros(0, np.int64)
         self._pool = self._gatherer = None
         self._pending: dict[int, tuple[concurrent.futures.Future, np.ndarray]] = {}  # unit -> (copy, its rows)
+        self._give_up = threading.Event()  # set when the reads in flight are no longer wanted
         self._ahead: _Drawn | None = None  # with threads: the next batch, drawn and being gathered
         self._empty_epochs = 0  # epochs in a row that made no batch
         self._reset(epoch=0)
@@ -264,7 +266,8 @@ class ActivationBatches:
         return self._columns[name]
 
     def _decode(self, unit: int):
-        return self._ds.read_unit(self._units[unit], self._where, self._join, self.with_metadata, in_place=True)
+        return self._ds.read_unit(self._units[unit], self._where, self._join, self.with_metadata, in_place=True,
+                                  give_up=self._give_up)
 
     def _put(self, store: np.ndarray, values) -> None:
         """Rows `store` of the vector store = values (in the storage dtype; an array, or a list of arrays whose rows
@@ -285,9 +288,13 @@ class ActivationBatches:
 
     def _cancel_pending(self) -> None:
         futures = [future for future, _ in self._pending.values()]
+        if not futures:
+            return
+        self._give_up.set()  # a read retrying through an outage would otherwise hold this wait for minutes
         for future in futures:
             future.cancel()
         concurrent.futures.wait(futures)  # a running copy must not outlive its rows
+        self._give_up = threading.Event()
         for _, reserved in self._pending.values():
             self._release(reserved)
         self._pending = {}

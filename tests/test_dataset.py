@@ -505,9 +505,9 @@ def test_gcs_vectors_come_in_one_ranged_read_per_chunk_and_a_damaged_page_is_ref
     ranges = []
     original = dataset_module._GcsStore.read_range
 
-    def spy(self, relpath, start, size):
+    def spy(self, relpath, start, size, **options):
         ranges.append((relpath, start, size))
-        return original(self, relpath, start, size)
+        return original(self, relpath, start, size, **options)
 
     monkeypatch.setattr(dataset_module._GcsStore, "read_range", spy)
     ds = open_activations(root)
@@ -799,6 +799,122 @@ def test_gcs_read_interrupted_while_slices_run_leaves_its_buffer_to_them(monkeyp
     release.set()
     store._slicers.shutdown(wait=True)  # the late slice has written its bytes by now
     assert bytes(got) == data[100_000:200_000]
+
+
+def test_gcs_slices_stop_retrying_once_their_read_is_interrupted(monkeypatch):
+    """Ctrl-C while slices are retrying (a network outage): nobody will read what they fetch, so each gives up at its
+    next failure instead of backing off and retrying for _RETRY_S."""
+    import concurrent.futures
+    import time
+
+    import urllib3.exceptions
+
+    from pipeline import dataset as dataset_module
+
+    data = bytes(np.random.default_rng(7).integers(0, 256, 300_000, dtype=np.uint8))
+
+    def outage(start, attempt):
+        raise urllib3.exceptions.ProtocolError("connection refused")
+
+    store, log = _sliced_store(monkeypatch, data, 100_000, outage)
+    monkeypatch.setattr(store, "_BACKOFF", (4.0, 4.0, 2.0))  # every back-off waits 0-4 s
+    waited = concurrent.futures.wait
+
+    def interrupted_later(futures, *args, **kwargs):
+        monkeypatch.setattr(concurrent.futures, "wait", waited)
+        time.sleep(0.3)  # the slices fail and back off meanwhile
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(concurrent.futures, "wait", interrupted_later)
+    with pytest.raises(KeyboardInterrupt):
+        store.read_range("x.parquet", 0, 300_000)
+    interrupted = time.monotonic()
+    store._slicers.shutdown(wait=True)
+    assert time.monotonic() - interrupted < 2.0
+    assert len(log) <= 6 and all(entry["finished"] for entry in log)
+    store, log = _sliced_store(monkeypatch, data, 100_000)
+    assert bytes(store.read_range("x.parquet", 0, 300_000)) == data  # later reads are not given up
+
+
+_EXIT_DURING_OUTAGE = """
+import concurrent.futures, http.server, os, sys, threading, time
+class Unavailable(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{server.server_address[1]}"
+from pipeline import dataset
+store = dataset._GcsStore("gs://bucket/out")
+store._SLICE, store._RETRY_S = 100_000, 120
+reads = concurrent.futures.ThreadPoolExecutor(1)  # as the loader reads ahead
+reads.submit(store.read_range, "x.parquet", 0, 400_000)
+time.sleep(1.5)
+print("leaving", flush=True)
+"""
+
+
+def test_the_interpreter_exits_at_once_while_gs_reads_retry():
+    """A script that stops (or is interrupted) while its loader's reads are retrying through an outage exits
+    within seconds: the interpreter joins the read threads before it exits, and they give up rather than retry for
+    _RETRY_S (here 120 s). The server answers 503 to everything, on 127.0.0.1, inside the child."""
+    import time
+
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", _EXIT_DURING_OUTAGE], capture_output=True, text=True, timeout=100,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "leaving"
+    assert time.monotonic() - started < 20
+
+
+_CTRL_C_IN_A_WITH_BLOCK = """
+import os, signal, sys, threading, time
+import urllib3.exceptions
+from pipeline import dataset
+signal.signal(signal.SIGINT, signal.default_int_handler)
+ds = dataset.open_activations(sys.argv[1])
+ds.units("mlp_out", 0)  # (its footers are read before the outage)
+
+attempts = []
+
+def outage(self, relpath, start, view):
+    attempts.append(start)
+    raise urllib3.exceptions.ProtocolError("connection refused")
+
+dataset._GcsStore._get_range, dataset._GcsStore._RETRY_S = outage, 120
+def interrupt_once_reads_fail():
+    global interrupted
+    while not attempts:
+        time.sleep(0.01)
+    time.sleep(0.5)
+    interrupted = time.monotonic()
+    os.kill(os.getpid(), signal.SIGINT)
+
+threading.Thread(target=interrupt_once_reads_fail, daemon=True).start()
+try:
+    with ds.batches("mlp_out", 0, 6, readahead=2) as loader:
+        next(loader)
+except KeyboardInterrupt:
+    print(f"closed {time.monotonic() - interrupted:.1f} s after Ctrl-C, {len(attempts)} attempts", flush=True)
+"""
+
+
+def test_ctrl_c_in_a_loader_with_block_during_an_outage_returns_at_once(gcs_emulator, small_row_groups):
+    """Ctrl-C while the loader waits for row groups that the network does not deliver: leaving the `with` block
+    closes the loader, which waits for its reads in flight; they give up at once instead of retrying for _RETRY_S
+    (here 120 s)."""
+    root = f"{gcs_emulator.root}/dataset/outage"
+    write_output(root, shards=3)
+    done = subprocess.run([sys.executable, "-c", _CTRL_C_IN_A_WITH_BLOCK, root], capture_output=True, text=True,
+                          timeout=100, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0 and done.stdout.startswith("closed"), done.stderr[-3000:]
+    words = done.stdout.split()
+    assert float(words[1]) < 5 and int(words[5]) > 0, done.stdout
 
 
 def _read_in_child(store, data, queue):
