@@ -208,7 +208,8 @@ def page_checksum_cost(tokens: int, d_model: int, repeats: int) -> list[dict]:
              "decode_tokens_per_s": round(tokens / best["decode", checksums])} for checksums in (False, True)]
 
 
-def codec_cost(tokens: int, d_model: int, repeats: int) -> list[dict]:
+def codec_cost(tokens: int, d_model: int, repeats: int, kinds=("checkpoint-like", "normal"),
+               codecs: tuple[str, ...] | None = None) -> list[dict]:
     """The activation column's codec (ACTIVATION_COMPRESSIONS), as the writer encodes it (parquet_bytes, page
     checksums on) and as readers decode it (`read_table` with page checksum verification plus
     activations_to_numpy): bytes and tok/s, best of `repeats`, both distributions, bf16 storage."""
@@ -217,10 +218,10 @@ def codec_cost(tokens: int, d_model: int, repeats: int) -> list[dict]:
     rng = np.random.default_rng(0)
     samples, placements = make_samples(tokens, rng)
     rows = []
-    for kind in ("checkpoint-like", "normal"):
+    for kind in kinds:
         table = activation_table(samples, placements, make_values(kind, tokens, d_model, rng, "bfloat16"),
                                  "resid_post", 12, "bfloat16")
-        for codec in ACTIVATION_COMPRESSIONS:
+        for codec in codecs or ACTIVATION_COMPRESSIONS:
             def encode():
                 return parquet_bytes(table, vector_columns=("activation",), vector_compression=codec,
                                      row_group_size=row_group_rows(d_model, "bfloat16"))
@@ -248,7 +249,16 @@ def main(argv=None) -> int:
     parser.add_argument("--codecs", action="store_true",
                         help="only compare the activation column's codecs (none, zstd): bytes, encode and decode "
                              "tok/s with page checksums")
+    parser.add_argument("--reference", action="store_true",
+                        help="only the reader reference issue 11 states the loader's targets against (\"pyarrow's "
+                             "read_table plus decode measured 790-853k tok/s per core\"): checkpoint-like bf16 "
+                             "values, zstd, decoded with page checksums; one JSON line. Pin it to one core "
+                             "(taskset) to compare with per-core figures")
     args = parser.parse_args(argv)
+    if args.reference:
+        row, = codec_cost(args.tokens, args.d_model, args.repeats, kinds=("checkpoint-like",), codecs=("zstd",))
+        print(json.dumps({"reference": "read_table+decode", **row}))
+        return 0
     if args.codecs:
         for row in codec_cost(args.tokens, args.d_model, args.repeats):
             print(json.dumps(row))

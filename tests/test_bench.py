@@ -387,13 +387,13 @@ def test_quick_profile_defaults():
 def test_loader_bench_reads_a_small_output_through_the_emulator(tmp_path, server):
     """benchmarks/loader_bench.py gcs: every token back through the emulator as released and through its
     zero-copy change (the benchmark patches the emulator's handler table; this catches an emulator release that
-    moves it), with the emulator's CPU reported."""
+    moves it), with the emulator's CPU reported, and (--reference) the reader reference of the window."""
     bench = str(Path(__file__).resolve().parents[1] / "benchmarks" / "loader_bench.py")
     root = str(tmp_path / "out")
     subprocess.run([sys.executable, bench, "write", root, "--tokens", "30000", "--d_model", "64"], check=True,
                    capture_output=True, timeout=300)
     slices = {"stock": "0,0.01", "zero_copy": "24"}[server]  # a chunk in one GET, then in slices of 10 KiB
-    more = {"stock": ["--readahead", "0,default"], "zero_copy": ["--epochs", "2"]}[server]
+    more = {"stock": ["--readahead", "0,default"], "zero_copy": ["--epochs", "2", "--reference"]}[server]
     done = subprocess.run([sys.executable, bench, "gcs", root, "--batch_tokens", "256", "--server", server,
                            "--gcs_slice_mib", slices, *more], check=True, capture_output=True, text=True,
                           timeout=300)
@@ -410,6 +410,8 @@ def test_loader_bench_reads_a_small_output_through_the_emulator(tmp_path, server
         assert all(rate > 0 for rate in result["epoch_tok_s"])
         # /proc counts CPU in clock ticks (10 ms): a read this small may take less than one.
         assert result["server_us_per_token"] >= 0 and result["server_cpu_s"] >= 0
+        # --reference: issue 11's read_table-plus-decode rate, measured on one core before the read
+        assert (result["reference_tok_s"] > 0) if server == "zero_copy" else "reference_tok_s" not in result
     assert "Traceback" not in done.stderr
 
 

@@ -809,8 +809,6 @@ def test_gcs_slices_stop_retrying_once_their_read_is_interrupted(monkeypatch):
 
     import urllib3.exceptions
 
-    from pipeline import dataset as dataset_module
-
     data = bytes(np.random.default_rng(7).integers(0, 256, 300_000, dtype=np.uint8))
 
     def outage(start, attempt):
