@@ -157,15 +157,18 @@ while True:
 
 def reference_rate() -> int:
     """Issue 11's reader reference, measured now: `storage_bench.py --reference` (read_table plus decode of zstd
-    bfloat16 activations, tok/s) in a fresh process on one core (the first this one may use). This VM's speed changes
+    bfloat16 activations, tok/s) in a fresh process on one core (the first this one may use; unpinned where taskset
+    is missing). This VM's speed changes
     by about 2x between windows minutes apart; a loader rate next to the reference taken just before it says which
     kind of window it came from (the issue's figure is 790-853k tok/s per core)."""
+    import shutil
     import subprocess
 
-    core = min(os.sched_getaffinity(0))
-    done = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                        "storage_bench.py"), "--reference"],
-                          capture_output=True, text=True, preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+    # taskset rather than preexec_fn, which is unsafe in a process that already runs threads
+    pin = ["taskset", "-c", str(min(os.sched_getaffinity(0)))] if shutil.which("taskset") else []
+    done = subprocess.run([*pin, sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                              "storage_bench.py"), "--reference"],
+                          capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"the reference failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])["decode_tokens_per_s"]

@@ -202,9 +202,10 @@ class _GcsStore:
             buffer = self._local.buffer = np.empty(size, np.uint8)
         view = memoryview(buffer)[:size]
         abandoned = threading.Event()
-        _READS_IN_FLIGHT.add(abandoned)
-        if _EXITING.is_set():
-            abandoned.set()
+        with _READS_LOCK:
+            _READS_IN_FLIGHT.add(abandoned)
+            if _EXITING.is_set():
+                abandoned.set()
         read = self._retrying(relpath, start, size, (abandoned,) if give_up is None else (abandoned, give_up))
         try:
             if size <= self._SLICE:
@@ -234,10 +235,12 @@ class _GcsStore:
                                    f"check access to the bucket and the network, then run again") from err
         return view.toreadonly()
 
-    def _retrying(self, relpath: str, start: int, size: int, give_up: tuple[threading.Event, ...]):
+    def _retrying(self, relpath: str, start: int, size: int, stop_events: tuple[threading.Event, ...]):
         """_get_range retried as google-cloud-storage retries a download (its DEFAULT_RETRY: the same errors, the same
-        back-off, for up to _RETRY_S seconds), except that the back-off watches `give_up`: once one of them is set,
-        a failure raises StorageReadError instead of waiting and trying again."""
+        back-off, for up to _RETRY_S seconds, none started past it), except that the back-off watches `stop_events`
+        (it waits on the first, this read's own, and looks at the others every _GIVE_UP_POLL_S): once one is set, a
+        failure raises StorageReadError instead of waiting and trying again."""
+        import google.api_core.exceptions
         from google.api_core.retry import exponential_sleep_generator
         from google.cloud.storage.retry import DEFAULT_RETRY
 
@@ -246,13 +249,17 @@ class _GcsStore:
 
         def get_range(*args):
             delays = exponential_sleep_generator(*self._BACKOFF)  # per slice, as each Retry call has its own
+            deadline = time.monotonic() + self._RETRY_S
 
             def back_off_unless_given_up(err: Exception):
                 end = time.monotonic() + next(delays)
-                while not any(event.is_set() for event in give_up):
+                if end > deadline:  # as DEFAULT_RETRY: no back-off that would end past the deadline
+                    raise google.api_core.exceptions.RetryError(
+                        f"Timeout of {self._RETRY_S:.1f}s exceeded, last exception: {err}", err) from err
+                while not any(event.is_set() for event in stop_events):
                     if time.monotonic() >= end:
                         return
-                    give_up[0].wait(min(end - time.monotonic(), _GIVE_UP_POLL_S))
+                    stop_events[0].wait(min(end - time.monotonic(), _GIVE_UP_POLL_S))
                 raise StorageReadError(f"{self.path(relpath)}: reading {size} bytes at offset {start} was given up "
                                        f"(interrupted, no longer wanted, or the interpreter is exiting) after: {err}"
                                        ) from err
@@ -322,8 +329,10 @@ class _GcsStore:
 
 
 _GCS_STORES: weakref.WeakSet = weakref.WeakSet()
-# One event per read_range under way, set to make its slices stop retrying.
+# One event per read_range under way, set to make its slices stop retrying; the lock keeps the exit hook's pass over
+# them whole while readahead threads still start reads.
 _READS_IN_FLIGHT: weakref.WeakSet = weakref.WeakSet()
+_READS_LOCK = threading.Lock()
 _EXITING = threading.Event()
 _GIVE_UP_POLL_S = 0.25  # how often a back-off looks at the caller's give_up event besides its own
 
@@ -332,8 +341,10 @@ def _give_up_reads_at_exit() -> None:
     """Reads still retrying (say, after Ctrl-C during a network outage) stop at their next failure, so that the
     interpreter, which joins the loader's and the slices' threads before it exits, does not wait out _RETRY_S for
     bytes that nobody will read."""
-    _EXITING.set()
-    for abandoned in list(_READS_IN_FLIGHT):
+    with _READS_LOCK:
+        _EXITING.set()
+        in_flight = list(_READS_IN_FLIGHT)
+    for abandoned in in_flight:
         abandoned.set()
 
 
@@ -345,8 +356,11 @@ getattr(threading, "_register_atexit", atexit.register)(_give_up_reads_at_exit)
 
 
 def _reset_gcs_stores_in_child() -> None:
+    global _READS_IN_FLIGHT, _READS_LOCK
     for store in list(_GCS_STORES):
         store._reset()
+    # The parent's reads are not the child's to give up (and a parent thread may have held their locks at the fork).
+    _READS_IN_FLIGHT, _READS_LOCK = weakref.WeakSet(), threading.Lock()
 
 
 os.register_at_fork(after_in_child=_reset_gcs_stores_in_child)

@@ -265,9 +265,9 @@ class ActivationBatches:
             self._columns[name] = np.empty(self._capacity, dtype)
         return self._columns[name]
 
-    def _decode(self, unit: int):
+    def _decode(self, unit: int, give_up: threading.Event):
         return self._ds.read_unit(self._units[unit], self._where, self._join, self.with_metadata, in_place=True,
-                                  give_up=self._give_up)
+                                  give_up=give_up)
 
     def _put(self, store: np.ndarray, values) -> None:
         """Rows `store` of the vector store = values (in the storage dtype; an array, or a list of arrays whose rows
@@ -290,11 +290,13 @@ class ActivationBatches:
         futures = [future for future, _ in self._pending.values()]
         if not futures:
             return
-        self._give_up.set()  # a read retrying through an outage would otherwise hold this wait for minutes
+        # Reads submitted from now on get a fresh event, even if this wait is interrupted; these ones give up at
+        # their next failure (a read retrying through an outage would otherwise hold this wait for minutes).
+        give_up, self._give_up = self._give_up, threading.Event()
+        give_up.set()
         for future in futures:
             future.cancel()
         concurrent.futures.wait(futures)  # a running copy must not outlive its rows
-        self._give_up = threading.Event()
         for _, reserved in self._pending.values():
             self._release(reserved)
         self._pending = {}
@@ -305,10 +307,10 @@ class ActivationBatches:
             concurrent.futures.wait([self._ahead.vectors])
         self._ahead = None
 
-    def _load(self, unit: int, store: np.ndarray):
+    def _load(self, unit: int, store: np.ndarray, give_up: threading.Event):
         """Decodes `unit` and copies its vectors into rows `store` of the vector store (reserved for it, at least
         as many as the unit has rows); returns (the rows used, row indices in the row group, token columns)."""
-        values, rows, columns = self._decode(unit)
+        values, rows, columns = self._decode(unit, give_up)
         store = store[:len(rows)]
         self._put(store, values)
         if self.readahead:
@@ -330,14 +332,17 @@ class ActivationBatches:
         if future is None:
             reserved = self._claim(self._units[unit].rows)
             # With threads, reads stay on them (a gs:// read keeps a row group's buffer per reading thread).
-            future = self._pool.submit(self._load, unit, reserved) if self._pool is not None else None
+            future = (self._pool.submit(self._load, unit, reserved, self._give_up) if self._pool is not None
+                      else None)
         if self._pool is not None:
             for ahead in wanted[1:]:
                 if ahead not in self._pending:
                     reserved_ahead = self._claim(self._units[ahead].rows)
-                    self._pending[ahead] = (self._pool.submit(self._load, ahead, reserved_ahead), reserved_ahead)
+                    self._pending[ahead] = (self._pool.submit(self._load, ahead, reserved_ahead, self._give_up),
+                                            reserved_ahead)
         try:
-            store, rows, columns = future.result() if future is not None else self._load(unit, reserved)
+            store, rows, columns = (future.result() if future is not None
+                                    else self._load(unit, reserved, self._give_up))
         except BaseException:
             if future is not None and not future.done():  # interrupted while it runs: waited for, or reused, later
                 self._pending[unit] = (future, reserved)

@@ -816,6 +816,7 @@ def test_gcs_slices_stop_retrying_once_their_read_is_interrupted(monkeypatch):
 
     store, log = _sliced_store(monkeypatch, data, 100_000, outage)
     monkeypatch.setattr(store, "_BACKOFF", (4.0, 4.0, 2.0))  # every back-off waits 0-4 s
+    monkeypatch.setattr(store, "_RETRY_S", 10)  # (were the slices not given up, shutdown() below would wait this)
     waited = concurrent.futures.wait
 
     def interrupted_later(futures, *args, **kwargs):
@@ -834,10 +835,68 @@ def test_gcs_slices_stop_retrying_once_their_read_is_interrupted(monkeypatch):
     assert bytes(store.read_range("x.parquet", 0, 300_000)) == data  # later reads are not given up
 
 
+def test_gcs_back_off_is_google_cloud_storages_and_stops_at_the_deadline(monkeypatch):
+    """The back-off is ours (so that it can be cut short) but copies DEFAULT_RETRY's delays, and, as DEFAULT_RETRY
+    does, no back-off that would end past _RETRY_S is started: the read fails at once, naming the object."""
+    import time
+
+    import urllib3.exceptions
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    from pipeline import dataset as dataset_module
+
+    assert dataset_module._GcsStore._BACKOFF == (DEFAULT_RETRY._initial, DEFAULT_RETRY._maximum,
+                                                DEFAULT_RETRY._multiplier)
+    data = bytes(300_000)
+
+    def outage(start, attempt):
+        raise urllib3.exceptions.ProtocolError("connection refused")
+
+    store, log = _sliced_store(monkeypatch, data, 100_000, outage)
+    monkeypatch.setattr(store, "_RETRY_S", 2)
+    monkeypatch.setattr(store, "_BACKOFF", (6.0, 6.0, 1.0))  # every back-off draws 0-6 s: most end past 2 s
+    started = time.monotonic()
+    with pytest.raises(dataset_module.StorageReadError, match=r"gs://bucket/out/x.parquet: reading 300000 bytes at "
+                                                              r"offset 0 failed: .*Timeout of 2.0s exceeded"):
+        store.read_range("x.parquet", 0, 300_000)  # (a back-off that ends before the deadline is waited, then retried)
+    assert time.monotonic() - started < 2.5
+
+
+def test_reads_after_a_loader_drops_its_pending_ones_are_retried_as_before(gcs_emulator, small_row_groups,
+                                                                           monkeypatch):
+    """load_state_dict (like close) gives up the reads in flight; the reads that follow get a fresh event and retry
+    a transient failure as usual: every token still comes back."""
+    import urllib3.exceptions
+
+    from pipeline import dataset as dataset_module
+
+    root = f"{gcs_emulator.root}/dataset/dropped"
+    truth = write_output(root, shards=3)
+    ds = open_activations(root)
+    loader = ds.batches("mlp_out", 0, 6, buffer_tokens=6, readahead=2, drop_last=False)
+    next(loader)
+    assert loader._pending  # row groups read ahead, given up by the load_state_dict below
+    state = ds.batches("mlp_out", 0, 6, buffer_tokens=6, readahead=2, drop_last=False).state_dict()
+    original, failed = dataset_module._GcsStore._get_range, set()
+
+    def fails_once(self, relpath, start, view):
+        if (relpath, start) not in failed:
+            failed.add((relpath, start))
+            raise urllib3.exceptions.ProtocolError("connection reset")
+        return original(self, relpath, start, view)
+
+    monkeypatch.setattr(dataset_module._GcsStore, "_get_range", fails_once)
+    monkeypatch.setattr(dataset_module._GcsStore, "_BACKOFF", (0.05, 0.05, 1.0))
+    loader.load_state_dict(state)
+    assert sum(len(batch) for batch in loader) == len(truth[("mlp_out", 0)]) and failed
+
+
 _EXIT_DURING_OUTAGE = """
 import concurrent.futures, http.server, os, sys, threading, time
+requests = []
 class Unavailable(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
+        requests.append(self.path)
         self.send_response(503)
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -852,7 +911,7 @@ store._SLICE, store._RETRY_S = 100_000, 120
 reads = concurrent.futures.ThreadPoolExecutor(1)  # as the loader reads ahead
 reads.submit(store.read_range, "x.parquet", 0, 400_000)
 time.sleep(1.5)
-print("leaving", flush=True)
+print("leaving", len(requests), flush=True)
 """
 
 
@@ -866,7 +925,8 @@ def test_the_interpreter_exits_at_once_while_gs_reads_retry():
     done = subprocess.run([sys.executable, "-c", _EXIT_DURING_OUTAGE], capture_output=True, text=True, timeout=100,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip() == "leaving"
+    word, requests = done.stdout.split()
+    assert word == "leaving" and int(requests) > 0  # the reads were retrying when the script ended
     assert time.monotonic() - started < 20
 
 
