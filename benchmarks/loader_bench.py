@@ -158,9 +158,9 @@ while True:
 def reference_rate() -> int:
     """Issue 11's reader reference, measured now: `storage_bench.py --reference` (read_table plus decode of zstd
     bfloat16 activations, tok/s) in a fresh process on one core (the first this one may use; unpinned where taskset
-    is missing). This VM's speed changes
-    by about 2x between windows minutes apart; a loader rate next to the reference taken just before it says which
-    kind of window it came from (the issue's figure is 790-853k tok/s per core)."""
+    is missing). This VM's speed changes by about 2x between windows minutes apart; a loader rate next to the
+    reference taken just before it says which kind of window it came from (the issue's figure is 790-853k tok/s per
+    core)."""
     import shutil
     import subprocess
 
