@@ -587,7 +587,7 @@ class _FlakyRangeServer:
     """A GCS media endpoint on 127.0.0.1 serving one object's byte ranges, misbehaving on the first requests as
     `faults` says: "cut" (the connection closes mid-body), "stall" (no byte after the headers), "short" (a complete
     response with fewer bytes than asked: the object is shorter than its footer says), "past_end" (416: the object
-    ends before the range starts)."""
+    ends before the range starts), "unavailable" (503, which google-cloud-storage retries)."""
 
     def __init__(self, data: bytes, faults: list[str], keep_alive: bool = False):
         import http.server
@@ -606,8 +606,8 @@ class _FlakyRangeServer:
                 outer.requests += 1
                 if fault == "short":
                     body = body[:len(body) // 2]
-                if fault == "past_end":
-                    self.send_response(416)
+                if fault in ("past_end", "unavailable"):
+                    self.send_response(416 if fault == "past_end" else 503)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     self.close_connection = True
@@ -892,26 +892,17 @@ def test_reads_after_a_loader_drops_its_pending_ones_are_retried_as_before(gcs_e
 
 
 _EXIT_DURING_OUTAGE = """
-import concurrent.futures, http.server, os, sys, threading, time
-requests = []
-class Unavailable(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        requests.append(self.path)
-        self.send_response(503)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-    def log_message(self, *args):
-        pass
-server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
-threading.Thread(target=server.serve_forever, daemon=True).start()
-os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{server.server_address[1]}"
+import concurrent.futures, os, time
+from tests.test_dataset import _FlakyRangeServer
+server = _FlakyRangeServer(bytes(400_000), ["unavailable"] * 10_000)
+os.environ["STORAGE_EMULATOR_HOST"] = server.host
 from pipeline import dataset
 store = dataset._GcsStore("gs://bucket/out")
 store._SLICE, store._RETRY_S = 100_000, 120
 reads = concurrent.futures.ThreadPoolExecutor(1)  # as the loader reads ahead
 reads.submit(store.read_range, "x.parquet", 0, 400_000)
 time.sleep(1.5)
-print("leaving", len(requests), flush=True)
+print("leaving", server.requests, flush=True)
 """
 
 
