@@ -19,6 +19,7 @@ Imports pyarrow, numpy and ml_dtypes only; google-cloud-storage for gs:// output
 from __future__ import annotations
 
 import atexit
+import contextlib
 import concurrent.futures
 import concurrent.futures.thread  # before _give_up_reads_at_exit is registered (see there)
 import functools
@@ -78,7 +79,11 @@ class _LocalStore:
         for directory, _, names in os.walk(base):
             for name in names:
                 full = os.path.join(directory, name)
-                found[os.path.relpath(full, self.root).replace(os.sep, "/")] = os.path.getsize(full)
+                try:
+                    size = os.path.getsize(full)
+                except FileNotFoundError:  # a running writer renamed or removed it since the listing
+                    continue
+                found[os.path.relpath(full, self.root).replace(os.sep, "/")] = size
         return found
 
     def exists(self, relpath: str) -> bool:
@@ -167,22 +172,43 @@ class _GcsStore:
     def path(self, relpath: str) -> str:
         return f"{self.root}/{relpath}"
 
+    @contextlib.contextmanager
+    def _reading(self, relpath: str, what: str):
+        """google-cloud-storage's and google-auth's failures (after their own retries) as StorageReadError naming
+        the object and what to check."""
+        import google.api_core.exceptions
+        import google.auth.exceptions
+
+        try:
+            yield
+        except google.api_core.exceptions.NotFound:
+            raise FileNotFoundError(self.path(relpath)) from None
+        except (google.api_core.exceptions.GoogleAPIError, google.auth.exceptions.GoogleAuthError) as err:
+            reason = " ".join(str(err).split())[:500]
+            raise StorageReadError(f"{self.path(relpath)}: {what} failed: {reason}; check the credentials (gcloud "
+                                   f"auth application-default login, or GOOGLE_APPLICATION_CREDENTIALS), access to "
+                                   f"the bucket and the network, then run again") from err
+
     def list(self, reldir: str) -> dict[str, int]:
         start = len(self.prefix) + 1 if self.prefix else 0
-        return {blob.name[start:]: int(blob.size)
-                for blob in self._bucket().list_blobs(prefix=self._name(reldir).rstrip("/") + "/")}
+        with self._reading(reldir, "listing"):
+            return {blob.name[start:]: int(blob.size)
+                    for blob in self._bucket().list_blobs(prefix=self._name(reldir).rstrip("/") + "/")}
 
     def exists(self, relpath: str) -> bool:
-        return self._bucket().blob(self._name(relpath)).exists()
+        with self._reading(relpath, "looking it up"):
+            return self._bucket().blob(self._name(relpath)).exists()
 
     def open(self, relpath: str):
-        blob = self._bucket().get_blob(self._name(relpath))
-        if blob is None:
-            raise FileNotFoundError(self.path(relpath))
-        return pa.PythonFile(blob.open("rb", chunk_size=self._CHUNK), mode="r")
+        with self._reading(relpath, "opening it"):
+            blob = self._bucket().get_blob(self._name(relpath))
+            if blob is None:
+                raise FileNotFoundError(self.path(relpath))
+            return pa.PythonFile(_ReadingErrors(blob.open("rb", chunk_size=self._CHUNK), self, relpath), mode="r")
 
     def read_bytes(self, relpath: str) -> bytes:
-        return self._bucket().blob(self._name(relpath)).download_as_bytes()
+        with self._reading(relpath, "reading it"):
+            return self._bucket().blob(self._name(relpath)).download_as_bytes()
 
     def read_range(self, relpath: str, start: int, size: int, give_up: threading.Event | None = None) -> memoryview:
         """`size` bytes of the object from `start`, read straight into this thread's buffer by ranged GETs of the
@@ -328,6 +354,24 @@ class _GcsStore:
                                             f"says {size} are: the object is shorter than its footer says")
 
 
+class _ReadingErrors:
+    """A google-cloud-storage blob reader whose failures are StorageReadError (_GcsStore._reading), for pyarrow."""
+
+    def __init__(self, reader, store: _GcsStore, relpath: str):
+        self._reader, self._store, self._relpath = reader, store, relpath
+
+    def read(self, size: int = -1) -> bytes:
+        with self._store._reading(self._relpath, "reading it"):
+            return self._reader.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        with self._store._reading(self._relpath, "reading it"):
+            return self._reader.seek(offset, whence)
+
+    def __getattr__(self, name):  # tell, close, closed, readable, seekable, ...
+        return getattr(self._reader, name)
+
+
 _GCS_STORES: weakref.WeakSet = weakref.WeakSet()
 # One event per read_range under way, set to make its slices stop retrying; the lock keeps the exit hook's pass over
 # them whole while readahead threads still start reads.
@@ -468,12 +512,8 @@ class ActivationDataset:
         store = self._store
         manifest = None
         if store.exists(fmt.MANIFEST_NAME):
-            try:
-                manifest = json.loads(store.read_bytes(fmt.MANIFEST_NAME))
-            except ValueError as err:
-                raise ValueError(f"{store.path(fmt.MANIFEST_NAME)} is not valid JSON ({err}); rebuild it with "
-                                 f"python -m pipeline.manifest {self.output}") from None
-        listed = store.list(fmt.ACTIVATIONS_DIR)
+            manifest = fmt.parse_manifest(store.read_bytes(fmt.MANIFEST_NAME), store.path(fmt.MANIFEST_NAME),
+                                          self.output)
         if manifest is not None:
             self.source = "manifest"
             markers = [f["path"] for f in manifest.get("files", []) if f.get("kind") == "samples"]
@@ -483,9 +523,15 @@ class ActivationDataset:
             markers = sorted(p for p in store.list(fmt.SAMPLES_DIR)
                              if p.endswith(fmt.PARQUET_SUFFIX) and not fmt.is_temp_name(fmt.basename(p)))
             entries = None
+        # Listed after the markers: a writer renames a shard's activation files into place before it writes the
+        # shard's marker, so every file a marker seen here lists is already in this listing.
+        listed = store.list(fmt.ACTIVATIONS_DIR)
         metas = fmt.parallel_map(self._marker, markers)
+        marked = [dict(entry, shard=meta[fmt.KEY_SHARD]) for meta in metas for entry in meta[fmt.KEY_FILES]]
         if entries is None:
-            entries = [dict(entry, shard=meta[fmt.KEY_SHARD]) for meta in metas for entry in meta[fmt.KEY_FILES]]
+            entries = marked
+        else:
+            self._check_manifest_agrees(entries, marked)
         self._check_shards_agree(metas)
         self.samples_files = tuple(markers)
         files = []
@@ -517,6 +563,18 @@ class ActivationDataset:
         self.layers = tuple(sorted({layer for _, layer in pairs}))
         self._pairs = pairs
 
+    def _check_manifest_agrees(self, entries: list[dict], marked: list[dict]) -> None:
+        """The manifest's activation files are those its commit markers list: a manifest that leaves one out would
+        have its tokens skipped without a word."""
+        in_manifest = {str(entry.get("path")) for entry in entries}
+        in_markers = {str(entry.get("path")) for entry in marked}
+        for missing, side, other in ((in_markers - in_manifest, "the commit markers list", "the manifest does not"),
+                                     (in_manifest - in_markers, "the manifest lists", "no commit marker does")):
+            if missing:
+                shown = ", ".join(sorted(missing)[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+                raise ValueError(f"{self._store.path(fmt.MANIFEST_NAME)} disagrees with the commit markers: {side} "
+                                 f"{shown}, {other}; rebuild it with python -m pipeline.manifest {self.output}")
+
     def _sha256(self, relpath: str) -> str:
         sha = hashlib.sha256()
         with self._store.open(relpath) as handle:
@@ -525,9 +583,14 @@ class ActivationDataset:
         return sha.hexdigest()
 
     def _marker(self, relpath: str) -> dict:
+        if self.source == "manifest" and not self._store.exists(relpath):
+            raise ValueError(f"{self._store.path(relpath)} is listed by the manifest but missing: the output is "
+                             f"damaged; run python -m pipeline.verify {self.output}")
         with self._store.open(relpath) as handle:
             try:
                 meta = fmt.decode_metadata(pq.read_metadata(handle))
+            except StorageReadError:
+                raise
             except (pa.ArrowInvalid, OSError) as err:
                 raise ValueError(f"{self._store.path(relpath)}: not a readable Parquet commit marker ({err})") from None
         if fmt.KEY_FILES not in meta or fmt.KEY_SHARD not in meta:
@@ -588,17 +651,30 @@ class ActivationDataset:
     def samples(self, columns: list[str] | None = None) -> pa.Table:
         """The samples table of every committed shard (one row per sample), in shard order."""
         def read(relpath):
-            with self._store.open(relpath) as handle:
-                return pq.read_table(handle, columns=columns, page_checksum_verification=self.check_pages)
+            try:
+                with self._store.open(relpath) as handle:
+                    return pq.read_table(handle, columns=columns, page_checksum_verification=self.check_pages)
+            except StorageReadError:
+                raise
+            except (OSError, pa.ArrowException) as err:
+                raise ValueError(f"{self._store.path(relpath)} (a samples file): {err}; the file is damaged: run "
+                                 f"python -m pipeline.verify {self.output} --repair") from err
         tables = fmt.parallel_map(read, self.samples_files)
         return pa.concat_tables(t.replace_schema_metadata(None) for t in tables)
 
     def _footer(self, file: _File) -> pq.FileMetaData:
         footer = self._footers.get(file.path)
         if footer is None:
-            with self._store.open(file.path) as handle:
-                footer = pq.read_metadata(handle)
-            meta = fmt.decode_metadata(footer)
+            try:
+                with self._store.open(file.path) as handle:
+                    footer = pq.read_metadata(handle)
+                meta = fmt.decode_metadata(footer)
+            except StorageReadError:
+                raise  # names the object and says what to do; the file is not known to be damaged
+            except (OSError, pa.ArrowException, ValueError) as err:
+                reason = " ".join(str(err).split())
+                raise ValueError(f"{self._store.path(file.path)}: its Parquet footer does not read ({reason}); the "
+                                 f"file is damaged: run python -m pipeline.verify {self.output} --repair") from err
             if footer.num_rows != file.rows:
                 raise ValueError(f"{self._store.path(file.path)} holds {footer.num_rows} rows but the {self.source} "
                                  f"say {file.rows}: refused; run python -m pipeline.verify on it")
@@ -700,7 +776,12 @@ class ActivationDataset:
                 if join:
                     tokens = self._join_samples(tokens, unit)
                 if where is not None:
-                    rows = _matching_rows(tokens, where)
+                    try:
+                        rows = _matching_rows(tokens, where)
+                    except pa.ArrowException as err:  # e.g. an overflow or a division by zero in the expression
+                        raise ValueError(f"where={where}: evaluating it on the tokens of "
+                                         f"{self._store.path(unit.file.path)}, row group {unit.row_group}, failed: "
+                                         f"{str(err).splitlines()[0]}") from None
                     if not len(rows):
                         return np.zeros((0, self.d_model), dtypes.storage_numpy_dtype(self.storage_dtype)), rows, (
                             _columns(tokens.take(rows)) if metadata else None)

@@ -169,24 +169,26 @@ class ActivationBatches:
     def _config(self) -> dict:
         return {"hook": self.hook, "layer": self.layer, "batch_tokens": self.batch_tokens, "shuffle": self.shuffle,
                 "seed": self.seed, "rank": self.rank, "world_size": self.world_size, "where": str(self._where),
-                "buffer_tokens": self.buffer_tokens, "with_metadata": self.with_metadata, "output": self._fingerprint}
+                "buffer_tokens": self.buffer_tokens, "with_metadata": self.with_metadata, "epochs": self.epochs,
+                "drop_last": self.drop_last, "output": self._fingerprint}
 
     def state_dict(self) -> dict:
-        """Where the iterator stands: plain ints and strings plus int64 arrays naming every buffered token (its
-        unit and row) and the tokens of the batch drawn ahead, so saving it costs 16 bytes per buffered token.
-        Save it with the model's checkpoint (np.savez, torch.save, orbax)."""
+        """Where the iterator stands, as plain Python values only (dicts, lists, ints, strings, bools, None): lists
+        naming every buffered token (its unit and row) and the tokens of the batch drawn ahead. Plain values, so
+        that it saves with the model's checkpoint by json, torch.save (loaded back by torch.load's default
+        weights_only) or orbax, with nothing to unpickle."""
         ahead = self._ahead
         return {"version": _STATE_VERSION, "config": self._config(), "epoch": self._epoch, "cursor": self._cursor,
                 "batches": self._batches - (ahead is not None and ahead.epoch == self._epoch), "done": self._done,
-                "rng": self._rng.bit_generator.state, "buffer_unit": self._unit_of[self._head:self._count].copy(),
-                "buffer_row": self._row_of[self._head:self._count].copy(),
-                "ahead_unit": ahead.unit.copy() if ahead else np.zeros(0, np.int64),
-                "ahead_row": ahead.row.copy() if ahead else np.zeros(0, np.int64),
+                "rng": self._rng.bit_generator.state, "buffer_unit": self._unit_of[self._head:self._count].tolist(),
+                "buffer_row": self._row_of[self._head:self._count].tolist(),
+                "ahead_unit": ahead.unit.tolist() if ahead else [], "ahead_row": ahead.row.tolist() if ahead else [],
                 "ahead_epoch": ahead.epoch if ahead else self._epoch}
 
     def load_state_dict(self, state: dict) -> None:
         """Continues exactly where `state` was taken: the same remaining batches, in the same order. The iterator
-        must be built with the same arguments on the same output; every difference is named."""
+        must be built with the same arguments on the same output; every difference is named (`dtype` and
+        `readahead` may differ: they change neither which tokens come nor when)."""
         if not isinstance(state, dict) or state.get("version") not in _STATE_VERSIONS:
             raise ValueError(f"not a loader state of version {' or '.join(map(str, _STATE_VERSIONS))}: "
                              f"{str(state)[:200]}")

@@ -3,6 +3,7 @@ written by the real shard writer (row groups shrunk so that each file holds seve
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -248,6 +249,37 @@ def test_a_state_holds_the_batch_drawn_ahead_and_old_states_still_load(output):
     assert [keys_of(cols) for _, cols in resumed] == rest
 
 
+def test_a_state_saves_as_plain_values_and_a_loader_built_otherwise_is_refused(output):
+    """A state is plain Python values: it survives json and torch.save / torch.load with torch's default
+    weights_only, and resumes exactly; states of int64 arrays (as saved before) still load. `epochs` and
+    `drop_last` change which batches come, so a loader built with others is refused; `dtype` may change."""
+    import io
+    import json
+
+    ds = open_activations(output.root)
+    options = dict(with_metadata=True, seed=5, buffer_tokens=20)
+    loader = ds.batches("resid_post", 1, 6, epochs=2, **options)
+    for _ in range(4):
+        next(loader)
+    state = loader.state_dict()
+    rest = [keys_of(cols) for _, cols in loader]
+    copies = [json.loads(json.dumps(state)),
+              {k: np.asarray(v, np.int64) if k.endswith(("_unit", "_row")) else v for k, v in state.items()}]
+    torch = pytest.importorskip("torch")
+    saved = io.BytesIO()
+    torch.save({"loader": state}, saved)
+    saved.seek(0)
+    copies.append(torch.load(saved)["loader"])
+    for copy in copies:
+        resumed = ds.batches("resid_post", 1, 6, epochs=2, dtype="bfloat16", **options)
+        resumed.load_state_dict(copy)
+        assert [keys_of(cols) for _, cols in resumed] == rest
+    for changed, message in ((dict(epochs=None), "epochs=2 when saved, None now"),
+                             (dict(epochs=2, drop_last=False), "drop_last=True when saved, False now")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ds.batches("resid_post", 1, 6, **changed, **options).load_state_dict(state)
+
+
 @pytest.mark.parametrize("readahead", [1, 2])
 def test_resume_around_an_epoch_boundary_with_a_batch_drawn_ahead(output, readahead):
     """Stopping just before, at and just after the end of an epoch (where the batch drawn ahead already belongs to
@@ -387,6 +419,108 @@ def test_uncommitted_files_are_skipped_never_read(output, tmp_path):
                           "activations/hook=resid_post/layer=1/h001-00000000000000aa.parquet")
     assert ds.num_tokens("resid_post", 1) == len(output.truth[("resid_post", 1)])
     assert len(ds.to_numpy("resid_post", 1)) == len(output.truth[("resid_post", 1)])
+
+
+def test_a_shard_committing_while_the_output_opens_is_skipped_not_called_damaged(output, tmp_path, monkeypatch,
+                                                                                  small_row_groups):
+    """A writer commits a shard (activation files, then its marker) and renames temporary files while a reader
+    lists the output: the markers are listed first, so a shard committing in between is skipped as uncommitted,
+    and a file that vanishes between listing and stat is not an error."""
+    from pipeline import dataset as dataset_module
+
+    root = copy_output(output, tmp_path)
+    folder = os.path.join(root, "activations", "hook=resid_post", "layer=1")
+    open(os.path.join(folder, ".tmp-0123-h001-00000000000000bb.parquet"), "wb").write(b"partial")
+    listing, getsize = dataset_module._LocalStore.list, os.path.getsize
+
+    def list_then_commit(store, reldir):
+        found = listing(store, reldir)
+        if reldir == output_format.SAMPLES_DIR:
+            write_output(root, shards=1, first=70)
+        return found
+
+    def vanished(path):
+        if ".tmp-" in os.path.basename(path):
+            raise FileNotFoundError(path)
+        return getsize(path)
+
+    monkeypatch.setattr(dataset_module._LocalStore, "list", list_then_commit)
+    monkeypatch.setattr(os.path, "getsize", vanished)
+    ds = open_activations(root)
+    assert ds.num_tokens("resid_post", 1) == len(output.truth[("resid_post", 1)])
+    assert len(ds.skipped) == len(HOOKS) and not any(".tmp-" in p for p in ds.skipped)  # the new shard's files
+
+
+def test_damaged_footers_samples_files_and_failing_where_name_what_failed(output, tmp_path):
+    """A committed file whose footer does not parse, a samples file with a damaged page, and a `where` that fails
+    while it is evaluated: each error names the file (or the expression) and what to do; a healthy file is never
+    called damaged."""
+    root = copy_output(output, tmp_path)
+    folder = os.path.join(root, "activations", "hook=resid_post", "layer=1")
+    victim = os.path.join(folder, sorted(os.listdir(folder))[0])
+    size = os.path.getsize(victim)
+    open(victim, "wb").write(bytes(size))  # zeros of the right size: the markers' sizes still match
+    ds = open_activations(root)
+    for read in (lambda: ds.to_numpy("resid_post", 1), lambda: next(iter(ds.batches("resid_post", 1, 8)))):
+        with pytest.raises(ValueError, match=f"{os.path.basename(victim)}: its Parquet footer does not read .*"
+                                             f"damaged: run python -m pipeline.verify .* --repair"):
+            read()
+    ds = open_activations(output.root)
+    for where in (pc.field("position") / 0 > 1, pc.multiply_checked(pc.field("color"), 100) > 1000):
+        with pytest.raises(ValueError, match=r"where=.*: evaluating it on the tokens of .*failed: "
+                                             r"(divide by zero|overflow)$"):
+            ds.to_numpy("resid_post", 1, where=where)
+    root = copy_output(output, tmp_path / "samples")
+    marker = os.path.join(root, "samples", sorted(os.listdir(os.path.join(root, "samples")))[0])
+    footer = pq.ParquetFile(marker).metadata
+    chunk = footer.row_group(0).column(footer.schema.to_arrow_schema().get_field_index("task_id"))
+    data = bytearray(open(marker, "rb").read())
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    data[start + chunk.total_compressed_size - 3] ^= 0x01
+    open(marker, "wb").write(bytes(data))
+    ds = open_activations(root)
+    for read in (ds.samples, lambda: ds.to_numpy("resid_post", 1, where=pc.field("task_id") == "x")):
+        with pytest.raises(ValueError, match=f"{os.path.basename(marker)} \\(a samples file\\): .*CRC.*"
+                                             f"pipeline.verify .* --repair"):
+            read()
+
+
+@pytest.mark.parametrize("damage", ["drops_a_file", "lists_an_unknown_file", "files_null", "not_an_object",
+                                    "marker_missing"])
+def test_a_manifest_that_disagrees_with_the_markers_or_is_malformed_is_refused(output, tmp_path, damage):
+    """A manifest that leaves out a file its commit markers list would have its tokens skipped in silence; one of
+    the wrong shape, or listing a samples file that is gone, is named with what to do."""
+    import json
+
+    from pipeline.manifest import rebuild_manifest
+
+    root = copy_output(output, tmp_path)
+    manifest = rebuild_manifest(root)
+    files = manifest["files"]
+    activation = next(f for f in files if f["kind"] == "activations")
+    marker = next(f for f in files if f["kind"] == "samples")
+    expected = {
+        "drops_a_file": (lambda: files.remove(activation),
+                         f"disagrees with the commit markers: the commit markers list {activation['path']}, the "
+                         f"manifest does not; rebuild it with python -m pipeline.manifest"),
+        "lists_an_unknown_file": (lambda: files.append(dict(activation, path="activations/x.parquet")),
+                                  "the manifest lists activations/x.parquet, no commit marker does"),
+        "files_null": (lambda: manifest.update(files=None), "manifest.json is not a manifest of this format: its "
+                                                            "'files' is null, not a list; rebuild it"),
+        "not_an_object": (None, "its top level is a JSON list, not an object"),
+        "marker_missing": (lambda: os.remove(os.path.join(root, marker["path"])),
+                           f"{marker['path']} is listed by the manifest but missing: the output is damaged; run "
+                           f"python -m pipeline.verify"),
+    }
+    change, message = expected[damage]
+    if change is None:
+        manifest = [manifest]
+    else:
+        change()
+    with open(os.path.join(root, "manifest.json"), "w") as handle:
+        json.dump(manifest, handle)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        open_activations(root)
 
 
 def test_truncated_or_corrupt_committed_files_are_refused(output, tmp_path):
@@ -681,6 +815,41 @@ def test_gcs_slice_past_the_end_of_a_cut_object_is_damage(monkeypatch):
         assert server.requests == 1
     finally:
         server.stop()
+
+
+def test_gcs_outputs_without_credentials_or_network_fail_naming_the_object(monkeypatch, gcs_emulator, output):
+    """google-auth's and google-cloud-storage's own failures (no credentials; retries exhausted while listing,
+    opening or reading) are StorageReadError naming the object and what to check, never a bare library
+    traceback, nor a damaged file."""
+    import google.api_core.exceptions
+    import google.auth.exceptions
+    from google.cloud import storage
+
+    from pipeline import dataset as dataset_module
+    from tests.pipeline_output import upload
+
+    def no_credentials(*args, **kwargs):
+        raise google.auth.exceptions.DefaultCredentialsError("Your default credentials were not found.")
+
+    with monkeypatch.context() as patch:
+        patch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+        patch.setattr("google.auth.default", no_credentials)
+        with pytest.raises(dataset_module.StorageReadError, match=r"gs://bucket/out/manifest.json: looking it up "
+                                                                  r"failed: Your default credentials .*gcloud auth"):
+            open_activations("gs://bucket/out")
+    root = upload(output.root, gcs_emulator, "unreachable")
+    ds = open_activations(root)
+
+    def retries_exhausted(*args, **kwargs):
+        raise google.api_core.exceptions.RetryError("Timeout of 120.0s exceeded, last exception: refused", None)
+
+    monkeypatch.setattr(storage.Blob, "open", retries_exhausted)
+    with pytest.raises(dataset_module.StorageReadError, match=r"/unreachable/activations/.*\.parquet: opening it "
+                                                              r"failed: Timeout of 120.0s exceeded"):
+        ds.to_numpy("resid_post", 1)
+    monkeypatch.setattr(storage.Bucket, "list_blobs", retries_exhausted)
+    with pytest.raises(dataset_module.StorageReadError, match=r"/unreachable/samples: listing failed"):
+        open_activations(root)
 
 
 def test_gcs_ranged_reads_keep_their_connection(monkeypatch):

@@ -186,6 +186,30 @@ def decode_metadata(footer: pq.FileMetaData) -> dict[str, Any]:
 
 # -------------------------------------------------------------------------------------- row groups
 
+def parse_manifest(data: bytes, where: str, output: str) -> dict[str, Any]:
+    """OUTPUT/manifest.json's content from its bytes: an object whose `files` is a list of objects, each with a
+    string `path` and `kind`. ValueError naming `where` (the file, for messages) and how to rebuild it otherwise."""
+    fix = f"rebuild it with python -m pipeline.manifest {output}"
+    try:
+        manifest = json.loads(data)
+    except ValueError as err:
+        raise ValueError(f"{where} is not valid JSON ({err}); {fix}") from None
+    problem = None
+    if not isinstance(manifest, dict):
+        problem = f"its top level is a JSON {type(manifest).__name__}, not an object"
+    elif not isinstance(manifest.get("files", []), list):
+        problem = f"its 'files' is {json.dumps(manifest['files'])[:80]}, not a list"
+    else:
+        for entry in manifest.get("files", []):
+            if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)
+                    and isinstance(entry.get("kind"), str)):
+                problem = f"a 'files' entry {json.dumps(entry)[:120]} is not an object with a string path and kind"
+                break
+    if problem:
+        raise ValueError(f"{where} is not a manifest of this format: {problem}; {fix}")
+    return manifest
+
+
 def row_group_rows(d_model: int, storage_dtype: str) -> int:
     """Rows per row group of an activation file: about ROW_GROUP_BYTES of uncompressed vectors."""
     row_bytes = int(d_model) * storage_numpy_dtype(storage_dtype).itemsize
