@@ -10,12 +10,17 @@ the commit markers (the samples files' metadata), so a running output is describ
 output also has its predictions: the committed files and their rows (from the markers), and how many were scored
 against a ground truth and how many were correct (their `correct` column only).
 
+Exits 2 with a one-line message naming the path when OUTPUT is not an output (it holds nothing a run writes), when
+its manifest.json is not a manifest of this format (rebuild it with `python -m pipeline.manifest OUTPUT`), or when
+its storage cannot be read (no credentials, an unreachable endpoint).
+
 Reads local or gs:// outputs through pipeline.dataset's stores; imports neither Beam nor JAX nor torch.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter, defaultdict
@@ -25,11 +30,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.dataset import _store
+from pipeline.dataset import StorageReadError, _store
 from transforms.output_format import parallel_map
 from transforms import output_format as fmt
 
-LEASES_DIR = "_leases"
+LEASES_DIR = fmt.LEASES_DIR
+# What a run writes into its output: a directory holding none of them is not an output. A run that has started but
+# committed nothing yet already holds its lease (the first thing it writes), its identity file or temporary files.
+OUTPUT_FILES = (fmt.MANIFEST_NAME, fmt.IDENTITY_FILE, fmt.STATS_NAME)
+OUTPUT_DIRS = (fmt.SAMPLES_DIR, fmt.ACTIVATIONS_DIR, LEASES_DIR, fmt.RUNS_DIR, fmt.DEAD_LETTER_DIR, fmt.STATS_DIR,
+               fmt.PREDICTIONS_DIR)
 
 __all__ = ["inspect_output", "format_report", "main"]
 
@@ -42,7 +52,11 @@ def _json_files(store, reldir: str) -> dict[str, Any]:
         if not name.endswith(".json") or name.startswith("."):
             continue
         try:
-            found[name[:-len(".json")]] = json.loads(store.read_bytes(relpath))
+            data = store.read_bytes(relpath)
+        except FileNotFoundError:  # gone since the listing, e.g. a lease its run deleted at the end
+            continue
+        try:
+            found[name[:-len(".json")]] = json.loads(data)
         except ValueError as err:
             found[name[:-len(".json")]] = f"{store.path(relpath)} is not valid JSON ({err})"
     return found
@@ -86,9 +100,13 @@ def _dead_letters(store) -> dict:
         name = fmt.basename(relpath)
         if not name.endswith(fmt.DEAD_LETTER_SUFFIX) or fmt.is_temp_name(name):
             continue
+        try:
+            data = store.read_bytes(relpath)
+        except FileNotFoundError:  # deleted since the listing (verify --repair)
+            continue
         files += 1
         total_bytes += size
-        for line in store.read_bytes(relpath).decode("utf-8", "replace").splitlines():
+        for line in data.decode("utf-8", "replace").splitlines():
             if not line.strip():
                 continue
             try:
@@ -141,17 +159,24 @@ def _predictions(store, markers: list[dict], problems: list[str]) -> dict | None
             "uncommitted_files": sorted(listed - committed)}
 
 
-def _part_counts(store, paths: list[str]) -> dict[str, int]:
+def _part_counts(store, paths: list[str], output: str, problems: list[str]) -> dict[str, int]:
+    """Tokens per prompt part over `paths`; a file that does not read as Parquet is a problem (its tokens are left
+    out), a storage failure an error."""
     def count(relpath):
-        with store.open(relpath) as handle:
-            column = pq.read_table(handle, columns=["part"]).column("part")
+        try:
+            with store.open(relpath) as handle:
+                column = pq.read_table(handle, columns=["part"]).column("part")
+        except StorageReadError:
+            raise
+        except (pa.ArrowException, OSError) as err:
+            return f"{store.path(relpath)} does not read ({err}); run python -m pipeline.verify {output}"
         if pa.types.is_dictionary(column.type):
             column = column.cast(column.type.value_type)
         return {row["values"]: row["counts"] for row in pc.value_counts(column).to_pylist()}
 
     totals: Counter = Counter()
     for counts in parallel_map(count, paths):
-        totals.update(counts)
+        (problems.append(counts) if isinstance(counts, str) else totals.update(counts))
     return dict(totals.most_common())
 
 
@@ -160,8 +185,9 @@ def inspect_output(output: str, *, parts: bool = True, now: float | None = None)
     store = _store(output)
     now = time.time() if now is None else now
     problems = []
-    manifest = _manifest(store, problems)
-    marker_paths = sorted(p for p in store.list(fmt.SAMPLES_DIR)
+    manifest = _manifest(store, output)
+    samples_listed = store.list(fmt.SAMPLES_DIR)
+    marker_paths = sorted(p for p in samples_listed
                           if p.endswith(fmt.PARQUET_SUFFIX) and not fmt.is_temp_name(fmt.basename(p)))
     markers = []
     for meta in parallel_map(lambda p: _marker(store, p), marker_paths):
@@ -169,7 +195,13 @@ def inspect_output(output: str, *, parts: bool = True, now: float | None = None)
     leases = _leases(store, now)
     problems += [lease["error"] for lease in leases.values() if "error" in lease]
     hosts = _hosts(markers, _json_files(store, fmt.RUNS_DIR), leases)
+    # Listed after the markers: a writer renames a shard's activation files into place before its marker, so every
+    # file a marker seen above lists is in this listing.
     listed = store.list(fmt.ACTIVATIONS_DIR)
+    if manifest is None and not (samples_listed or listed or leases) and not _holds_output_entries(store):
+        raise ValueError(f"{store} is not an output of pipeline.run: it holds none of "
+                         f"{', '.join(OUTPUT_FILES + tuple(f'{d}/' for d in OUTPUT_DIRS))}; give the --output a "
+                         "run wrote into")
     committed, pairs = _committed_activations(markers)
     uncommitted = sorted(p for p in listed if p not in committed)
     problems += [f"{store.path(p)} is listed by its commit marker but missing"
@@ -181,10 +213,12 @@ def inspect_output(output: str, *, parts: bool = True, now: float | None = None)
         hook, layer = min(pairs)
         parts_of = {"hook": hook, "layer": layer}
         part_counts = _part_counts(store, sorted(p for p, e in committed.items()
-                                                 if e["hook"] == hook and int(e["layer"]) == layer and p in listed))
+                                                 if e["hook"] == hook and int(e["layer"]) == layer and p in listed),
+                                   output, problems)
     live = sorted(share for share, lease in leases.items() if lease.get("live"))
     state, why = _state(output, manifest, markers, marker_paths, live)
-    sample_bytes = sum(size for p, size in store.list(fmt.SAMPLES_DIR).items() if p in set(marker_paths))
+    problems += _manifest_disagreements(store, output, manifest, markers)
+    sample_bytes = sum(size for p, size in samples_listed.items() if p in set(marker_paths))
     dead = _dead_letters(store)
     predictions = _predictions(store, markers, problems)
     activation_bytes = sum(e["bytes"] for e in pairs.values())
@@ -213,14 +247,45 @@ def inspect_output(output: str, *, parts: bool = True, now: float | None = None)
     }
 
 
-def _manifest(store, problems: list[str]) -> dict | None:
+def _manifest(store, output: str) -> dict | None:
+    """OUTPUT/manifest.json, None before a run wrote one; ValueError naming it and saying how to rebuild it when it
+    is not a manifest of this format (pipeline.dataset refuses such an output too)."""
     if not store.exists(fmt.MANIFEST_NAME):
         return None
-    try:
-        return json.loads(store.read_bytes(fmt.MANIFEST_NAME))
-    except ValueError as err:
-        problems.append(f"{store.path(fmt.MANIFEST_NAME)} is not valid JSON ({err})")
-        return None
+    return fmt.parse_manifest(store.read_bytes(fmt.MANIFEST_NAME), store.path(fmt.MANIFEST_NAME), output)
+
+
+def _holds_output_entries(store) -> bool:
+    """Whether any of OUTPUT_FILES or OUTPUT_DIRS is there (asked only when no listing found anything)."""
+    if os.path.isdir(str(store)):  # local disk: a folder a starting run made counts even while it is empty
+        return any(os.path.lexists(store.path(name)) for name in OUTPUT_FILES + OUTPUT_DIRS)
+    return any(store.exists(name) for name in OUTPUT_FILES) or any(store.list(name) for name in OUTPUT_DIRS)
+
+
+def _manifest_disagreements(store, output: str, manifest: dict | None, markers: list[dict]) -> list[str]:
+    """Activation files that the commit markers of the shards in manifest.json list and it leaves out, or that it
+    lists for those shards and their markers do not: pipeline.dataset, which reads what the manifest lists, refuses
+    such an output."""
+    if manifest is None:
+        return []
+    files = manifest.get("files", [])
+    in_manifest = {f["path"] for f in files if f["kind"] == "samples"}
+    # Shards committed after the manifest was written are the state's business, not a disagreement.
+    shards = {meta.get(fmt.KEY_SHARD) for meta in markers if meta["path"] in in_manifest}
+    marked = {str(entry.get("path")) for meta in markers if meta["path"] in in_manifest
+              for entry in meta.get(fmt.KEY_FILES, [])}
+    listed = {f["path"] for f in files if f["kind"] == "activations"}
+    problems = []
+    for paths, what in ((marked - listed, "leaves out {n} the commit markers list"),
+                        ({f["path"] for f in files if f["kind"] == "activations" and f.get("shard") in shards}
+                         - marked, "lists {n} no commit marker lists")):
+        if paths:
+            n = f"{len(paths)} activation file" + ("s" if len(paths) > 1 else "")
+            shown = ", ".join(sorted(paths)[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+            problems.append(f"{store.path(fmt.MANIFEST_NAME)} {what.format(n=n)} ({shown}); "
+                            f"pipeline.dataset refuses the output until it is rebuilt: python -m pipeline.manifest "
+                            f"{output}")
+    return problems
 
 
 def _hosts(markers: list[dict], runs: dict, leases: dict) -> dict[str, dict]:
@@ -363,6 +428,19 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _storage_errors(output: str) -> tuple[type[BaseException], ...]:
+    """What reading `output` may raise when its storage fails; google's libraries are imported for gs:// only."""
+    errors: tuple[type[BaseException], ...] = (OSError,)
+    if str(output).startswith("gs://"):
+        try:
+            from google.api_core.exceptions import GoogleAPIError
+            from google.auth.exceptions import GoogleAuthError
+        except ImportError:  # without them pipeline.dataset cannot reach gs:// either; its error says so
+            return errors
+        errors += (GoogleAPIError, GoogleAuthError)
+    return errors
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.inspect", description=__doc__.splitlines()[0])
     parser.add_argument("output", help="OUTPUT of pipeline.run: a local path or gs://bucket/prefix")
@@ -370,10 +448,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_parts", action="store_true",
                         help="skip the prompt-part token counts (they read the part column of one hook and layer)")
     args = parser.parse_args(argv)
+    storage_errors = _storage_errors(args.output)
     try:
         report = inspect_output(args.output, parts=not args.no_parts)
-    except (FileNotFoundError, ValueError, TypeError) as err:
+    except (FileNotFoundError, StorageReadError, ValueError, TypeError) as err:
+        # Not an output, a damaged manifest.json, an unreadable object: the message names it and says what to do.
         print(f"pipeline.inspect: {err}", file=sys.stderr)
+        return 2
+    except storage_errors as err:
+        # Other OSErrors (e.g. access to a local file) and google's errors: no credentials, an unreachable endpoint
+        # (after google-cloud-storage's own retries), a refused bucket. None of them names the output.
+        detail = " ".join(str(err).split())
+        print(f"pipeline.inspect: {args.output} could not be read ({type(err).__name__}: {detail[:500]}); check that "
+              "it exists, the credentials and the network, then run it again", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0

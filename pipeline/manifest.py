@@ -26,6 +26,7 @@ from transforms.output_format import (
     RUNS_DIR,
     TEMP_PREFIX,
     basename,
+    parse_manifest,
     relative_to,
 )
 from transforms.predictions import marker_entry as predictions_marker_entry
@@ -269,9 +270,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def read_manifest(output_root: str) -> dict[str, Any]:
-    path = join(output_root.rstrip("/"), MANIFEST_NAME)
+    """OUTPUT/manifest.json, checked to be a manifest of this format (transforms.output_format.parse_manifest, which
+    the reader and pipeline.inspect use too): ValueError naming the file and saying how to rebuild it otherwise."""
+    root = output_root.rstrip("/")
+    path = join(root, MANIFEST_NAME)
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        return json.loads(handle.read().decode("utf-8"))
+        return parse_manifest(handle.read(), path, root)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """`python -m pipeline.verify OUTPUT [--deep] [--repair]`: checks an output against its manifest and commit markers.
 
 Checks, each failure naming the file and the command that fixes it (ADVICE):
-* manifest.json is present and parses; every samples and dead-letter file it lists exists, with its byte size,
-  sha256 and row count; it lists every committed shard and dead-letter file, and its counts are the files';
+* manifest.json is present and is a manifest of this format; every samples and dead-letter file it lists exists,
+  with its byte size, sha256 and row count; it lists every committed shard and dead-letter file, exactly the
+  activation, statistics and predictions files their commit markers list (pipeline.dataset, which reads what the
+  manifest lists, refuses an output whose manifest disagrees), and its counts are the files';
 * every commit marker (samples file) is readable; every activation file it lists exists with the size, sha256 and
   row count the marker records, and so do its statistics and (--generate) predictions files, the predictions with
   one row per sample of the shard; no other file lies under activations/, samples/, stats/ or predictions/;
@@ -365,6 +367,9 @@ def _check_identity(root: str, manifest: dict | None, report: VerifyReport) -> N
         report.fail(samples_relpath(shard), "written by another run than the rest of the output: " + "; ".join(diffs),
                     UNCOMMIT, shard)
     recorded = manifest.get("identity") if manifest else None
+    if recorded is not None and not isinstance(recorded, dict):
+        report.fail(MANIFEST_NAME, f"its identity is {json.dumps(recorded)[:80]}, not an object", REBUILD_MANIFEST)
+        recorded = None
     if recorded and reference and identity_lib.differences(reference, recorded):
         report.fail(MANIFEST_NAME, "its run identity differs from the output's: "
                     + "; ".join(identity_lib.differences(reference, recorded)), REBUILD_MANIFEST)
@@ -383,6 +388,9 @@ def verify_output(output: str, deep: bool = False) -> VerifyReport:
     samples, tokens, non_finite = _check_shards(root, expected_keys, deep, report)
     if manifest is not None:
         counts = manifest.get("counts", {})
+        if not isinstance(counts, dict):
+            report.fail(MANIFEST_NAME, f"its counts is {json.dumps(counts)[:80]}, not an object", REBUILD_MANIFEST)
+            counts = {}
         for key, value in (("samples", samples), ("tokens", tokens), ("shards", len(report.markers))):
             if key in counts and counts[key] != value:
                 report.fail(MANIFEST_NAME, f"counts.{key} is {counts[key]}, the files hold {value}",
@@ -397,6 +405,9 @@ def verify_output(output: str, deep: bool = False) -> VerifyReport:
 def _read_manifest(root: str, report: VerifyReport) -> dict | None:
     try:
         return read_manifest(root)
+    except ValueError as error:  # not JSON, or not this format's structure; the advice says how to rebuild it
+        report.fail(MANIFEST_NAME, str(error).partition("; rebuild it with ")[0], REBUILD_MANIFEST)
+        return None
     except Exception as error:
         report.fail(MANIFEST_NAME, f"missing or {_unreadable(error)}; the driver writes it when the run ends",
                     REBUILD_MANIFEST)
@@ -458,8 +469,13 @@ def _check_against_manifest(root: str, manifest: dict | None, report: VerifyRepo
         if samples_relpath(shard) not in listed:
             report.fail(samples_relpath(shard), f"committed shard not in {MANIFEST_NAME} (written after it)",
                         REBUILD_MANIFEST)
-        for entry in marker[KEY_FILES]:
-            if entry["path"] in listed and listed[entry["path"]].get("sha256") != entry["sha256"]:
+            continue  # its files are not in the manifest either: the shard's finding covers them
+        for entry in _shard_files(marker):
+            if entry["path"] not in listed:
+                # pipeline.dataset reads the files the manifest lists (and refuses one that leaves a file out).
+                report.fail(entry["path"], f"listed by its commit marker {samples_relpath(shard)} but not by "
+                                           f"{MANIFEST_NAME}", REBUILD_MANIFEST)
+            elif listed[entry["path"]].get("sha256") != entry.get("sha256"):
                 report.fail(entry["path"], f"sha256 in {MANIFEST_NAME} and in {samples_relpath(shard)} "
                                            "disagree", REBUILD_MANIFEST)
     for path in dead_letter_files(root):
@@ -473,7 +489,11 @@ def _check_against_manifest(root: str, manifest: dict | None, report: VerifyRepo
                 report.fail(entry["path"], problem, UNCOMMIT, entry.get("shard") or _shard_of(entry["path"]))
             else:
                 report.fail(entry["path"], problem, REWRITE_DEAD_LETTERS)
+    _check_manifest_only_files(listed, report)
     merged_stats = manifest.get("stats") or {}
+    if not isinstance(merged_stats, dict):
+        report.fail(MANIFEST_NAME, f"its stats is {json.dumps(merged_stats)[:80]}, not an object", REBUILD_MANIFEST)
+        merged_stats = {}
     if merged_stats.get("path"):
         checked += 1
         for problem in _check_file(root, {**merged_stats, "kind": "merged_stats", "rows": None}):
@@ -481,10 +501,28 @@ def _check_against_manifest(root: str, manifest: dict | None, report: VerifyRepo
     return checked
 
 
+def _check_manifest_only_files(listed: dict[str, dict], report: VerifyReport) -> None:
+    """Activation, statistics and predictions files the manifest lists but no commit marker does: files that are no
+    part of the output (pipeline.dataset refuses a manifest that lists one)."""
+    covered = {entry["path"] for marker in report.markers.values() for entry in _shard_files(marker)}
+    # Shards already condemned (an unreadable or missing commit marker): their finding covers their files.
+    condemned = {finding.shard for finding in report.findings if finding.shard}
+    for path, entry in sorted(listed.items()):
+        if entry.get("kind") in ("samples", "dead_letter") or path in covered:
+            continue
+        if (entry.get("shard") or _shard_of(path)) in condemned:
+            continue
+        report.fail(path, f"listed by {MANIFEST_NAME} (as {entry.get('kind')}) but by no commit marker",
+                    REBUILD_MANIFEST)
+
+
 def _expected_keys(manifest: dict | None, markers: dict[str, dict]) -> set[tuple[str, int]]:
     """The (hook, layer) files every shard should hold: the manifest's, else those any marker lists."""
     if manifest is not None and manifest.get("hooks") and manifest.get("layers") is not None:
-        return {(hook, int(layer)) for hook in manifest["hooks"] for layer in manifest["layers"]}
+        try:
+            return {(hook, int(layer)) for hook in manifest["hooks"] for layer in manifest["layers"]}
+        except (TypeError, ValueError):  # not lists of names and numbers: what the markers list is the run's
+            pass
     return {(e["hook"], int(e["layer"])) for m in markers.values() for e in m[KEY_FILES]}
 
 

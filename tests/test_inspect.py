@@ -87,11 +87,127 @@ def test_running_stopped_and_empty_outputs(output, tmp_path):
     report = inspect_output(str(copy), parts=False, now=now)
     assert any("h001.json is not valid JSON" in p for p in report["problems"])
 
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert inspect_output(str(empty))["state"] == "empty"
     done = run_inspect(tmp_path / "nowhere")
     assert done.returncode == 2 and "nowhere" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_folder_that_is_not_an_output_exits_2(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder in (empty, os.path.join(ROOT, "docs")):
+        done = run_inspect(folder)
+        assert done.returncode == 2 and done.stdout == "", done
+        assert f"{folder} is not an output of pipeline.run" in done.stderr and "manifest.json" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_run_that_committed_nothing_yet_is_empty_or_running(tmp_path):
+    """What a run writes before its first commit makes a folder an output: its lease, its identity file, a
+    temporary file, or only the folders."""
+    now = time.time()
+    cases = {
+        "lease": ("_leases/h000.json", json.dumps({"hostname": "vm-0", "pid": 1, "renewed_unix": now - 1,
+                                                   "timeout_s": 120})),
+        "identity": ("_identity.json", "{}"),
+        "temporary": ("activations/hook=resid_post/layer=0/.tmp-0123-h000-00ff.parquet", "partial"),
+        "run record": ("_runs/h000.json", json.dumps({"state": "done"})),
+        "folder only": ("samples/", None),
+    }
+    for case, (relpath, text) in cases.items():
+        root = tmp_path / case.replace(" ", "_")
+        (root / relpath).parent.mkdir(parents=True, exist_ok=True)
+        if text is None:
+            (root / relpath).mkdir()
+        else:
+            (root / relpath).write_text(text)
+        done = run_inspect(root, "--json")
+        assert done.returncode == 0, (case, done.stderr)
+        report = json.loads(done.stdout)
+        assert report["state"] == ("running" if case == "lease" else "empty"), case
+        assert report["shards"] == 0 and report["problems"] == [], case
+
+
+@pytest.mark.parametrize("manifest, problem", [
+    ([], "its top level is a JSON list, not an object"),
+    ({"files": None}, "its 'files' is null, not a list"),
+    ({"files": [3]}, "a 'files' entry 3 is not an object with a string path and kind"),
+    ("{not json", "is not valid JSON"),
+])
+def test_a_manifest_of_the_wrong_shape_exits_2_naming_it(output, tmp_path, manifest, problem):
+    copy = tmp_path / "out"
+    shutil.copytree(output, copy)
+    (copy / "manifest.json").write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
+    done = run_inspect(copy)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"{copy / 'manifest.json'} " in done.stderr and problem in done.stderr
+    assert f"rebuild it with python -m pipeline.manifest {copy}" in done.stderr
+
+
+def test_a_manifest_that_disagrees_with_the_commit_markers_is_a_problem(output, tmp_path):
+    copy = tmp_path / "out"
+    shutil.copytree(output, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    dropped = next(f for f in manifest["files"] if f["kind"] == "activations")
+    manifest["files"] = [f for f in manifest["files"] if f is not dropped]
+    manifest["files"].append({**dropped, "path": dropped["path"].replace(".parquet", "0.parquet")})
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    problems = inspect_output(str(copy), parts=False)["problems"]
+    assert len(problems) == 2, problems
+    assert f"leaves out 1 activation file the commit markers list ({dropped['path']})" in problems[0]
+    assert "lists 1 activation file no commit marker lists" in problems[1]
+    assert all(f"python -m pipeline.manifest {copy}" in p for p in problems)
+
+
+def test_storage_failures_exit_2_naming_the_output(monkeypatch, tmp_path):
+    """No credentials fails at once, for real; an unreachable endpoint (about 2 minutes of google-cloud-storage's
+    retries, then a RetryError) and google's errors that escape the store are made to happen."""
+    import google.api_core.exceptions
+    import google.auth.exceptions
+
+    from pipeline import inspect as inspect_module
+
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-such-key.json"))
+    done = run_inspect("gs://arc-activations-nowhere/out")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "gs://arc-activations-nowhere/out/" in done.stderr and "credentials" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+    for error in (google.api_core.exceptions.RetryError("Timeout of 120.0s exceeded, last exception: refused\n"
+                                                        "  at port 9", None),
+                  google.auth.exceptions.DefaultCredentialsError("Your default credentials were not found"),
+                  google.api_core.exceptions.Forbidden("no access to the bucket"),
+                  PermissionError(13, "Permission denied")):
+        def fail(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(inspect_module, "inspect_output", fail)
+        done = run_inspect("gs://bucket/out")
+        assert done.returncode == 2 and done.stdout == "", done
+        assert done.stderr.startswith("pipeline.inspect: gs://bucket/out could not be read (")
+        assert type(error).__name__ in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_files_that_vanish_after_the_listing_are_passed_over(tmp_path):
+    """A lease deleted by its run, a dead-letter file deleted by verify --repair, between listing and reading."""
+    from pipeline.dataset import _store
+    from pipeline.inspect import _dead_letters, _json_files
+
+    (tmp_path / "_leases").mkdir()
+    (tmp_path / "dead_letter").mkdir()
+    for relpath in ("_leases/h000.json", "_leases/h001.json", "dead_letter/h000-0.jsonl", "dead_letter/h001-0.jsonl"):
+        (tmp_path / relpath).write_text('{"stage": "validate"}\n')
+    store = _store(str(tmp_path))
+    read_bytes = store.read_bytes
+
+    def vanishing(relpath):
+        if "h001" in relpath:
+            raise FileNotFoundError(store.path(relpath))
+        return read_bytes(relpath)
+
+    store.read_bytes = vanishing
+    assert list(_json_files(store, "_leases")) == ["h000"]
+    assert _dead_letters(store)["by_stage"] == {"validate": 1}
 
 
 def test_a_gcs_output_reads_like_the_local_one(output, gcs_emulator):
@@ -103,6 +219,8 @@ def test_a_gcs_output_reads_like_the_local_one(output, gcs_emulator):
     for key in ("activations", "samples", "tokens", "datasets", "parts", "bytes", "dead_letters", "hosts",
                 "uncommitted_files", "problems"):
         assert remote[key] == local[key], key
+    with pytest.raises(ValueError, match=f"{gcs_emulator.root}/inspect/nothing is not an output of pipeline.run"):
+        inspect_output(f"{gcs_emulator.root}/inspect/nothing")
 
 
 def _add_predictions(output) -> list[dict]:

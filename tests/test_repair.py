@@ -3,6 +3,7 @@ commands it names make the output whole again; Parquet page checksums catch a fl
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shlex
 import subprocess
@@ -116,6 +117,20 @@ def delete_manifest(root, batches):
     return "manifest.json"
 
 
+def manifest_not_a_manifest(root, batches):
+    Path(root, "manifest.json").write_text('{"files": null}')
+    return "manifest.json"
+
+
+def manifest_leaves_out_an_activation_file(root, batches):
+    """A manifest whose files are not those the commit markers list (a reader of the manifest would skip one)."""
+    manifest = json.loads(Path(root, "manifest.json").read_text())
+    dropped = next(f for f in manifest["files"] if f["kind"] == "activations")
+    manifest["files"].remove(dropped)
+    Path(root, "manifest.json").write_text(json.dumps(manifest))
+    return dropped["path"]
+
+
 def shard_committed_after_manifest(root, batches):
     late = make_batch(prefix="d", lengths=(4, 2))
     ShardWriter(root, "h000", "random:tiny", "bfloat16", "float32").write_shard(
@@ -141,6 +156,8 @@ FAULTS = [
     (foreign_samples_file, REMOVE, True),
     (temporary_file, REMOVE, False),  # a warning: a writer may still be running
     (delete_manifest, REBUILD_MANIFEST, True),
+    (manifest_not_a_manifest, REBUILD_MANIFEST, True),
+    (manifest_leaves_out_an_activation_file, REBUILD_MANIFEST, True),
     (shard_committed_after_manifest, REBUILD_MANIFEST, True),
     (alter_dead_letter, REWRITE_DEAD_LETTERS, True),
 ]

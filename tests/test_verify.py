@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -72,6 +73,58 @@ def test_unlisted_activation_file_and_missing_manifest(output):
     report = verify_output(root)
     assert any("h007-0123456789abcdef" in e and "no commit marker" in e for e in report.errors)
     assert any("manifest.json" in e for e in report.errors)
+
+
+def edit_manifest(root, edit):
+    path = os.path.join(root, "manifest.json")
+    with open(path) as handle:
+        manifest = json.load(handle)
+    with open(path, "w") as handle:
+        json.dump(edit(manifest), handle)
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda m: [], "its top level is a JSON list, not an object"),
+    (lambda m: {**m, "files": None}, "its 'files' is null, not a list"),
+    (lambda m: {**m, "files": m["files"] + ["samples/x.parquet"]},
+     "a 'files' entry \"samples/x.parquet\" is not an object"),
+    (lambda m: {**m, "counts": None}, "its counts is null, not an object"),
+    (lambda m: {**m, "stats": [1]}, "its stats is [1], not an object"),
+    (lambda m: {**m, "identity": "x"}, "its identity is \"x\", not an object"),
+])
+def test_a_manifest_of_the_wrong_shape_is_a_finding(output, capsys, edit, problem):
+    root, _ = output
+    edit_manifest(root, edit)
+    report = verify_output(root)
+    errors = [e for e in report.errors if e.startswith("manifest.json: ")]
+    assert len(errors) == 1 and problem in errors[0], report.format()
+    assert f"fix: `python -m pipeline.manifest {root}`" in errors[0]
+    assert report.stats["shards"] == 3 and report.stats["samples"] == 9  # the files are still checked
+    assert verify_module.main([root]) == 1 and problem in capsys.readouterr().out
+    finish(root)
+    assert verify_output(root).ok
+
+
+def test_a_manifest_that_disagrees_with_the_commit_markers(output):
+    root, _ = output
+    dropped = []
+
+    def drop_one_and_invent_one(manifest):
+        dropped.append(next(f for f in manifest["files"] if f["kind"] == "activations"))
+        invented = {**dropped[0], "path": dropped[0]["path"].replace(".parquet", "0.parquet")}
+        return {**manifest, "files": [f for f in manifest["files"] if f is not dropped[0]] + [invented]}
+
+    edit_manifest(root, drop_one_and_invent_one)
+    report = verify_output(root)
+    fix = f"fix: `python -m pipeline.manifest {root}`"
+    assert [f.advice.key for f in report.findings] == ["rebuild_manifest"] * 2, report.format()
+    left_out, invented = report.errors
+    assert left_out.startswith(f"{dropped[0]['path']}: listed by its commit marker samples/") and fix in left_out
+    assert "but not by manifest.json" in left_out
+    assert invented.startswith(dropped[0]["path"].replace(".parquet", "0.parquet") + ": listed by manifest.json")
+    assert "by no commit marker" in invented and fix in invented
+    finish(root)
+    assert verify_output(root).ok
 
 
 def test_duplicate_sample_across_shards(tmp_path):
