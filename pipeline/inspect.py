@@ -66,9 +66,12 @@ def _marker(store, relpath: str) -> dict:
     with store.open(relpath) as handle:
         try:
             meta = fmt.decode_metadata(pq.read_metadata(handle))
-        except (pa.ArrowInvalid, OSError) as err:
-            return {"path": relpath, "error": f"{store.path(relpath)}: not a readable Parquet commit marker ({err})"}
-        samples = pq.read_table(handle, columns=["dataset", "num_tokens"])
+            samples = pq.read_table(handle, columns=["dataset", "num_tokens"])
+        except StorageReadError:
+            raise  # the storage failed, not the file: inspect exits 2 saying so
+        except (pa.ArrowException, OSError) as err:
+            return {"path": relpath, "error": f"{store.path(relpath)}: not a readable Parquet commit marker ({err}); "
+                                              f"run python -m pipeline.verify on the output"}
     meta["path"] = relpath
     meta["datasets"] = samples
     return meta
