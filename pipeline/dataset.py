@@ -531,7 +531,13 @@ class ActivationDataset:
         if entries is None:
             entries = marked
         else:
-            self._check_manifest_agrees(entries, marked)
+            left_out, unknown = fmt.manifest_disagreement(manifest, metas)
+            for paths, side, other in ((left_out, "the commit markers list", "the manifest does not"),
+                                       (unknown, "the manifest lists", "no commit marker does")):
+                if paths:
+                    raise ValueError(f"{store.path(fmt.MANIFEST_NAME)} disagrees with the commit markers: {side} "
+                                     f"{fmt.shown_paths(paths)}, {other}; rebuild it with python -m pipeline.manifest "
+                                     f"{self.output}")
         self._check_shards_agree(metas)
         self.samples_files = tuple(markers)
         files = []
@@ -563,17 +569,23 @@ class ActivationDataset:
         self.layers = tuple(sorted({layer for _, layer in pairs}))
         self._pairs = pairs
 
-    def _check_manifest_agrees(self, entries: list[dict], marked: list[dict]) -> None:
-        """The manifest's activation files are those its commit markers list: a manifest that leaves one out would
-        have its tokens skipped without a word."""
-        in_manifest = {str(entry.get("path")) for entry in entries}
-        in_markers = {str(entry.get("path")) for entry in marked}
-        for missing, side, other in ((in_markers - in_manifest, "the commit markers list", "the manifest does not"),
-                                     (in_manifest - in_markers, "the manifest lists", "no commit marker does")):
-            if missing:
-                shown = ", ".join(sorted(missing)[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-                raise ValueError(f"{self._store.path(fmt.MANIFEST_NAME)} disagrees with the commit markers: {side} "
-                                 f"{shown}, {other}; rebuild it with python -m pipeline.manifest {self.output}")
+    @contextlib.contextmanager
+    def _damage_named(self, where: str, reason_in_parentheses: bool = False):
+        """A file's bytes that do not read (a page failing its CRC, a footer that does not parse) as a ValueError
+        starting with `where` (the file, and what of it), then the reason, and saying how to repair the output. A storage failure
+        (StorageReadError) and the system refusing the file (an OSError with an errno: permissions, too many open
+        files, gone) pass as they are: the file is not known to be damaged, and --repair would uncommit its shard."""
+        try:
+            yield
+        except StorageReadError:
+            raise
+        except (OSError, pa.ArrowException) as err:
+            if isinstance(err, OSError) and err.errno is not None:
+                raise
+            reason = " ".join(str(err).split())
+            reason = f" ({reason})" if reason_in_parentheses else f": {reason}"
+            raise ValueError(f"{where}{reason}; the file is damaged: run python -m pipeline.verify {self.output} "
+                             "--repair") from err
 
     def _sha256(self, relpath: str) -> str:
         sha = hashlib.sha256()
@@ -583,10 +595,14 @@ class ActivationDataset:
         return sha.hexdigest()
 
     def _marker(self, relpath: str) -> dict:
-        if self.source == "manifest" and not self._store.exists(relpath):
+        try:
+            handle = self._store.open(relpath)
+        except FileNotFoundError:
+            if self.source != "manifest":
+                raise
             raise ValueError(f"{self._store.path(relpath)} is listed by the manifest but missing: the output is "
-                             f"damaged; run python -m pipeline.verify {self.output}")
-        with self._store.open(relpath) as handle:
+                             f"damaged; run python -m pipeline.verify {self.output}") from None
+        with handle:
             try:
                 meta = fmt.decode_metadata(pq.read_metadata(handle))
             except StorageReadError:
@@ -651,30 +667,23 @@ class ActivationDataset:
     def samples(self, columns: list[str] | None = None) -> pa.Table:
         """The samples table of every committed shard (one row per sample), in shard order."""
         def read(relpath):
-            try:
-                with self._store.open(relpath) as handle:
-                    return pq.read_table(handle, columns=columns, page_checksum_verification=self.check_pages)
-            except StorageReadError:
-                raise
-            except (OSError, pa.ArrowException) as err:
-                raise ValueError(f"{self._store.path(relpath)} (a samples file): {err}; the file is damaged: run "
-                                 f"python -m pipeline.verify {self.output} --repair") from err
+            with self._damage_named(f"{self._store.path(relpath)} (a samples file)"), \
+                    self._store.open(relpath) as handle:
+                return pq.read_table(handle, columns=columns, page_checksum_verification=self.check_pages)
         tables = fmt.parallel_map(read, self.samples_files)
         return pa.concat_tables(t.replace_schema_metadata(None) for t in tables)
 
     def _footer(self, file: _File) -> pq.FileMetaData:
         footer = self._footers.get(file.path)
         if footer is None:
-            try:
+            with self._damage_named(f"{self._store.path(file.path)}: its Parquet footer does not read",
+                                    reason_in_parentheses=True):
                 with self._store.open(file.path) as handle:
                     footer = pq.read_metadata(handle)
-                meta = fmt.decode_metadata(footer)
-            except StorageReadError:
-                raise  # names the object and says what to do; the file is not known to be damaged
-            except (OSError, pa.ArrowException, ValueError) as err:
-                reason = " ".join(str(err).split())
-                raise ValueError(f"{self._store.path(file.path)}: its Parquet footer does not read ({reason}); the "
-                                 f"file is damaged: run python -m pipeline.verify {self.output} --repair") from err
+                try:
+                    meta = fmt.decode_metadata(footer)
+                except ValueError as err:  # metadata that is not the JSON the writer stores
+                    raise OSError(f"its key-value metadata does not decode: {err}") from err
             if footer.num_rows != file.rows:
                 raise ValueError(f"{self._store.path(file.path)} holds {footer.num_rows} rows but the {self.source} "
                                  f"say {file.rows}: refused; run python -m pipeline.verify on it")
@@ -732,17 +741,12 @@ class ActivationDataset:
         in_place the vectors may come as a list of read-only views, one per page, of a memory-mapped file or (gs://)
         of this thread's read buffer, to be copied once by the caller before this thread reads again. Once `give_up`
         is set, a gs:// read failing through an outage raises StorageReadError rather than retrying on."""
-        try:
+        with self._damage_named(f"{self._store.path(unit.file.path)}, row group {unit.row_group}"):
             values, rows, columns = self._read_unit(unit, where, join, metadata, give_up)
-            if isinstance(values, list) and not in_place:
-                values = np.concatenate(values) if values else np.zeros(
-                    (0, self.d_model), dtypes.storage_numpy_dtype(self.storage_dtype))
-            return values, rows, columns
-        except StorageReadError:
-            raise  # names the object and says what to do; the file is not known to be damaged
-        except (OSError, pa.ArrowException) as err:
-            raise ValueError(f"{self._store.path(unit.file.path)}, row group {unit.row_group}: {err}; the file is "
-                             f"damaged: run python -m pipeline.verify {self.output} --repair") from err
+        if isinstance(values, list) and not in_place:
+            values = np.concatenate(values) if values else np.zeros(
+                (0, self.d_model), dtypes.storage_numpy_dtype(self.storage_dtype))
+        return values, rows, columns
 
     def _read_unit(self, unit: _Unit, where, join: bool, metadata: bool, give_up: threading.Event | None):
         footer = self._footer(unit.file)

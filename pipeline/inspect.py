@@ -266,26 +266,18 @@ def _holds_output_entries(store) -> bool:
 
 
 def _manifest_disagreements(store, output: str, manifest: dict | None, markers: list[dict]) -> list[str]:
-    """Activation files that the commit markers of the shards in manifest.json list and it leaves out, or that it
-    lists for those shards and their markers do not: pipeline.dataset, which reads what the manifest lists, refuses
-    such an output."""
+    """What pipeline.dataset refuses in an output whose manifest lists other activation files than the commit
+    markers of its shards (shards committed after the manifest are the state's business, not a disagreement)."""
     if manifest is None:
         return []
-    files = manifest.get("files", [])
-    in_manifest = {f["path"] for f in files if f["kind"] == "samples"}
-    # Shards committed after the manifest was written are the state's business, not a disagreement.
-    shards = {meta.get(fmt.KEY_SHARD) for meta in markers if meta["path"] in in_manifest}
-    marked = {str(entry.get("path")) for meta in markers if meta["path"] in in_manifest
-              for entry in meta.get(fmt.KEY_FILES, [])}
-    listed = {f["path"] for f in files if f["kind"] == "activations"}
+    in_manifest = {f["path"] for f in manifest.get("files", []) if f["kind"] == "samples"}
+    left_out, unknown = fmt.manifest_disagreement(manifest, [m for m in markers if m["path"] in in_manifest])
     problems = []
-    for paths, what in ((marked - listed, "leaves out {n} the commit markers list"),
-                        ({f["path"] for f in files if f["kind"] == "activations" and f.get("shard") in shards}
-                         - marked, "lists {n} no commit marker lists")):
+    for paths, what in ((left_out, "leaves out {n} the commit markers list"),
+                        (unknown, "lists {n} no commit marker lists")):
         if paths:
             n = f"{len(paths)} activation file" + ("s" if len(paths) > 1 else "")
-            shown = ", ".join(sorted(paths)[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
-            problems.append(f"{store.path(fmt.MANIFEST_NAME)} {what.format(n=n)} ({shown}); "
+            problems.append(f"{store.path(fmt.MANIFEST_NAME)} {what.format(n=n)} ({fmt.shown_paths(paths)}); "
                             f"pipeline.dataset refuses the output until it is rebuilt: python -m pipeline.manifest "
                             f"{output}")
     return problems

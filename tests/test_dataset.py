@@ -485,6 +485,22 @@ def test_damaged_footers_samples_files_and_failing_where_name_what_failed(output
             read()
 
 
+def test_the_system_refusing_a_file_is_not_called_damage(output, monkeypatch):
+    """An OSError with an errno (permissions, too many open files) says nothing of the file's bytes: it passes as it
+    is, never as "damaged: run pipeline.verify --repair", which would uncommit a healthy shard."""
+    from pipeline import dataset as dataset_module
+
+    ds = open_activations(output.root)
+
+    def refused(store, relpath):
+        raise PermissionError(13, "Permission denied", store.path(relpath))
+
+    monkeypatch.setattr(dataset_module._LocalStore, "open", refused)
+    for read in (lambda: ds.to_numpy("resid_post", 1), ds.samples):
+        with pytest.raises(PermissionError, match="Permission denied"):
+            read()
+
+
 @pytest.mark.parametrize("damage", ["drops_a_file", "lists_an_unknown_file", "files_null", "not_an_object",
                                     "marker_missing"])
 def test_a_manifest_that_disagrees_with_the_markers_or_is_malformed_is_refused(output, tmp_path, damage):
@@ -843,6 +859,10 @@ def test_gcs_outputs_without_credentials_or_network_fail_naming_the_object(monke
     def retries_exhausted(*args, **kwargs):
         raise google.api_core.exceptions.RetryError("Timeout of 120.0s exceeded, last exception: refused", None)
 
+    monkeypatch.setattr(storage.fileio.BlobReader, "read", retries_exhausted)
+    with pytest.raises(dataset_module.StorageReadError, match=r"/unreachable/samples/.*\.parquet: reading it "
+                                                              r"failed: Timeout of 120.0s exceeded"):
+        ds.samples()
     monkeypatch.setattr(storage.Blob, "open", retries_exhausted)
     with pytest.raises(dataset_module.StorageReadError, match=r"/unreachable/activations/.*\.parquet: opening it "
                                                               r"failed: Timeout of 120.0s exceeded"):

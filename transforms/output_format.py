@@ -184,8 +184,6 @@ def decode_metadata(footer: pq.FileMetaData) -> dict[str, Any]:
     return metadata
 
 
-# -------------------------------------------------------------------------------------- row groups
-
 def parse_manifest(data: bytes, where: str, output: str) -> dict[str, Any]:
     """OUTPUT/manifest.json's content from its bytes: an object whose `files` is a list of objects, each with a
     string `path` and `kind`. ValueError naming `where` (the file, for messages) and how to rebuild it otherwise."""
@@ -209,6 +207,23 @@ def parse_manifest(data: bytes, where: str, output: str) -> dict[str, Any]:
         raise ValueError(f"{where} is not a manifest of this format: {problem}; {fix}")
     return manifest
 
+
+def manifest_disagreement(manifest: dict[str, Any], markers: list[dict]) -> tuple[list[str], list[str]]:
+    """(activation files the commit markers list that `manifest` leaves out, activation files it lists that none of
+    them does), where `markers` are the decoded metadata of the samples files the manifest lists: a manifest that
+    leaves a file out would have its tokens skipped without a word."""
+    listed = {entry["path"] for entry in manifest.get("files", []) if entry["kind"] == "activations"}
+    marked = {str(entry.get("path")) for meta in markers for entry in meta.get(KEY_FILES, [])}
+    return sorted(marked - listed), sorted(listed - marked)
+
+
+def shown_paths(paths: Sequence[str], limit: int = 3) -> str:
+    """The first `limit` paths, and how many more, for a message."""
+    more = len(paths) - limit
+    return ", ".join(paths[:limit]) + (f" and {more} more" if more > 0 else "")
+
+
+# -------------------------------------------------------------------------------------- row groups
 
 def row_group_rows(d_model: int, storage_dtype: str) -> int:
     """Rows per row group of an activation file: about ROW_GROUP_BYTES of uncompressed vectors."""
