@@ -4,6 +4,7 @@
     python benchmarks/loader_bench.py read /tmp/loader-out --batch_tokens 4096  # in a fresh process
     python benchmarks/loader_bench.py gcs /tmp/loader-out --batch_tokens 4096   # the same files through a GCS emulator
     python benchmarks/loader_bench.py torch /tmp/loader-out --num_workers 0,2   # through torch DataLoader workers
+    python benchmarks/loader_bench.py gcs /tmp/loader-out --transport --rounds 3  # the loader against the store alone
 
 `read` reports the loader's rate (shuffled float32 batches from bfloat16 storage by default) and the process's
 peak resident memory over the epoch against its resident memory before the loader started, next to the shuffle
@@ -20,6 +21,10 @@ nothing else), to measure the loader against a server that costs little more tha
 `--readahead 1,2` the row groups read ahead. `--reference` measures issue 11's reader reference (read_table plus
 decode, `storage_bench.py --reference`, one core) before each read and reports it as `reference_tok_s`: this VM's
 speed changes by about 2x between windows minutes apart, and the issue states its targets next to that reference.
+`--transport` runs, before each read, `transport`: the loader's ranged reads alone (each row group's activation chunk
+through the loader's own `_GcsStore.read_range`, in an epoch's shuffled order, 1 + readahead of them in flight all the
+time, the bytes neither checked nor copied), with the emulator's busy share (its CPU seconds per second) per epoch:
+the most the emulator and the loopback deliver to a reader that does no work, in the same window as the loader.
 `torch` reads the output through `ds.torch_iterable` and a DataLoader with each `--num_workers` count in turn, one
 JSON line per run, and times torch's move of one batch into shared memory (how a worker's batch reaches the caller).
 """
@@ -122,6 +127,46 @@ def read(root: str, batch_tokens: int, buffer_tokens: int | None, dtype: str, re
             "epoch_us_per_token": [round(c / n * 1e6, 3) if n else None for n, _, c in per_epoch]}
 
 
+def transport(root: str, readahead: int | None, epochs: int, server_pid: int | None = None) -> dict:
+    """The loader's reads without the loader: every row group's activation chunk of a gs:// output, read as the
+    loader reads it (`_GcsStore.read_range`, the same slices and connections) by 1 + readahead threads that keep that
+    many reads in flight, in each epoch's order of row groups; the bytes are neither checked nor copied. Per epoch:
+    tok/s, this process's CPU per token and, given the emulator's pid, its CPU per token and busy share."""
+    import concurrent.futures
+    import functools
+
+    from pipeline import dataset
+    from transforms import output_format as fmt
+
+    ds = dataset.open_activations(root, check_pages=False)
+    units = ds.units("resid_post", 6)
+    readahead = (2 if ds.remote else 1) if readahead is None else readahead
+
+    def read_unit(unit) -> int:
+        read = functools.partial(ds._store.read_range, unit.file.path)
+        dataset._read_chunk(read, ds._footer(unit.file), unit.row_group, fmt.ACTIVATION_COLUMN, check=False)
+        return unit.rows
+
+    server_cpu = (lambda: _process_cpu_seconds(server_pid)) if server_pid else (lambda: 0.0)
+    results = []
+    with concurrent.futures.ThreadPoolExecutor(1 + readahead) as pool:
+        for epoch in range(epochs):
+            order = np.random.default_rng([0, epoch]).permutation(len(units))  # the loader's epoch order, seed 0
+            started, cpu_started, server_started = time.perf_counter(), _cpu_seconds(), server_cpu()
+            tokens = sum(pool.map(read_unit, [units[i] for i in order]))
+            seconds = time.perf_counter() - started
+            results.append((tokens, seconds, _cpu_seconds() - cpu_started, server_cpu() - server_started))
+    tokens = sum(r[0] for r in results)
+    return {"transport": True, "tokens": tokens, "seconds": round(sum(r[1] for r in results), 3),
+            "tok_s": round(tokens / sum(r[1] for r in results)), "num_tokens": sum(u.rows for u in units),
+            "readahead": readahead,
+            "load_average": os.getloadavg()[0],
+            "epoch_tok_s": [round(n / s) for n, s, _, _ in results],
+            "epoch_us_per_token": [round(c / n * 1e6, 3) for n, _, c, _ in results],
+            **({"epoch_server_us_per_token": [round(c / n * 1e6, 3) for n, _, _, c in results],
+                "epoch_server_busy": [round(c / s, 2) for _, s, _, c in results]} if server_pid else {})}
+
+
 _EMULATOR = """
 import sys, time
 from gcp_storage_emulator.server import create_server
@@ -182,9 +227,11 @@ def _process_cpu_seconds(pid: int) -> float:
 
 def through_emulator(root: str, reader_args: list[str], server_kind: str = "stock", server_cpu: int | None = None,
                      slices_mib: tuple[float, ...] = (24,), rounds: int = 1,
-                     readaheads: tuple[str, ...] = ("default",), reference: bool = False) -> list[dict]:
+                     readaheads: tuple[str, ...] = ("default",), reference: bool = False,
+                     with_transport: bool = False) -> list[dict]:
     """Uploads the output into one emulator, then reads it back as gs:// once per round, slice size and readahead,
-    each read in a fresh `read` process (the cores this one may use), the settings alternating within a round."""
+    each read in a fresh `read` process (the cores this one may use), the settings alternating within a round; with
+    `with_transport`, a `transport` run in a fresh process just before each read, with the same settings."""
     import socket
     import subprocess
 
@@ -212,10 +259,19 @@ def through_emulator(root: str, reader_args: list[str], server_kind: str = "stoc
         results = []
         for round_, slice_mib, readahead in itertools.product(range(rounds), slices_mib, readaheads):
             window = {"reference_tok_s": reference_rate()} if reference else {}
+            settings = ["--gcs_slice_mib", str(slice_mib), "--readahead", readahead]
+            if with_transport:
+                epochs = reader_args[reader_args.index("--epochs") + 1]
+                done = subprocess.run([sys.executable, os.path.abspath(__file__), "transport", "gs://loader-bench/out",
+                                       "--epochs", epochs, "--server_pid", str(server.pid), *settings],
+                                      capture_output=True, text=True)
+                if done.returncode:
+                    raise RuntimeError(f"the transport run failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+                results.append({**json.loads(done.stdout), **window, "round": round_, "server": server_kind,
+                                "gcs_slice_mib": float(slice_mib)})
             server_cpu_s = _process_cpu_seconds(server.pid)
             done = subprocess.run([sys.executable, os.path.abspath(__file__), "read", "gs://loader-bench/out",
-                                   *reader_args, "--gcs_slice_mib", str(slice_mib), "--readahead", readahead],
-                                  capture_output=True, text=True)
+                                   *reader_args, *settings], capture_output=True, text=True)
             if done.returncode:
                 raise RuntimeError(f"the reader failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
             result = json.loads(done.stdout)
@@ -302,7 +358,7 @@ def _rss_bytes() -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("write", "read", "gcs", "torch"))
+    parser.add_argument("mode", choices=("write", "read", "gcs", "torch", "transport"))
     parser.add_argument("root")
     parser.add_argument("--tokens", type=int, default=1_400_000)
     parser.add_argument("--d_model", type=int, default=896)
@@ -324,6 +380,11 @@ def main(argv=None) -> int:
                              "as before slices); gcs takes a comma-separated list and alternates its sizes")
     parser.add_argument("--rounds", type=int, default=1,
                         help="gcs, torch: reads per slice size and readahead / worker count")
+    parser.add_argument("--transport", action="store_true",
+                        help="gcs: before each read, a `transport` run (the loader's ranged reads alone, bytes "
+                             "discarded) in a fresh process, with the emulator's busy share per epoch")
+    parser.add_argument("--server_pid", type=int, default=None,
+                        help="transport: the emulator's pid, to report its CPU per token and busy share per epoch")
     parser.add_argument("--num_workers", default="0,2", help="torch: DataLoader worker counts to alternate")
     parser.add_argument("--compression", default="none", help="write: the activation column's codec")
     parser.add_argument("--phases", action="store_true",
@@ -353,7 +414,7 @@ def main(argv=None) -> int:
         reader_args += ["--no_check_pages"] if args.no_check_pages else []
         for result in through_emulator(args.root, reader_args, args.server, args.server_cpu,
                                        tuple(float(x) for x in args.gcs_slice_mib.split(",")), args.rounds,
-                                       tuple(readaheads), args.reference):
+                                       tuple(readaheads), args.reference, args.transport):
             print(json.dumps(result), flush=True)
         return 0
     else:
@@ -362,6 +423,13 @@ def main(argv=None) -> int:
 
             slice_mib = float(args.gcs_slice_mib)
             dataset._GcsStore._SLICE = int(slice_mib * 2**20) if slice_mib else 2**62
+        if args.mode == "transport":
+            if not args.root.startswith("gs://"):
+                parser.error("transport reads a gs:// output (gcs --transport runs it against the emulator)")
+            result = transport(args.root, None if args.readahead == "default" else int(args.readahead), args.epochs,
+                               args.server_pid)
+            print(json.dumps({**result, "gcs_slice_mib": float(args.gcs_slice_mib)}))
+            return 0
         result_slice = {"gcs_slice_mib": float(args.gcs_slice_mib)} if args.root.startswith("gs://") else {}
         steps = timed_steps() if args.phases else None
         readahead = None if args.readahead == "default" else int(args.readahead)

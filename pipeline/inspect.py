@@ -62,14 +62,23 @@ def _json_files(store, reldir: str) -> dict[str, Any]:
     return found
 
 
+def _damaged(err: BaseException) -> bool:
+    """Whether `err`, raised reading a file, says its bytes do not read (a footer or page that does not parse), as
+    opposed to the storage failing (StorageReadError) or the system refusing the file (an OSError with an errno:
+    permissions, too many open files), which end inspect with exit 2 instead of calling the file damaged."""
+    if isinstance(err, StorageReadError) or (isinstance(err, OSError) and err.errno is not None):
+        return False
+    return isinstance(err, (pa.ArrowException, OSError))
+
+
 def _marker(store, relpath: str) -> dict:
     with store.open(relpath) as handle:
         try:
             meta = fmt.decode_metadata(pq.read_metadata(handle))
             samples = pq.read_table(handle, columns=["dataset", "num_tokens"])
-        except StorageReadError:
-            raise  # the storage failed, not the file: inspect exits 2 saying so
         except (pa.ArrowException, OSError) as err:
+            if not _damaged(err):
+                raise
             return {"path": relpath, "error": f"{store.path(relpath)}: not a readable Parquet commit marker ({err}); "
                                               f"run python -m pipeline.verify on the output"}
     meta["path"] = relpath
@@ -120,13 +129,19 @@ def _dead_letters(store) -> dict:
             "bytes": total_bytes}
 
 
-def _prediction_counts(store, relpath: str) -> tuple[int | None, int | None]:
-    """(scored, correct) of one predictions file from its `correct` column alone (None, None without one)."""
-    with store.open(relpath) as handle:
-        parquet = pq.ParquetFile(handle)
-        if "correct" not in parquet.schema_arrow.names:
-            return None, None
-        column = parquet.read(columns=["correct"]).column("correct")
+def _prediction_counts(store, relpath: str, output: str) -> tuple[int | None, int | None] | str:
+    """(scored, correct) of one predictions file from its `correct` column alone (None, None without one), or the
+    problem when the file does not read."""
+    try:
+        with store.open(relpath) as handle:
+            parquet = pq.ParquetFile(handle)
+            if "correct" not in parquet.schema_arrow.names:
+                return None, None
+            column = parquet.read(columns=["correct"]).column("correct")
+    except (pa.ArrowException, OSError) as err:
+        if not _damaged(err):
+            raise
+        return f"{store.path(relpath)} does not read ({err}); run python -m pipeline.verify {output}"
     return len(column) - column.null_count, int(pc.sum(column).as_py() or 0)
 
 
@@ -152,8 +167,9 @@ def _predictions(store, markers: list[dict], problems: list[str]) -> dict | None
     present = [e for e in entries if e["path"] in listed]
     problems += [f"{store.path(e['path'])} is listed by its commit marker but missing"
                  for e in entries if e["path"] not in listed]
-    counts = list(parallel_map(lambda e: _prediction_counts(store, e["path"]), present))
-    scored = [c for c in counts if c[0] is not None]
+    counts = list(parallel_map(lambda e: _prediction_counts(store, e["path"], str(store)), present))
+    problems += [c for c in counts if isinstance(c, str)]
+    scored = [c for c in counts if not isinstance(c, str) and c[0] is not None]
     committed = {e["path"] for e in entries}
     return {"files": len(entries), "rows": sum(int(e["rows"]) for e in entries),
             "scored": sum(c[0] for c in scored) if scored else None,
@@ -164,14 +180,14 @@ def _predictions(store, markers: list[dict], problems: list[str]) -> dict | None
 
 def _part_counts(store, paths: list[str], output: str, problems: list[str]) -> dict[str, int]:
     """Tokens per prompt part over `paths`; a file that does not read as Parquet is a problem (its tokens are left
-    out), a storage failure an error."""
+    out); a storage failure or the system refusing a file (an errno) is raised."""
     def count(relpath):
         try:
             with store.open(relpath) as handle:
                 column = pq.read_table(handle, columns=["part"]).column("part")
-        except StorageReadError:
-            raise
         except (pa.ArrowException, OSError) as err:
+            if not _damaged(err):
+                raise
             return f"{store.path(relpath)} does not read ({err}); run python -m pipeline.verify {output}"
         if pa.types.is_dictionary(column.type):
             column = column.cast(column.type.value_type)

@@ -387,21 +387,28 @@ def test_quick_profile_defaults():
 def test_loader_bench_reads_a_small_output_through_the_emulator(tmp_path, server):
     """benchmarks/loader_bench.py gcs: every token back through the emulator as released and through its
     zero-copy change (the benchmark patches the emulator's handler table; this catches an emulator release that
-    moves it), with the emulator's CPU reported, and (--reference) the reader reference of the window."""
+    moves it), with the emulator's CPU reported, (--reference) the reader reference of the window and (--transport)
+    the loader's reads alone before the loader, with the emulator's busy share per epoch."""
     bench = str(Path(__file__).resolve().parents[1] / "benchmarks" / "loader_bench.py")
     root = str(tmp_path / "out")
     subprocess.run([sys.executable, bench, "write", root, "--tokens", "30000", "--d_model", "64"], check=True,
                    capture_output=True, timeout=300)
     slices = {"stock": "0,0.01", "zero_copy": "24"}[server]  # a chunk in one GET, then in slices of 10 KiB
-    more = {"stock": ["--readahead", "0,default"], "zero_copy": ["--epochs", "2", "--reference"]}[server]
+    more = {"stock": ["--readahead", "0,default"], "zero_copy": ["--epochs", "2", "--reference", "--transport"]}[server]
     done = subprocess.run([sys.executable, bench, "gcs", root, "--batch_tokens", "256", "--server", server,
                            "--gcs_slice_mib", slices, *more], check=True, capture_output=True, text=True,
                           timeout=300)
     results = [json.loads(line) for line in done.stdout.splitlines()]
     if server == "stock":  # each slice size with each readahead in turn; the loader's default over gs:// is 2
         assert [(r["gcs_slice_mib"], r["readahead"]) for r in results] == [(0, 0), (0, 2), (0.01, 0), (0.01, 2)]
-    else:
-        assert [(r["gcs_slice_mib"], r["readahead"]) for r in results] == [(24, 2)]
+    else:  # the transport run, then the loader's
+        assert [(r["gcs_slice_mib"], r["readahead"], r.get("transport")) for r in results] == [(24, 2, True),
+                                                                                                (24, 2, None)]
+        transport = results.pop(0)
+        assert transport["tokens"] == transport["num_tokens"] * 2 == 60000 and transport["server"] == server
+        assert len(transport["epoch_tok_s"]) == len(transport["epoch_server_busy"]) == 2
+        assert all(share >= 0 for share in transport["epoch_server_busy"] + transport["epoch_server_us_per_token"])
+        assert transport["reference_tok_s"] > 0
     epochs = {"stock": 1, "zero_copy": 2}[server]
     for result in results:
         assert result["tokens"] == result["num_tokens"] * epochs == 30000 * epochs and result["server"] == server

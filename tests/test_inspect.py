@@ -268,3 +268,45 @@ def test_predictions_of_a_generate_output_are_counted(output, tmp_path):
     text = run_inspect(copy, "--no_parts").stdout
     assert (f"predictions: {len(rows)} in {report['shards']} files, {predictions['scored']} scored, "
             f"{predictions['correct']} correct") in text
+
+
+def test_a_damaged_file_is_a_problem_and_a_refused_one_is_not(output, tmp_path, monkeypatch):
+    """A predictions file or an activation file whose bytes do not read is a problem naming it (the rest is still
+    counted); the system refusing a file (an OSError with an errno: permissions) is not damage and is raised, so
+    inspect exits 2 without advising verify, which could uncommit a healthy shard."""
+    import pyarrow as pa
+
+    from pipeline import inspect as inspect_module
+    from pipeline.dataset import _store
+
+    copy = tmp_path / "out"
+    shutil.copytree(output, copy)
+    _add_predictions(copy)
+    damaged = sorted((copy / "predictions").glob("*.parquet"))[0]
+    damaged.write_bytes(b"PAR1" + b"\0" * 64 + b"PAR1")
+    report = inspect_output(str(copy))
+    assert report["predictions"]["files"] == report["shards"] and report["predictions"]["scored"] > 0
+    named = [p for p in report["problems"] if damaged.name in p]
+    assert len(named) == 1 and "does not read" in named[0] and f"python -m pipeline.verify {copy}" in named[0]
+
+    activation = sorted((copy / "activations").rglob("*.parquet"))[0]
+    relpath = activation.relative_to(copy).as_posix()
+    store, problems = _store(str(copy)), []
+    activation.write_bytes(b"PAR1" + b"\0" * 64 + b"PAR1")
+    assert inspect_module._part_counts(store, [relpath], str(copy), problems) == {}
+    assert len(problems) == 1 and activation.name in problems[0] and "pipeline.verify" in problems[0]
+
+    real_memory_map = pa.memory_map
+
+    def refused(path, *args, **kwargs):
+        if path.endswith(".parquet"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_memory_map(path, *args, **kwargs)
+
+    monkeypatch.setattr(pa, "memory_map", refused)
+    with pytest.raises(PermissionError):
+        inspect_module._part_counts(store, [relpath], str(copy), [])
+    with pytest.raises(PermissionError):
+        inspect_module._prediction_counts(store, damaged.relative_to(copy).as_posix(), str(copy))
+    with pytest.raises(PermissionError):
+        inspect_module._marker(store, sorted(copy.glob("samples/*.parquet"))[0].relative_to(copy).as_posix())
