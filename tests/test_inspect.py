@@ -282,14 +282,14 @@ def test_a_damaged_file_is_a_problem_and_a_refused_one_is_not(output, tmp_path, 
     copy = tmp_path / "out"
     shutil.copytree(output, copy)
     _add_predictions(copy)
-    damaged = sorted((copy / "predictions").glob("*.parquet"))[0]
+    damaged = min((copy / "predictions").glob("*.parquet"))
     damaged.write_bytes(b"PAR1" + b"\0" * 64 + b"PAR1")
     report = inspect_output(str(copy))
     assert report["predictions"]["files"] == report["shards"] and report["predictions"]["scored"] > 0
     named = [p for p in report["problems"] if damaged.name in p]
     assert len(named) == 1 and "does not read" in named[0] and f"python -m pipeline.verify {copy}" in named[0]
 
-    activation = sorted((copy / "activations").rglob("*.parquet"))[0]
+    activation = min((copy / "activations").rglob("*.parquet"))
     relpath = activation.relative_to(copy).as_posix()
     store, problems = _store(str(copy)), []
     activation.write_bytes(b"PAR1" + b"\0" * 64 + b"PAR1")
@@ -309,4 +309,4 @@ def test_a_damaged_file_is_a_problem_and_a_refused_one_is_not(output, tmp_path, 
     with pytest.raises(PermissionError):
         inspect_module._prediction_counts(store, damaged.relative_to(copy).as_posix(), str(copy))
     with pytest.raises(PermissionError):
-        inspect_module._marker(store, sorted(copy.glob("samples/*.parquet"))[0].relative_to(copy).as_posix())
+        inspect_module._marker(store, min(copy.glob("samples/*.parquet")).relative_to(copy).as_posix())
