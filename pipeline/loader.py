@@ -188,18 +188,23 @@ class ActivationBatches:
     def load_state_dict(self, state: dict) -> None:
         """Continues exactly where `state` was taken: the same remaining batches, in the same order. The iterator
         must be built with the same arguments on the same output; every difference is named (`dtype` and
-        `readahead` may differ: they change neither which tokens come nor when)."""
+        `readahead` may differ: they change neither which tokens come nor when; `epochs` may grow, become None, or
+        shrink to more than the state's epoch: the batches are then those of the run built with it)."""
         if not isinstance(state, dict) or state.get("version") not in _STATE_VERSIONS:
             raise ValueError(f"not a loader state of version {' or '.join(map(str, _STATE_VERSIONS))}: "
                              f"{str(state)[:200]}")
         mine = self._config()
         for key, value in state["config"].items():
+            if key == "epochs" and self._more_epochs_allowed(value, int(state["epoch"])):
+                continue
             if mine.get(key) != value:
                 what = ("the output's committed files differ from when the state was saved" if key == "output"
                         else f"{key}={value!r} when saved, {mine.get(key)!r} now")
-                raise ValueError(f"load_state_dict: {what}; build the loader as it was")
-        self._reset(int(state["epoch"]))
-        self._cursor, self._batches, self._done = int(state["cursor"]), int(state["batches"]), bool(state["done"])
+                hint = (f"; or, to go on for more epochs, epochs=None or more than {int(state['epoch'])} (the "
+                        f"state's epoch)" if key == "epochs" else "")
+                raise ValueError(f"load_state_dict: {what}; build the loader as it was{hint}")
+        self._reset(int(state["epoch"]))  # also decides, from this loader's `epochs`, whether it is done
+        self._cursor, self._batches = int(state["cursor"]), int(state["batches"])
         self._rng.bit_generator.state = state["rng"]
         buffered = len(state["buffer_unit"])
         units = np.concatenate([np.asarray(state["buffer_unit"], np.int64),
@@ -229,6 +234,17 @@ class ActivationBatches:
                                  {k: v[ahead] for k, v in self._columns.items()}, units[ahead], rows[ahead], epoch)
             self._batches += epoch == self._epoch  # counted when drawn, in its own epoch
         self._epoch_out = self._ahead.epoch if self._ahead is not None else self._epoch
+
+    def _more_epochs_allowed(self, saved, epoch: int) -> bool:
+        """Whether a state saved with `epochs=saved`, standing in `epoch`, resumes under this loader's `epochs`: the
+        batches of fewer epochs are the first ones of more (each epoch's order depends on the seed and the epoch
+        alone), so a run may go on for more epochs (or without end), or stop earlier if it has not reached that
+        epoch yet."""
+        if self.epochs is None:
+            return True
+        if saved is not None and self.epochs >= saved:
+            return True
+        return self.epochs > epoch
 
     # -------------------------------------------------------------------------------- iteration
 

@@ -251,8 +251,8 @@ def test_a_state_holds_the_batch_drawn_ahead_and_old_states_still_load(output):
 
 def test_a_state_saves_as_plain_values_and_a_loader_built_otherwise_is_refused(output):
     """A state is plain Python values: it survives json and torch.save / torch.load with torch's default
-    weights_only, and resumes exactly; states of int64 arrays (as saved before) still load. `epochs` and
-    `drop_last` change which batches come, so a loader built with others is refused; `dtype` may change."""
+    weights_only, and resumes exactly; states of int64 arrays (as saved before) still load. `drop_last` changes
+    which batches come, so a loader built with another is refused; `dtype` may change."""
     import io
     import json
 
@@ -274,10 +274,47 @@ def test_a_state_saves_as_plain_values_and_a_loader_built_otherwise_is_refused(o
         resumed = ds.batches("resid_post", 1, 6, epochs=2, dtype="bfloat16", **options)
         resumed.load_state_dict(copy)
         assert [keys_of(cols) for _, cols in resumed] == rest
-    for changed, message in ((dict(epochs=None), "epochs=2 when saved, None now"),
-                             (dict(epochs=2, drop_last=False), "drop_last=True when saved, False now")):
-        with pytest.raises(ValueError, match=re.escape(message)):
-            ds.batches("resid_post", 1, 6, **changed, **options).load_state_dict(state)
+    with pytest.raises(ValueError, match=re.escape("drop_last=True when saved, False now")):
+        ds.batches("resid_post", 1, 6, epochs=2, drop_last=False, **options).load_state_dict(state)
+
+
+@pytest.mark.parametrize("readahead", [0, 2])
+def test_a_state_resumes_under_more_epochs_or_fewer_not_yet_reached(output, readahead):
+    """The batches of fewer epochs are the first ones of more: a state resumes in a loader built to run longer (or
+    without end), or shorter if its epoch is not reached yet, and yields what that loader would have yielded after
+    the same batches; a loader whose epochs end before the state's epoch is refused, saying what would work."""
+    ds = open_activations(output.root)
+    options = dict(with_metadata=True, seed=3, buffer_tokens=20, readahead=readahead)
+
+    def run(epochs, skip=0, state=None):
+        loader = ds.batches("resid_post", 1, 6, epochs=epochs, **options)
+        if state is not None:
+            loader.load_state_dict(state)
+        batches = []
+        for _, cols in loader:
+            batches.append((loader.epoch, keys_of(cols)))
+            if epochs is None and loader.epoch >= 3:
+                break
+        return batches[skip:], loader
+
+    three, _ = run(3)
+    one, finished = run(1)
+    assert one == three[:len(one)] and {epoch for epoch, _ in three} == {0, 1, 2}
+    assert run(3, state=finished.state_dict())[0] == three[len(one):]  # trained one epoch, then two more
+    endless, _ = run(None, state=finished.state_dict())
+    assert endless[:len(three) - len(one)] == three[len(one):]
+
+    loader = ds.batches("resid_post", 1, 6, epochs=3, **options)
+    for _ in range(len(one) + 2):  # into the second epoch
+        next(loader)
+    middle = loader.state_dict()
+    assert middle["epoch"] == 1
+    two, _ = run(2)
+    assert run(2, state=middle)[0] == two[len(one) + 2:]  # stops earlier, after the epoch it stands in
+    assert run(5, state=middle)[0][:len(three) - len(one) - 2] == three[len(one) + 2:]
+    with pytest.raises(ValueError, match=re.escape("epochs=3 when saved, 1 now; build the loader as it was; or, to "
+                                                   "go on for more epochs, epochs=None or more than 1")):
+        ds.batches("resid_post", 1, 6, epochs=1, **options).load_state_dict(middle)
 
 
 @pytest.mark.parametrize("readahead", [1, 2])
