@@ -102,6 +102,16 @@ class StorageReadError(OSError):
     """A file of the output could not be read from its storage (access, network): not damage to the file."""
 
 
+def is_file_damage(err: BaseException) -> bool:
+    """Whether `err`, raised while reading a file of the output, says the file's bytes do not read (a footer or a
+    page that does not parse, a CRC that fails), rather than the storage failing (StorageReadError) or the system
+    refusing the file (an OSError with an errno: permissions, too many open files, gone). Only damage is worth
+    `pipeline.verify --repair`, which uncommits the file's shard."""
+    if isinstance(err, StorageReadError) or (isinstance(err, OSError) and err.errno is not None):
+        return False
+    return isinstance(err, (OSError, pa.ArrowException))
+
+
 class _GcsStore:
     """gs://bucket/prefix through google-cloud-storage (honours STORAGE_EMULATOR_HOST). pyarrow's GcsFileSystem
     did not return from reads against the test emulator, and gcsfs pins its own fsspec release."""
@@ -577,10 +587,8 @@ class ActivationDataset:
         files, gone) pass as they are: the file is not known to be damaged, and --repair would uncommit its shard."""
         try:
             yield
-        except StorageReadError:
-            raise
         except (OSError, pa.ArrowException) as err:
-            if isinstance(err, OSError) and err.errno is not None:
+            if not is_file_damage(err):
                 raise
             reason = " ".join(str(err).split())
             reason = f" ({reason})" if reason_in_parentheses else f": {reason}"

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.dataset import StorageReadError, _store
+from pipeline.dataset import StorageReadError, _store, is_file_damage
 from transforms.output_format import parallel_map
 from transforms import output_format as fmt
 
@@ -62,22 +62,13 @@ def _json_files(store, reldir: str) -> dict[str, Any]:
     return found
 
 
-def _damaged(err: BaseException) -> bool:
-    """Whether `err`, raised reading a file, says its bytes do not read (a footer or page that does not parse), as
-    opposed to the storage failing (StorageReadError) or the system refusing the file (an OSError with an errno:
-    permissions, too many open files), which end inspect with exit 2 instead of calling the file damaged."""
-    if isinstance(err, StorageReadError) or (isinstance(err, OSError) and err.errno is not None):
-        return False
-    return isinstance(err, (pa.ArrowException, OSError))
-
-
 def _marker(store, relpath: str) -> dict:
     with store.open(relpath) as handle:
         try:
             meta = fmt.decode_metadata(pq.read_metadata(handle))
             samples = pq.read_table(handle, columns=["dataset", "num_tokens"])
         except (pa.ArrowException, OSError) as err:
-            if not _damaged(err):
+            if not is_file_damage(err):  # storage failures and refusals: exit 2
                 raise
             return {"path": relpath, "error": f"{store.path(relpath)}: not a readable Parquet commit marker ({err}); "
                                               f"run python -m pipeline.verify on the output"}
@@ -139,7 +130,7 @@ def _prediction_counts(store, relpath: str, output: str) -> tuple[int | None, in
                 return None, None
             column = parquet.read(columns=["correct"]).column("correct")
     except (pa.ArrowException, OSError) as err:
-        if not _damaged(err):
+        if not is_file_damage(err):  # storage failures and refusals: exit 2
             raise
         return f"{store.path(relpath)} does not read ({err}); run python -m pipeline.verify {output}"
     return len(column) - column.null_count, int(pc.sum(column).as_py() or 0)
@@ -186,7 +177,7 @@ def _part_counts(store, paths: list[str], output: str, problems: list[str]) -> d
             with store.open(relpath) as handle:
                 column = pq.read_table(handle, columns=["part"]).column("part")
         except (pa.ArrowException, OSError) as err:
-            if not _damaged(err):
+            if not is_file_damage(err):  # storage failures and refusals: exit 2
                 raise
             return f"{store.path(relpath)} does not read ({err}); run python -m pipeline.verify {output}"
         if pa.types.is_dictionary(column.type):
