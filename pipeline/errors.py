@@ -7,6 +7,7 @@ traceback as text (multi-process and remote runners). :func:`explain` walks both
 causes a user can act on: out of device memory, disk full, permission denied, a truncated or corrupt checkpoint,
 an unloadable tokenizer, an interrupt. Anything else is named by its innermost type and message.
 
+:func:`report_main` ends a report command (inspect, verify, ...) quietly when its reader stops early (``| head``).
 :func:`run_main` wraps ``pipeline.run.main``: on failure it writes the full traceback to
 ``OUTPUT/_runs/error-<host>-<time>.log`` (a temporary folder when the output cannot take it) and prints the one
 line, which names that log, as the last line on stderr. SIGINT ends the run with exit status 130 once Python
@@ -216,6 +217,20 @@ def report_failure(error: BaseException, argv: list[str], interrupted: bool = Fa
     stream.write(f"error: {line} ({where})\n")
     stream.flush()
     return status
+
+
+def report_main(main: Callable[[], int]) -> int:
+    """The exit status of a command that prints a report (inspect, verify, ...). When the reader of its output
+    stops early (`| head`), 141, as a shell reports a process ended by SIGPIPE, instead of a BrokenPipeError
+    traceback and Python's "Exception ignored" at exit."""
+    try:
+        code = main()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # Python's recipe (library/signal.html, "Note on SIGPIPE"): what is left unflushed goes nowhere at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 def run_main(main: Callable[[list[str]], int], argv: Optional[list[str]] = None) -> int:

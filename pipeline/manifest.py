@@ -279,4 +279,6 @@ def read_manifest(output_root: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from pipeline.errors import report_main
+
+    raise SystemExit(report_main(main))

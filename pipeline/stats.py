@@ -254,4 +254,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.errors import report_main
+
+    sys.exit(report_main(main))

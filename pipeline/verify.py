@@ -653,8 +653,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
+    from pipeline.errors import report_main
+
+    code = report_main(main)
     sys.stderr.flush()
     # Now and then (a few runs in a hundred, more under load) a native library's thread outlived the interpreter
     # and the C++ runtime aborted at exit ("terminate called without an active exception"), turning a finished

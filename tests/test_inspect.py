@@ -310,3 +310,17 @@ def test_a_damaged_file_is_a_problem_and_a_refused_one_is_not(output, tmp_path, 
         inspect_module._prediction_counts(store, damaged.relative_to(copy).as_posix(), str(copy))
     with pytest.raises(PermissionError):
         inspect_module._marker(store, min(copy.glob("samples/*.parquet")).relative_to(copy).as_posix())
+
+
+@pytest.mark.parametrize("command", ["pipeline.inspect", "pipeline.verify"])
+def test_a_reader_that_stops_early_ends_the_report_quietly(output, command):
+    """`python -m pipeline.inspect OUTPUT | head -1`: the reader goes away before the report is written; the
+    command ends as a shell's SIGPIPE would (141) without a BrokenPipeError traceback."""
+    read, write = os.pipe()
+    os.close(read)  # nobody reads: the first write fails with EPIPE
+    try:
+        done = subprocess.run([sys.executable, "-m", command, str(output)], cwd=ROOT, stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done
