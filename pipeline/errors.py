@@ -7,7 +7,8 @@ traceback as text (multi-process and remote runners). :func:`explain` walks both
 causes a user can act on: out of device memory, disk full, permission denied, a truncated or corrupt checkpoint,
 an unloadable tokenizer, an interrupt. Anything else is named by its innermost type and message.
 
-:func:`report_main` ends a report command (inspect, verify, ...) quietly when its reader stops early (``| head``).
+:func:`report_main` ends a report command (inspect, verify, ...) quietly when its reader stops early (``| head``);
+:func:`exit_report` ends its process with that status.
 :func:`run_main` wraps ``pipeline.run.main``: on failure it writes the full traceback to
 ``OUTPUT/_runs/error-<host>-<time>.log`` (a temporary folder when the output cannot take it) and prints the one
 line, which names that log, as the last line on stderr. SIGINT ends the run with exit status 130 once Python
@@ -27,7 +28,7 @@ import sys
 import tempfile
 import threading
 import traceback
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NoReturn, Optional
 
 FAILED_EXIT = 1
 INTERRUPTED_EXIT = 128 + signal.SIGINT
@@ -231,6 +232,20 @@ def report_main(main: Callable[[], int]) -> int:
         # Python's recipe (library/signal.html, "Note on SIGPIPE"): what is left unflushed goes nowhere at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+
+
+def exit_report(main: Callable[[], int]) -> NoReturn:
+    """Ends a report command's process with :func:`report_main`'s status once its output is flushed, skipping the
+    interpreter's native teardown: now and then, more under load, a native library's thread outlived the interpreter
+    and the C++ runtime aborted at exit ("terminate called without an active exception"),
+    turning a finished report into exit -6. An exception from ``main`` still ends the process the usual way."""
+    code = report_main(main)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):  # a reader gone, or a stream closed: nothing left to deliver
+            pass
+    os._exit(code)
 
 
 def run_main(main: Callable[[list[str]], int], argv: Optional[list[str]] = None) -> int:

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.dataset import StorageReadError, _store, is_file_damage
+from pipeline.dataset import StorageReadError, _LocalStore, _store, is_file_damage
 from transforms.output_format import parallel_map
 from transforms import output_format as fmt
 
@@ -58,8 +58,24 @@ def _json_files(store, reldir: str) -> dict[str, Any]:
         try:
             found[name[:-len(".json")]] = json.loads(data)
         except ValueError as err:
-            found[name[:-len(".json")]] = f"{store.path(relpath)} is not valid JSON ({err})"
+            found[name[:-len(".json")]] = f"{store.path(relpath)} is not valid JSON ({_one_line(err)})"
     return found
+
+
+def _one_line(err: BaseException) -> str:
+    """An error's message on one line of the report (Parquet's thrift errors span several)."""
+    return " ".join(str(err).split())
+
+
+def _not_files(store, reldir: str) -> list[str]:
+    """Problems for the entries of a local `reldir` named as Parquet files that are no files: a directory or a link
+    to nothing, which every listing passes over, so their shard would count as uncommitted without a word."""
+    if not isinstance(store, _LocalStore) or not os.path.isdir(store.path(reldir)):
+        return []
+    return [f"{store.path(f'{reldir}/{entry.name}')} is not a file (a directory or a broken link), so it commits "
+            f"nothing; remove it, then run python -m pipeline.verify {store}"
+            for entry in sorted(os.scandir(store.path(reldir)), key=lambda e: e.name)
+            if entry.name.endswith(fmt.PARQUET_SUFFIX) and not entry.is_file()]
 
 
 def _marker(store, relpath: str) -> dict:
@@ -70,7 +86,7 @@ def _marker(store, relpath: str) -> dict:
         except (pa.ArrowException, OSError) as err:
             if not is_file_damage(err):  # storage failures and refusals: exit 2
                 raise
-            return {"path": relpath, "error": f"{store.path(relpath)}: not a readable Parquet commit marker ({err}); "
+            return {"path": relpath, "error": f"{store.path(relpath)}: not a readable Parquet commit marker ({_one_line(err)}); "
                                               f"run python -m pipeline.verify on the output"}
     meta["path"] = relpath
     meta["datasets"] = samples
@@ -132,7 +148,10 @@ def _prediction_counts(store, relpath: str, output: str) -> tuple[int | None, in
     except (pa.ArrowException, OSError) as err:
         if not is_file_damage(err):  # storage failures and refusals: exit 2
             raise
-        return f"{store.path(relpath)} does not read ({err}); run python -m pipeline.verify {output}"
+        return f"{store.path(relpath)} does not read ({_one_line(err)}); run python -m pipeline.verify {output}"
+    if not (pa.types.is_boolean(column.type) or pa.types.is_null(column.type)):
+        return (f"{store.path(relpath)}: its `correct` column is {column.type}, not bool, so it is not counted; run "
+                f"python -m pipeline.verify {output}")
     return len(column) - column.null_count, int(pc.sum(column).as_py() or 0)
 
 
@@ -179,7 +198,7 @@ def _part_counts(store, paths: list[str], output: str, problems: list[str]) -> d
         except (pa.ArrowException, OSError) as err:
             if not is_file_damage(err):  # storage failures and refusals: exit 2
                 raise
-            return f"{store.path(relpath)} does not read ({err}); run python -m pipeline.verify {output}"
+            return f"{store.path(relpath)} does not read ({_one_line(err)}); run python -m pipeline.verify {output}"
         if pa.types.is_dictionary(column.type):
             column = column.cast(column.type.value_type)
         return {row["values"]: row["counts"] for row in pc.value_counts(column).to_pylist()}
@@ -199,7 +218,7 @@ def inspect_output(output: str, *, parts: bool = True, now: float | None = None)
     samples_listed = store.list(fmt.SAMPLES_DIR)
     marker_paths = sorted(p for p in samples_listed
                           if p.endswith(fmt.PARQUET_SUFFIX) and not fmt.is_temp_name(fmt.basename(p)))
-    markers = []
+    markers, problems = [], problems + _not_files(store, fmt.SAMPLES_DIR)
     for meta in parallel_map(lambda p: _marker(store, p), marker_paths):
         (problems.append(meta["error"]) if "error" in meta else markers.append(meta))
     leases = _leases(store, now)
@@ -469,6 +488,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.errors import report_main
+    from pipeline.errors import exit_report
 
-    sys.exit(report_main(main))
+    exit_report(main)

@@ -200,8 +200,8 @@ class ActivationBatches:
             if mine.get(key) != value:
                 what = ("the output's committed files differ from when the state was saved" if key == "output"
                         else f"{key}={value!r} when saved, {mine.get(key)!r} now")
-                hint = (f"; or, to go on for more epochs, epochs=None or more than {int(state['epoch'])} (the "
-                        f"state's epoch)" if key == "epochs" else "")
+                hint = (f"; or epochs=None or at least {self._fewest_epochs(value, int(state['epoch']))}"
+                        if key == "epochs" else "")
                 raise ValueError(f"load_state_dict: {what}; build the loader as it was{hint}")
         self._reset(int(state["epoch"]))  # also decides, from this loader's `epochs`, whether it is done
         self._cursor, self._batches = int(state["cursor"]), int(state["batches"])
@@ -240,11 +240,12 @@ class ActivationBatches:
         batches of fewer epochs are the first ones of more (each epoch's order depends on the seed and the epoch
         alone), so a run may go on for more epochs (or without end), or stop earlier if it has not reached that
         epoch yet."""
-        if self.epochs is None:
-            return True
-        if saved is not None and self.epochs >= saved:
-            return True
-        return self.epochs > epoch
+        return self.epochs is None or self.epochs >= self._fewest_epochs(saved, epoch)
+
+    @staticmethod
+    def _fewest_epochs(saved, epoch: int) -> int:
+        """The fewest `epochs` a state saved with `epochs=saved`, standing in `epoch` (from 0), resumes under."""
+        return epoch + 1 if saved is None else min(saved, epoch + 1)
 
     # -------------------------------------------------------------------------------- iteration
 

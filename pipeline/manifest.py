@@ -279,6 +279,6 @@ def read_manifest(output_root: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from pipeline.errors import report_main
+    from pipeline.errors import exit_report
 
-    raise SystemExit(report_main(main))
+    exit_report(main)

@@ -461,6 +461,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.errors import report_main
+    from pipeline.errors import exit_report
 
-    sys.exit(report_main(main))
+    exit_report(main)

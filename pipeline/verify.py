@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -653,11 +652,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.errors import report_main
+    from pipeline.errors import exit_report
 
-    code = report_main(main)
-    sys.stderr.flush()
-    # Now and then (a few runs in a hundred, more under load) a native library's thread outlived the interpreter
-    # and the C++ runtime aborted at exit ("terminate called without an active exception"), turning a finished
-    # check into exit -6. Everything verify writes is flushed above; skip the native teardown.
-    os._exit(code)
+    exit_report(main)

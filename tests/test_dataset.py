@@ -297,7 +297,7 @@ def test_a_state_resumes_under_more_epochs_or_fewer_not_yet_reached(output, read
                 break
         return batches[skip:], loader
 
-    three, _ = run(3)
+    three, three_finished = run(3)
     one, finished = run(1)
     assert one == three[:len(one)] and {epoch for epoch, _ in three} == {0, 1, 2}
     assert run(3, state=finished.state_dict())[0] == three[len(one):]  # trained one epoch, then two more
@@ -312,9 +312,13 @@ def test_a_state_resumes_under_more_epochs_or_fewer_not_yet_reached(output, read
     two, _ = run(2)
     assert run(2, state=middle)[0] == two[len(one) + 2:]  # stops earlier, after the epoch it stands in
     assert run(5, state=middle)[0][:len(three) - len(one) - 2] == three[len(one) + 2:]
-    with pytest.raises(ValueError, match=re.escape("epochs=3 when saved, 1 now; build the loader as it was; or, to "
-                                                   "go on for more epochs, epochs=None or more than 1")):
+    with pytest.raises(ValueError, match=re.escape("epochs=3 when saved, 1 now; build the loader as it was; or "
+                                                   "epochs=None or at least 2")):
         ds.batches("resid_post", 1, 6, epochs=1, **options).load_state_dict(middle)
+    assert run(3, state=three_finished.state_dict())[0] == []  # as saved: nothing left
+    with pytest.raises(ValueError, match=re.escape("epochs=3 when saved, 2 now; build the loader as it was; or "
+                                                   "epochs=None or at least 3")):
+        ds.batches("resid_post", 1, 6, epochs=2, **options).load_state_dict(three_finished.state_dict())
 
 
 @pytest.mark.parametrize("readahead", [1, 2])

@@ -326,3 +326,38 @@ def test_truncated_safetensors_and_corrupt_tokenizer_files_are_named(tiny_checkp
     (copy / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "Qwen2Tokenizer"})[:-3])
     with pytest.raises(TokenizerError, match=rf"{copy / 'tokenizer_config.json'} cannot be loaded as a tokenizer"):
         load_tokenizer(copy)
+
+
+@pytest.mark.parametrize("reader", ["reads", "gone"])
+def test_a_report_ends_with_its_status_after_its_output(reader):
+    """exit_report: the report's status, everything it printed delivered (a process that skips the native
+    teardown must flush first), and 141 without a traceback when the reader has gone."""
+    script = textwrap.dedent("""
+        import sys
+        from pipeline.errors import exit_report
+
+        def main():
+            sys.stdout.write("line\\n" * 20000)  # more than a pipe holds: written while the test reads
+            print("the last line")
+            print("a warning", file=sys.stderr)
+            return 3
+
+        exit_report(main)
+    """)
+    read, write = os.pipe()
+    if reader == "gone":
+        os.close(read)
+    try:
+        done = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=write, stderr=subprocess.PIPE,
+                                text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    finally:
+        os.close(write)
+    out = b""
+    if reader == "reads":
+        with os.fdopen(read, "rb") as handle:
+            out = handle.read()
+    stderr = done.communicate(timeout=60)[1]
+    if reader == "reads":
+        assert done.returncode == 3 and out.decode().endswith("the last line\n") and "a warning" in stderr
+    else:
+        assert done.returncode == 141 and "Traceback" not in stderr, stderr

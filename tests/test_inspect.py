@@ -288,6 +288,26 @@ def test_a_damaged_file_is_a_problem_and_a_refused_one_is_not(output, tmp_path, 
     assert report["predictions"]["files"] == report["shards"] and report["predictions"]["scored"] > 0
     named = [p for p in report["problems"] if damaged.name in p]
     assert len(named) == 1 and "does not read" in named[0] and f"python -m pipeline.verify {copy}" in named[0]
+    assert all("\n" not in problem for problem in report["problems"])  # Parquet's thrift errors span lines
+
+    import pyarrow.parquet as pq
+
+    mistyped = max((copy / "predictions").glob("*.parquet"))
+    table = pq.read_table(mistyped)
+    pq.write_table(table.set_column(table.schema.get_field_index("correct"), "correct",
+                                    pa.array(["yes"] * len(table))), mistyped)
+    report = inspect_output(str(copy))
+    named = [p for p in report["problems"] if mistyped.name in p]
+    assert len(named) == 1 and "`correct` column is string, not bool" in named[0], report["problems"]
+
+    marker = min((copy / "samples").glob("*.parquet"))
+    marker.unlink()
+    marker.mkdir()
+    (copy / "samples" / "broken.parquet").symlink_to(tmp_path / "nowhere.parquet")
+    report = inspect_output(str(copy))
+    for name in (marker.name, "broken.parquet"):
+        named = [p for p in report["problems"] if name in p and "is not a file (a directory or a broken link)" in p]
+        assert len(named) == 1, report["problems"]
 
     activation = min((copy / "activations").rglob("*.parquet"))
     relpath = activation.relative_to(copy).as_posix()
