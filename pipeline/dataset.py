@@ -105,11 +105,15 @@ class StorageReadError(OSError):
 def is_file_damage(err: BaseException) -> bool:
     """Whether `err`, raised while reading a file of the output, says the file's bytes do not read (a footer or a
     page that does not parse, a CRC that fails), rather than the storage failing (StorageReadError) or the system
-    refusing the file (an OSError with an errno: permissions, too many open files, gone). Only damage is worth
+    refusing the file (an OSError with an errno: permissions, too many open files), the file being gone (a
+    FileNotFoundError, with or without an errno: the gs:// store raises it without one), memory running out, or
+    a feature this pyarrow lacks. Metadata that does not decode (a ValueError) is damage. Only damage is worth
     `pipeline.verify --repair`, which uncommits the file's shard."""
-    if isinstance(err, StorageReadError) or (isinstance(err, OSError) and err.errno is not None):
+    if isinstance(err, (StorageReadError, FileNotFoundError, MemoryError, NotImplementedError)):
         return False
-    return isinstance(err, (OSError, pa.ArrowException))
+    if isinstance(err, OSError) and err.errno is not None:
+        return False
+    return isinstance(err, (OSError, pa.ArrowException, ValueError))
 
 
 class _GcsStore:
@@ -530,8 +534,7 @@ class ActivationDataset:
             entries = [f for f in manifest.get("files", []) if f.get("kind") == "activations"]
         else:
             self.source = "commit markers"
-            markers = sorted(p for p in store.list(fmt.SAMPLES_DIR)
-                             if p.endswith(fmt.PARQUET_SUFFIX) and not fmt.is_temp_name(fmt.basename(p)))
+            markers = fmt.marker_paths(store.list(fmt.SAMPLES_DIR))
             entries = None
         # Listed after the markers: a writer renames a shard's activation files into place before it writes the
         # shard's marker, so every file a marker seen here lists is already in this listing.
@@ -615,8 +618,9 @@ class ActivationDataset:
                 meta = fmt.decode_metadata(pq.read_metadata(handle))
             except StorageReadError:
                 raise
-            except (pa.ArrowInvalid, OSError) as err:
-                raise ValueError(f"{self._store.path(relpath)}: not a readable Parquet commit marker ({err})") from None
+            except (pa.ArrowInvalid, OSError, ValueError) as err:
+                raise ValueError(f"{self._store.path(relpath)}: not a readable Parquet commit marker "
+                                 f"({' '.join(str(err).split())})") from None
         if fmt.KEY_FILES not in meta or fmt.KEY_SHARD not in meta:
             raise ValueError(f"{self._store.path(relpath)} is not a commit marker of this format (no "
                              f"{fmt.KEY_SHARD!r} / {fmt.KEY_FILES!r} metadata)")

@@ -23,6 +23,7 @@ import datetime as _dt
 import errno
 import os
 import re
+import select
 import signal
 import sys
 import tempfile
@@ -229,9 +230,21 @@ def report_main(main: Callable[[], int]) -> int:
         sys.stdout.flush()
         return code
     except BrokenPipeError:
+        if not _stdout_reader_gone():  # a socket of the storage, say: a failure like any other
+            raise
         # Python's recipe (library/signal.html, "Note on SIGPIPE"): what is left unflushed goes nowhere at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe or socket whose reader has gone (poll reports an error or hang-up on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a test's capture): the pipe was another
+        return False
 
 
 def exit_report(main: Callable[[], int]) -> NoReturn:

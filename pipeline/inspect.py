@@ -12,7 +12,10 @@ against a ground truth and how many were correct (their `correct` column only).
 
 Exits 2 with a one-line message naming the path when OUTPUT is not an output (it holds nothing a run writes), when
 its manifest.json is not a manifest of this format (rebuild it with `python -m pipeline.manifest OUTPUT`), or when
-its storage cannot be read (no credentials, an unreachable endpoint).
+its storage cannot be read (no credentials, an unreachable endpoint) or refuses a file (permissions). A file whose
+bytes do not read (a commit marker; a predictions file; an activation file of the hook and layer whose prompt parts
+are counted, the only ones inspect opens) is a problem line naming it and pipeline.verify, which checks them all.
+Ends with 141, quietly, when the reader of its output stops early (`| head`).
 
 Reads local or gs:// outputs through pipeline.dataset's stores; imports neither Beam nor JAX nor torch.
 """
@@ -75,7 +78,7 @@ def _not_files(store, reldir: str) -> list[str]:
     return [f"{store.path(f'{reldir}/{entry.name}')} is not a file (a directory or a broken link), so it commits "
             f"nothing; remove it, then run python -m pipeline.verify {store}"
             for entry in sorted(os.scandir(store.path(reldir)), key=lambda e: e.name)
-            if entry.name.endswith(fmt.PARQUET_SUFFIX) and not entry.is_file()]
+            if entry.name.endswith(fmt.PARQUET_SUFFIX) and not fmt.is_temp_name(entry.name) and not entry.is_file()]
 
 
 def _marker(store, relpath: str) -> dict:
@@ -83,11 +86,11 @@ def _marker(store, relpath: str) -> dict:
         try:
             meta = fmt.decode_metadata(pq.read_metadata(handle))
             samples = pq.read_table(handle, columns=["dataset", "num_tokens"])
-        except (pa.ArrowException, OSError) as err:
+        except (pa.ArrowException, OSError, ValueError) as err:
             if not is_file_damage(err):  # storage failures and refusals: exit 2
                 raise
-            return {"path": relpath, "error": f"{store.path(relpath)}: not a readable Parquet commit marker ({_one_line(err)}); "
-                                              f"run python -m pipeline.verify on the output"}
+            return {"path": relpath, "error": f"{store.path(relpath)}: not a readable Parquet commit marker "
+                                              f"({_one_line(err)}); run python -m pipeline.verify on the output"}
     meta["path"] = relpath
     meta["datasets"] = samples
     return meta
@@ -155,7 +158,7 @@ def _prediction_counts(store, relpath: str, output: str) -> tuple[int | None, in
     return len(column) - column.null_count, int(pc.sum(column).as_py() or 0)
 
 
-def _predictions(store, markers: list[dict], problems: list[str]) -> dict | None:
+def _predictions(store, markers: list[dict], output: str, problems: list[str]) -> dict | None:
     """--generate's predictions files: those the commit markers list, their rows (from the markers), how many
     were scored against a ground truth and found correct (the `correct` column), and files no marker lists. None
     for an output without predictions."""
@@ -177,7 +180,7 @@ def _predictions(store, markers: list[dict], problems: list[str]) -> dict | None
     present = [e for e in entries if e["path"] in listed]
     problems += [f"{store.path(e['path'])} is listed by its commit marker but missing"
                  for e in entries if e["path"] not in listed]
-    counts = list(parallel_map(lambda e: _prediction_counts(store, e["path"], str(store)), present))
+    counts = list(parallel_map(lambda e: _prediction_counts(store, e["path"], output), present))
     problems += [c for c in counts if isinstance(c, str)]
     scored = [c for c in counts if not isinstance(c, str) and c[0] is not None]
     committed = {e["path"] for e in entries}
@@ -216,8 +219,7 @@ def inspect_output(output: str, *, parts: bool = True, now: float | None = None)
     problems = []
     manifest = _manifest(store, output)
     samples_listed = store.list(fmt.SAMPLES_DIR)
-    marker_paths = sorted(p for p in samples_listed
-                          if p.endswith(fmt.PARQUET_SUFFIX) and not fmt.is_temp_name(fmt.basename(p)))
+    marker_paths = fmt.marker_paths(samples_listed)
     markers, problems = [], problems + _not_files(store, fmt.SAMPLES_DIR)
     for meta in parallel_map(lambda p: _marker(store, p), marker_paths):
         (problems.append(meta["error"]) if "error" in meta else markers.append(meta))
@@ -249,7 +251,7 @@ def inspect_output(output: str, *, parts: bool = True, now: float | None = None)
     problems += _manifest_disagreements(store, output, manifest, markers)
     sample_bytes = sum(size for p, size in samples_listed.items() if p in set(marker_paths))
     dead = _dead_letters(store)
-    predictions = _predictions(store, markers, problems)
+    predictions = _predictions(store, markers, output, problems)
     activation_bytes = sum(e["bytes"] for e in pairs.values())
     prediction_bytes = predictions["bytes"] if predictions else 0
     return {

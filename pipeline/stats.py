@@ -231,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     computed = recompute(root, shards)
     stored = read_stats(root)
+    if stored is None and args.write:  # before anything is printed: a reader that stops early (| head) skips nothing
+        entry = write_stats(root, computed, shards=len(shards), shards_without_stats=0,
+                            source="recomputed from activations")
+        _name_in_manifest(root, entry)
     if args.json:
         print(json.dumps(_summary(computed), indent=1))
     if stored is None:
@@ -238,9 +242,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{join(root, STATS_NAME)}: missing; rerun with --write to write it from the activations "
                   f"({len(shards)} shards recomputed)", file=sys.stderr)
             return 1
-        entry = write_stats(root, computed, shards=len(shards), shards_without_stats=0,
-                            source="recomputed from activations")
-        _name_in_manifest(root, entry)
         print(f"{join(root, STATS_NAME)}: written from {len(shards)} shards, {len(computed)} hook/layer pairs")
         return 0
     problems = compare(stored, computed)

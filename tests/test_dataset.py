@@ -541,6 +541,32 @@ def test_the_system_refusing_a_file_is_not_called_damage(output, monkeypatch):
         with pytest.raises(PermissionError, match="Permission denied"):
             read()
 
+    not_damage = [PermissionError(13, "Permission denied", "x"), dataset_module.StorageReadError("gs://b/x: 503"),
+                  FileNotFoundError("gs://b/x.parquet"),  # the gs:// store's "gone", without an errno
+                  pa.ArrowMemoryError("malloc of size 1 failed"), pa.ArrowNotImplementedError("codec 9")]
+    damage = [OSError("Couldn't deserialize thrift: No more data to read."), pa.ArrowInvalid("CRC failed"),
+              pa.ArrowIOError("Unexpected end of stream"), ValueError("its 'files' metadata is not JSON")]
+    assert [dataset_module.is_file_damage(err) for err in not_damage + damage] == [False] * 5 + [True] * 4
+
+
+@pytest.mark.parametrize("files", ["[not json", '{"path": "x"}', '[{"path": "x", "hook": "h"}]',
+                                   '[{"path": "x", "hook": "h", "layer": true, "rows": 1, "bytes": 1}]'])
+def test_a_marker_whose_files_metadata_does_not_decode_is_named(output, tmp_path, files):
+    """A commit marker whose `files` metadata is not JSON, or not a list of files with a path, hook, layer, rows and
+    bytes: the reader's error names the marker (no bare JSON error, no KeyError), and inspect counts it a problem."""
+    from pipeline.inspect import inspect_output
+
+    root = copy_output(output, tmp_path)
+    marker = os.path.join(root, "samples", sorted(os.listdir(os.path.join(root, "samples")))[0])
+    assert not os.path.exists(os.path.join(root, "manifest.json"))  # read from the commit markers
+    table = pq.read_table(marker)
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"files": files.encode()}), marker)
+    with pytest.raises(ValueError, match=f"{os.path.basename(marker)}: not a readable Parquet commit marker "
+                                         r"\(its 'files' metadata is not"):
+        open_activations(root)
+    problems = [p for p in inspect_output(root)["problems"] if os.path.basename(marker) in p]
+    assert len(problems) == 1 and "its 'files' metadata is not" in problems[0], problems
+
 
 @pytest.mark.parametrize("damage", ["drops_a_file", "lists_an_unknown_file", "files_null", "not_an_object",
                                     "marker_missing"])

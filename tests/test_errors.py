@@ -349,7 +349,7 @@ def test_a_report_ends_with_its_status_after_its_output(reader):
         os.close(read)
     try:
         done = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=write, stderr=subprocess.PIPE,
-                                text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+                                text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     finally:
         os.close(write)
     out = b""
@@ -361,3 +361,19 @@ def test_a_report_ends_with_its_status_after_its_output(reader):
         assert done.returncode == 3 and out.decode().endswith("the last line\n") and "a warning" in stderr
     else:
         assert done.returncode == 141 and "Traceback" not in stderr, stderr
+
+
+def test_a_broken_pipe_other_than_the_reports_reader_is_a_failure():
+    """A BrokenPipeError from elsewhere (a storage socket) while standard output is fine is not a reader gone: it
+    ends the command as any failure does, with its traceback, never as a quiet 141."""
+    script = textwrap.dedent("""
+        from pipeline.errors import exit_report
+
+        def main():
+            raise BrokenPipeError(32, "Broken pipe (a storage socket)")
+
+        exit_report(main)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 1 and "BrokenPipeError: [Errno 32] Broken pipe (a storage socket)" in done.stderr

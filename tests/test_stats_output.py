@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -18,6 +20,7 @@ from transforms import activation_stats as S
 from transforms.write import ShardWriter, committed_sample_ids
 
 HOOKS = (("resid_post", 1), ("mlp_out", 0))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -85,6 +88,16 @@ def test_output_written_before_statistics_gets_them_with_write(output, capsys):
     assert not os.path.exists(os.path.join(output, "stats.json"))
     assert pipeline_stats.main([output]) == 1
     assert "--write" in capsys.readouterr().err
+    read, write = os.pipe()
+    os.close(read)  # `stats --write --json | head -1`: the reader is gone before the summary is printed
+    try:
+        done = subprocess.run([sys.executable, "-m", "pipeline.stats", output, "--write", "--json"], cwd=ROOT,
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=300,
+                              env=dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1"))
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and "Traceback" not in done.stderr, done
+    assert os.path.exists(os.path.join(output, "stats.json"))  # written before anything was printed
     assert pipeline_stats.main([output, "--write"]) == 0
     assert read_manifest(output)["stats"]["path"] == "stats.json" and not read_manifest(output)["warnings"]
     assert pipeline_stats.main([output]) == 0

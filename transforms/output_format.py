@@ -175,12 +175,37 @@ def temp_target_name(name: str) -> str | None:
 
 # ----------------------------------------------------------------------------------------- metadata
 
+def marker_paths(listed) -> list[str]:
+    """The commit markers among the relpaths of a listing of SAMPLES_DIR: its own Parquet files, not temporary ones
+    nor any in a folder below it, sorted."""
+    return sorted(p for p in listed if p.endswith(PARQUET_SUFFIX) and not is_temp_name(basename(p))
+                  and p.count("/") == SAMPLES_DIR.count("/") + 1)
+
+
+_FILE_ENTRY_TYPES = {"path": str, "hook": str, "layer": int, "rows": int, "bytes": int}
+
+
+def _is_file_entry(entry) -> bool:
+    return isinstance(entry, dict) and all(isinstance(entry.get(key), kind) and not isinstance(entry.get(key), bool)
+                                           for key, kind in _FILE_ENTRY_TYPES.items())
+
+
 def decode_metadata(footer: pq.FileMetaData) -> dict[str, Any]:
-    """A Parquet footer's key-value metadata as str -> str, with `files` (commit markers) decoded from JSON."""
+    """A Parquet footer's key-value metadata as str -> str, with `files` (commit markers) decoded from JSON. A
+    ValueError when it does not decode: not UTF-8, or `files` not a JSON list of objects each with a string path
+    and hook and an integer layer, rows and bytes (the caller names the file)."""
     raw = footer.metadata or {}
     metadata = {k.decode(): v.decode() for k, v in raw.items() if k != b"ARROW:schema"}
     if KEY_FILES in metadata:
-        metadata[KEY_FILES] = json.loads(metadata[KEY_FILES])
+        try:
+            files = json.loads(metadata[KEY_FILES])
+        except ValueError as err:
+            raise ValueError(f"its {KEY_FILES!r} metadata is not JSON ({err})") from None
+        if not isinstance(files, list) or not all(_is_file_entry(entry) for entry in files):
+            raise ValueError(f"its {KEY_FILES!r} metadata is not a list of files, each with a string "
+                             f"{' and '.join(k for k, t in _FILE_ENTRY_TYPES.items() if t is str)} and an integer "
+                             f"{', '.join(k for k, t in _FILE_ENTRY_TYPES.items() if t is int)}")
+        metadata[KEY_FILES] = files
     return metadata
 
 
