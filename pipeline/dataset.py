@@ -116,6 +116,11 @@ def is_file_damage(err: BaseException) -> bool:
     return isinstance(err, (OSError, pa.ArrowException, ValueError))
 
 
+def one_line(err: BaseException) -> str:
+    """An error's message on one line (Parquet's thrift errors end in a newline, google's span several)."""
+    return " ".join(str(err).split())
+
+
 class _GcsStore:
     """gs://bucket/prefix through google-cloud-storage (honours STORAGE_EMULATOR_HOST). pyarrow's GcsFileSystem
     did not return from reads against the test emulator, and gcsfs pins its own fsspec release."""
@@ -198,7 +203,7 @@ class _GcsStore:
         except google.api_core.exceptions.NotFound:
             raise FileNotFoundError(self.path(relpath)) from None
         except (google.api_core.exceptions.GoogleAPIError, google.auth.exceptions.GoogleAuthError) as err:
-            reason = " ".join(str(err).split())[:500]
+            reason = one_line(err)[:500]
             raise StorageReadError(f"{self.path(relpath)}: {what} failed: {reason}; check the credentials (gcloud "
                                    f"auth application-default login, or GOOGLE_APPLICATION_CREDENTIALS), access to "
                                    f"the bucket and the network, then run again") from err
@@ -593,7 +598,7 @@ class ActivationDataset:
         except (OSError, pa.ArrowException) as err:
             if not is_file_damage(err):
                 raise
-            reason = " ".join(str(err).split())
+            reason = one_line(err)
             reason = f" ({reason})" if reason_in_parentheses else f": {reason}"
             raise ValueError(f"{where}{reason}; the file is damaged: run python -m pipeline.verify {self.output} "
                              "--repair") from err
@@ -620,7 +625,7 @@ class ActivationDataset:
                 raise
             except (pa.ArrowInvalid, OSError, ValueError) as err:
                 raise ValueError(f"{self._store.path(relpath)}: not a readable Parquet commit marker "
-                                 f"({' '.join(str(err).split())})") from None
+                                 f"({one_line(err)})") from None
         if fmt.KEY_FILES not in meta or fmt.KEY_SHARD not in meta:
             raise ValueError(f"{self._store.path(relpath)} is not a commit marker of this format (no "
                              f"{fmt.KEY_SHARD!r} / {fmt.KEY_FILES!r} metadata)")

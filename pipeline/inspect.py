@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.dataset import StorageReadError, _LocalStore, _store, is_file_damage
+from pipeline.dataset import StorageReadError, _LocalStore, _store, is_file_damage, one_line
 from transforms.output_format import parallel_map
 from transforms import output_format as fmt
 
@@ -61,22 +61,17 @@ def _json_files(store, reldir: str) -> dict[str, Any]:
         try:
             found[name[:-len(".json")]] = json.loads(data)
         except ValueError as err:
-            found[name[:-len(".json")]] = f"{store.path(relpath)} is not valid JSON ({_one_line(err)})"
+            found[name[:-len(".json")]] = f"{store.path(relpath)} is not valid JSON ({one_line(err)})"
     return found
 
 
-def _one_line(err: BaseException) -> str:
-    """An error's message on one line of the report (Parquet's thrift errors span several)."""
-    return " ".join(str(err).split())
-
-
-def _not_files(store, reldir: str) -> list[str]:
+def _not_files(store, reldir: str, output: str) -> list[str]:
     """Problems for the entries of a local `reldir` named as Parquet files that are no files: a directory or a link
     to nothing, which every listing passes over, so their shard would count as uncommitted without a word."""
     if not isinstance(store, _LocalStore) or not os.path.isdir(store.path(reldir)):
         return []
     return [f"{store.path(f'{reldir}/{entry.name}')} is not a file (a directory or a broken link), so it commits "
-            f"nothing; remove it, then run python -m pipeline.verify {store}"
+            f"nothing; remove it, then run python -m pipeline.verify {output}"
             for entry in sorted(os.scandir(store.path(reldir)), key=lambda e: e.name)
             if entry.name.endswith(fmt.PARQUET_SUFFIX) and not fmt.is_temp_name(entry.name) and not entry.is_file()]
 
@@ -90,7 +85,7 @@ def _marker(store, relpath: str) -> dict:
             if not is_file_damage(err):  # storage failures and refusals: exit 2
                 raise
             return {"path": relpath, "error": f"{store.path(relpath)}: not a readable Parquet commit marker "
-                                              f"({_one_line(err)}); run python -m pipeline.verify on the output"}
+                                              f"({one_line(err)}); run python -m pipeline.verify on the output"}
     meta["path"] = relpath
     meta["datasets"] = samples
     return meta
@@ -151,7 +146,7 @@ def _prediction_counts(store, relpath: str, output: str) -> tuple[int | None, in
     except (pa.ArrowException, OSError) as err:
         if not is_file_damage(err):  # storage failures and refusals: exit 2
             raise
-        return f"{store.path(relpath)} does not read ({_one_line(err)}); run python -m pipeline.verify {output}"
+        return f"{store.path(relpath)} does not read ({one_line(err)}); run python -m pipeline.verify {output}"
     if not (pa.types.is_boolean(column.type) or pa.types.is_null(column.type)):
         return (f"{store.path(relpath)}: its `correct` column is {column.type}, not bool, so it is not counted; run "
                 f"python -m pipeline.verify {output}")
@@ -201,7 +196,7 @@ def _part_counts(store, paths: list[str], output: str, problems: list[str]) -> d
         except (pa.ArrowException, OSError) as err:
             if not is_file_damage(err):  # storage failures and refusals: exit 2
                 raise
-            return f"{store.path(relpath)} does not read ({_one_line(err)}); run python -m pipeline.verify {output}"
+            return f"{store.path(relpath)} does not read ({one_line(err)}); run python -m pipeline.verify {output}"
         if pa.types.is_dictionary(column.type):
             column = column.cast(column.type.value_type)
         return {row["values"]: row["counts"] for row in pc.value_counts(column).to_pylist()}
@@ -220,7 +215,8 @@ def inspect_output(output: str, *, parts: bool = True, now: float | None = None)
     manifest = _manifest(store, output)
     samples_listed = store.list(fmt.SAMPLES_DIR)
     marker_paths = fmt.marker_paths(samples_listed)
-    markers, problems = [], problems + _not_files(store, fmt.SAMPLES_DIR)
+    markers = []
+    problems += _not_files(store, fmt.SAMPLES_DIR, output)
     for meta in parallel_map(lambda p: _marker(store, p), marker_paths):
         (problems.append(meta["error"]) if "error" in meta else markers.append(meta))
     leases = _leases(store, now)
@@ -481,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     except storage_errors as err:
         # Other OSErrors (e.g. access to a local file) and google's errors: no credentials, an unreachable endpoint
         # (after google-cloud-storage's own retries), a refused bucket. None of them names the output.
-        detail = " ".join(str(err).split())
+        detail = one_line(err)
         print(f"pipeline.inspect: {args.output} could not be read ({type(err).__name__}: {detail[:500]}); check that "
               "it exists, the credentials and the network, then run it again", file=sys.stderr)
         return 2
